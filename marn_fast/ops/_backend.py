@@ -1,0 +1,34 @@
+"""Which implementation runs where: Triton on CUDA tensors (or on CPU tensors under
+TRITON_INTERPRET=1 when asked for explicitly), the compiled extension, or plain PyTorch."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, t: torch.Tensor, op: str) -> str:
+    """'triton' or 'torch' for tensor t. 'auto' picks Triton on CUDA (when installed), else torch."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if (t.is_cuda and triton_available()) else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise ValueError(f"{op}: impl='triton' but triton is not installed")
+        if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+            raise ValueError(f"{op}: impl='triton' needs CUDA tensors, or CPU tensors with "
+                             f"TRITON_INTERPRET=1 set before import; got device {t.device}")
+    return impl

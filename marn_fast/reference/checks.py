@@ -1,0 +1,70 @@
+"""Argument checks shared by the reference and the fused paths (torch only).
+
+Every check raises ValueError naming the argument, the expected and the received
+shape/dtype/device, so bad input never fails deep inside a kernel.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, *, ndim: Optional[int] = None,
+                 dtypes: Optional[Iterable[torch.dtype]] = None, expected: str = "") -> None:
+    """Raise ValueError unless `t` is a tensor of rank `ndim` and one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor {expected}, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {expected}, got {_describe(t)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name}: expected dtype in ({names}) {expected}, got {_describe(t)}")
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int], expected: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} {expected}, got {_describe(t)}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_lengths(lengths: Optional[torch.Tensor], batch: int, n: int, device: torch.device,
+                  name: str = "lengths") -> None:
+    """lengths: int64 [B] with every value in [1, n], on the data's device."""
+    if lengths is None:
+        return
+    check_tensor(name, lengths, ndim=1, dtypes=(torch.int64,), expected=f"[B={batch}] int64")
+    check_shape(name, lengths, (batch,), "[B] int64 (one length per document)")
+    if lengths.device != device:
+        raise ValueError(f"{name}: expected device {device} (the data's device), got {lengths.device}")
+    if batch:
+        lo, hi = (int(v) for v in torch.aminmax(lengths))
+        if lo < 1 or hi > n:
+            raise ValueError(f"{name}: every length must lie in [1, n={n}], got values in [{lo}, {hi}]")
+
+
+def check_targets(name: str, targets: torch.Tensor, logits_shape: Sequence[int]) -> None:
+    """Targets: float (soft targets in [0, 1]), bool or uint8, the logits' shape."""
+    check_tensor(name, targets, dtypes=FLOAT_DTYPES + (torch.bool, torch.uint8),
+                 expected=f"[B, L]={tuple(logits_shape)} float/bool/uint8")
+    check_shape(name, targets, logits_shape, "(the logits' shape [B, L])")
+    if targets.is_floating_point() or targets.dtype == torch.uint8:
+        if targets.numel():
+            lo, hi = (float(v) for v in torch.aminmax(targets))
+            if lo < 0 or hi > 1:
+                raise ValueError(f"{name}: values must lie in [0, 1], got values in [{lo}, {hi}]")

@@ -1,0 +1,64 @@
+"""Builds marn_fast's compiled ops on `pip install --no-build-isolation .`.
+
+marn_fast._C (C++ CPU kernels and the op schemas) always builds. marn_fast._C_cuda builds when
+torch is a CUDA build and a CUDA toolkit is found; MARN_FAST_CUDA=0/1 forces it off/on. Without
+a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0a (Hopper). Torch must already be installed
+(hence --no-build-isolation): the extensions are compiled against that torch.
+"""
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-g0", "-std=c++17"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda(torch, cpp_extension):
+    flag = os.environ.get("MARN_FAST_CUDA", "").strip()
+    if flag == "0":
+        return False
+    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "1" and not have:
+        sys.exit("MARN_FAST_CUDA=1 but torch is not a CUDA build or no CUDA toolkit was found "
+                 f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})")
+    return have
+
+
+def _cuda_include_dirs():
+    # cuBLAS/cuSPARSE headers of the nvidia-* wheels that a CUDA torch wheel depends on.
+    purelib = sysconfig.get_paths()["purelib"]
+    return [d for d in glob.glob(os.path.join(purelib, "nvidia", "*", "include")) if os.path.isdir(d)]
+
+
+def extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("marn_fast builds against an installed torch: `pip install torch` first, then "
+                 "`pip install --no-build-isolation .`")
+    cpu_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    exts = [cpp_extension.CppExtension(
+        "marn_fast._C", cpu_sources,
+        define_macros=[("MARN_FAST_PYTHON_MODULE", None)],
+        extra_compile_args={"cxx": CXX_FLAGS})]
+    if _want_cuda(torch, cpp_extension):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+        exts.append(cpp_extension.CUDAExtension(
+            "marn_fast._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
+            include_dirs=_cuda_include_dirs(),
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+    return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

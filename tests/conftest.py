@@ -1,0 +1,51 @@
+"""Test setup: Triton's CPU interpreter without a GPU (it must be set before kernels are
+imported), the shared data folder, and a check that the compiled extension is in use."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import marn_fast  # noqa: E402  (after TRITON_INTERPRET)
+from marn_fast.ops import cpu_extension_available  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("MARN_FAST_SHARED", REPO_ROOT.parent / "shared"))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_report_header(config):
+    return (f"marn_fast from {Path(marn_fast.__file__).parent}; compiled extension: "
+            f"{cpu_extension_available()}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}; "
+            f"shared data: {SHARED_DIR if SHARED_DIR.exists() else 'absent'}")
+
+
+def pytest_sessionstart(session):
+    # CI sets MARN_FAST_REQUIRE_EXTENSION=1: a missing build must fail loudly, not fall back.
+    if os.environ.get("MARN_FAST_REQUIRE_EXTENSION") == "1" and not cpu_extension_available():
+        raise pytest.UsageError("MARN_FAST_REQUIRE_EXTENSION=1 but marn_fast._C did not import")
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return SHARED_DIR
+
+
+@pytest.fixture
+def hcup_dir() -> Path:
+    path = SHARED_DIR / "data" / "hcup-ccs-2015"
+    if not path.exists():
+        pytest.skip(f"HCUP CCS tables not found at {path}")
+    return path
+
+
+@pytest.fixture
+def codiesp_dir() -> Path:
+    path = SHARED_DIR / "data" / "codiesp"
+    if not path.exists():
+        pytest.skip(f"CodiEsp not found at {path}")
+    return path
