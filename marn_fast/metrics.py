@@ -178,8 +178,8 @@ def _auc_per_code(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
         values = block[cols, docs]
         block.sort(axis=1)
         left, right = _rowwise_searchsorted(block, cols, values)
-        # 2 * (average 1-based rank) = left + right + 1; integer sums stay exact.
-        # Per-code sums are below N * (2N + 1), exact in float64 for any realistic N.
+        # 2 * (average 1-based rank) = left + right + 1, an integer; a code's sum is below
+        # N * (2N + 1), so the float64 bincount is exact for any N below ~6e7.
         twice_rank_sum[c0:c1] = np.bincount(cols, weights=left + right + 1,
                                             minlength=c1 - c0).round().astype(np.int64)
     n_neg = n - n_pos
@@ -193,7 +193,7 @@ def _auc_per_code(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def _auc_flat(scores: np.ndarray, targets: np.ndarray) -> float:
     """ROC-AUC over all flattened pairs (one sort); NaN without positives or negatives."""
     flat = np.sort(scores, axis=None)
-    positives = scores[targets]
+    positives = np.sort(scores[targets])                   # sorted queries search faster
     n_pos, n_neg = positives.size, flat.size - positives.size
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -237,8 +237,8 @@ def _ranking_metrics(scores: np.ndarray, targets: np.ndarray, ks: tuple) -> dict
     has_gold = n_gold > 0
     rows, ranks = _gold_ranks(scores, targets)
     # Sort each document's gold ranks ascending: the m-th hit (1-based) sits at rank r_m.
-    order = np.lexsort((ranks, rows))
-    rows, ranks = rows[order], ranks[order]
+    key = np.sort(rows * (num_codes + 1) + ranks)
+    rows, ranks = np.divmod(key, num_codes + 1)
     starts = np.cumsum(n_gold) - n_gold
     hit_number = np.arange(1, rows.size + 1) - starts[rows]
     ap = np.bincount(rows, weights=hit_number / ranks, minlength=n)

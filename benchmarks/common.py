@@ -1,0 +1,95 @@
+"""Shared benchmark plumbing: the device's name, the run's environment, timing, and atomic
+JSON/CSV output under benchmarks/results/<device-slug>/."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """'NVIDIA H100 80GB HBM3' on CUDA; the CPU model name (from /proc/cpuinfo) on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def device_slug(device: torch.device | str | None = None) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")[:60]
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """What a result needs to be read later: device, versions, threads, commit, date."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "commit": commit, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> float:
+    """Median wall seconds of fn() (synchronising CUDA around each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(name: str, rows: Sequence[dict], meta: dict | None = None,
+                  device: torch.device | str | None = None) -> Path:
+    """Write results/<device-slug>/<name>.json (environment + meta + rows) and <name>.csv."""
+    folder = RESULTS_DIR / device_slug(device)
+    payload = {"benchmark": name, "environment": environment(device), **(meta or {}), "rows": list(rows)}
+    _atomic_write(folder / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    if rows:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write(folder / f"{name}.csv", buf.getvalue())
+    return folder

@@ -1,0 +1,271 @@
+"""The MARN trainer: AdamW, gradient clipping, early stopping on a dev metric, best-checkpoint
+selection, bit-exact resume, bf16 autocast on CUDA, DistributedDataParallel under torchrun.
+
+Defaults are the official recipe: AdamW lr 1e-3, weight decay 0, clip 1.0, up to 50 epochs,
+patience 10 on dev micro-F1. The *best* checkpoint (not the last epoch's weights, which the
+official code scored) is the one to evaluate on test.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from .. import metrics as metric_fns
+from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import gather_objects, is_main_process, world
+
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the official recipe by default)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_epochs: int = 50
+    patience: int = 10
+    metric: str = "f1_micro"
+    threshold: float = 0.5
+    seed: int = 0
+    bf16: bool = True  # autocast to bf16 on CUDA; ignored on the CPU
+    max_minutes: Optional[float] = None  # stop starting new epochs after this wall time
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig: {name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ValueError(f"TrainConfig: max_epochs and patience must be >= 1, got "
+                             f"{self.max_epochs}, {self.patience}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"TrainConfig: threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass
+class EvalResult:
+    """Probabilities and targets of one pass over a split, in document order (rank 0 has all)."""
+
+    ids: list
+    icd_scores: np.ndarray
+    icd_targets: np.ndarray
+    ccs_scores: Optional[np.ndarray] = None
+    ccs_targets: Optional[np.ndarray] = None
+    loss: float = float("nan")
+
+
+@dataclass
+class TrainState:
+    epoch: int = -1  # last finished epoch
+    best_epoch: int = -1
+    best_metric: float = -math.inf
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_loader(model, loader, device: torch.device, bf16: bool = True) -> EvalResult:
+    """Run `model` over `loader`; gather sigmoid probabilities and targets from every rank,
+    dropping the duplicates a distributed sampler pads with."""
+    core = _unwrap(model)
+    was_training = core.training
+    core.eval()
+    ids, icd_s, icd_t, ccs_s, ccs_t, losses = [], [], [], [], [], []
+    for batch in loader:
+        tokens, lengths = batch.tokens.to(device), batch.lengths.to(device)
+        with _autocast(device, bf16):
+            out = core(tokens, lengths)
+        ccs_target = batch.ccs_targets.to(device) if (batch.ccs_targets is not None and out.ccs_logits is not None) else None
+        losses.append(float(core.compute_loss(out, batch.icd_targets.to(device), ccs_target)) * len(batch.ids))
+        ids.extend(batch.ids)
+        icd_s.append(torch.sigmoid(out.icd_logits.float()).cpu().numpy())
+        icd_t.append(batch.icd_targets.cpu().numpy())
+        if ccs_target is not None:
+            ccs_s.append(torch.sigmoid(out.ccs_logits.float()).cpu().numpy())
+            ccs_t.append(batch.ccs_targets.cpu().numpy())
+    core.train(was_training)
+    local = (ids, icd_s, icd_t, ccs_s, ccs_t, sum(losses))
+    parts = gather_objects(local)
+    seen, order = set(), []
+    all_ids = [i for p in parts for i in p[0]]
+    for idx, doc_id in enumerate(all_ids):
+        if doc_id not in seen:
+            seen.add(doc_id)
+            order.append(idx)
+
+    def cat(pos):
+        arrays = [a for p in parts for a in p[pos]]
+        return np.concatenate(arrays)[order] if arrays else None
+
+    total = sum(p[5] for p in parts)
+    return EvalResult(ids=[all_ids[i] for i in order], icd_scores=cat(1), icd_targets=cat(2),
+                      ccs_scores=cat(3), ccs_targets=cat(4), loss=total / max(len(all_ids), 1))
+
+
+def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -> dict:
+    """marn_fast.metrics.evaluate on the ICD head (and the CCS head under 'ccs')."""
+    out = metric_fns.evaluate(result.icd_scores, result.icd_targets, ks=ks, threshold=threshold)
+    out["loss"] = result.loss
+    if result.ccs_scores is not None:
+        out["ccs"] = metric_fns.evaluate(result.ccs_scores, result.ccs_targets, ks=ks, threshold=threshold)
+    return out
+
+
+class Trainer:
+    """Trains a MARN (reference or fused) on loaders of `Batch` objects.
+
+    `metadata` (vocab, icd_labels, ccs_labels, data) is stored in every checkpoint so a
+    checkpoint alone can serve predict/evaluate.
+    """
+
+    def __init__(self, model, config: TrainConfig, out_dir, metadata: dict,
+                 device: Optional[torch.device] = None,
+                 on_epoch_end: Optional[Callable[[dict], None]] = None) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.metadata = metadata
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        rank, size = world()
+        self.ddp = size > 1
+        self.wrapped = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                        if self.ddp else self.model)
+        self.state = TrainState()
+        self.on_epoch_end = on_epoch_end
+
+    # -------------------------------------------------------------- checkpoints
+    def _payload(self, with_train_state: bool) -> dict:
+        payload = {"config": self.model.config.to_dict(), "model": self.model.state_dict(), **self.metadata}
+        if with_train_state:
+            payload["train"] = {"optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                                "state": asdict(self.state), "train_config": asdict(self.config)}
+        return payload
+
+    def _save(self, name: str, with_train_state: bool) -> None:
+        if is_main_process():
+            save_checkpoint(self.out_dir / name, self._payload(with_train_state))
+
+    def resume(self) -> None:
+        """Continue from out_dir/last.pt: model, optimiser, RNG and early-stopping state."""
+        payload = load_checkpoint(self.out_dir / LAST_CHECKPOINT, map_location=self.device)
+        if "train" not in payload:
+            raise ValueError(f"resume: {self.out_dir / LAST_CHECKPOINT} holds no training state")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["train"]["optimizer"])
+        _set_rng_state(payload["train"]["rng"])
+        self.state = TrainState(**payload["train"]["state"])
+
+    # -------------------------------------------------------------- loops
+    def train_epoch(self, loader, epoch: int) -> float:
+        self.wrapped.train()
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        total, docs, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=not (self.config.progress and is_main_process()))
+        for step, batch in enumerate(bar):
+            tokens, lengths = batch.tokens.to(self.device), batch.lengths.to(self.device)
+            icd_t = batch.icd_targets.to(self.device)
+            ccs_t = batch.ccs_targets.to(self.device) if (batch.ccs_targets is not None and self.model.ccs_head is not None) else None
+            with _autocast(self.device, self.config.bf16):
+                out = self.wrapped(tokens, lengths)
+                loss = self.model.compute_loss(out, icd_t, ccs_t)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step}, "
+                                         f"batch ids {list(batch.ids)[:8]}: tensor 'loss' "
+                                         f"(icd_logits finite: {bool(torch.isfinite(out.icd_logits).all())})")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            total += loss.item() * len(batch.ids)
+            docs += len(batch.ids)
+            bar.set_postfix(loss=f"{total / docs:.4f}", docs_s=f"{docs / (time.perf_counter() - start):.1f}")
+        return total / max(docs, 1)
+
+    def fit(self, train_loader, dev_loader, resume: bool = False) -> TrainState:
+        cfg = self.config
+        if resume:
+            self.resume()
+        else:
+            seed_everything(cfg.seed)
+        start = time.perf_counter()
+        for epoch in range(self.state.epoch + 1, cfg.max_epochs):
+            epoch_start = time.perf_counter()
+            train_loss = self.train_epoch(train_loader, epoch)
+            train_seconds = time.perf_counter() - epoch_start
+            dev = evaluate_result(predict_loader(self.wrapped, dev_loader, self.device, cfg.bf16), cfg.threshold)
+            if cfg.metric not in dev:
+                raise ValueError(f"metric: {cfg.metric!r} is not one of {sorted(k for k in dev if k != 'ccs')}")
+            value = float(dev[cfg.metric])
+            improved = value > self.state.best_metric
+            self.state.epoch = epoch
+            if improved:
+                self.state.best_metric, self.state.best_epoch, self.state.bad_epochs = value, epoch, 0
+            else:
+                self.state.bad_epochs += 1
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "dev_loss": dev["loss"],
+                      cfg.metric: value, "seconds": train_seconds,
+                      "docs_per_second": len(train_loader.dataset) / max(train_seconds, 1e-9) if hasattr(train_loader, "dataset") else None,
+                      "dev": {k: v for k, v in dev.items() if not isinstance(v, dict)}}
+            self.state.history.append(record)
+            if improved:
+                self._save(BEST_CHECKPOINT, with_train_state=False)
+            self._save(LAST_CHECKPOINT, with_train_state=True)
+            if self.on_epoch_end is not None and is_main_process():
+                self.on_epoch_end(record)
+            if self.state.bad_epochs >= cfg.patience:
+                break
+            if cfg.max_minutes is not None and (time.perf_counter() - start) / 60 >= cfg.max_minutes:
+                break
+        return self.state
+
+    def load_best(self) -> None:
+        payload = load_checkpoint(self.out_dir / BEST_CHECKPOINT, map_location=self.device)
+        self.model.load_state_dict(payload["model"])
