@@ -63,7 +63,8 @@ class LabelSpace:
         with open(path, encoding="utf-8") as handle:
             obj = json.load(handle)
         if obj.get("format") != LABEL_SPACE_FORMAT:
-            raise ValueError(f"{path}: not a label space file (format {obj.get('format')!r}, expected {LABEL_SPACE_FORMAT!r})")
+            raise ValueError(f"{path}: not a label space file (format {obj.get('format')!r}, "
+                             f"expected {LABEL_SPACE_FORMAT!r})")
         return cls(obj["codes"], name=obj["name"])
 
 

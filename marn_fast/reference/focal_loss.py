@@ -48,3 +48,42 @@ def multitask_focal_loss(icd_logits: torch.Tensor, icd_targets: torch.Tensor,
     """λ_d·FL_icd + λ_s·FL_ccs (eq. 17)."""
     return (lambda_icd * focal_loss(icd_logits, icd_targets, **focal_kwargs)
             + lambda_ccs * focal_loss(ccs_logits, ccs_targets, **focal_kwargs))
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(−|x|)), exact to rounding for every finite x."""
+    return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def focal_loss_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999,
+                           gamma: float = 2.0, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element loss [B, L] and its analytic derivative d loss/d x [B, L], in log space.
+
+    The same two forms as `focal_loss`, written so that they stay finite and accurate for any
+    finite logit and γ ≥ 0 (the transcription above returns NaN gradients where 1 − p_t rounds
+    to 0 and γ < 1). With sp = softplus, log p = −sp(−x), log(1 − p) = −sp(x):
+      official:  b = BCE = y·sp(−x) + (1−y)·sp(x),  q = 1 − p_t = −expm1(−b),
+                 loss = α·q^γ·b,  d/dx = α·(σ(x) − y)·(q^γ + γ·q^γ·p_t·b/q)   (b/q → 1 as q → 0)
+      eq. 16:    w₊ = α·y·exp(−γ·sp(x)),  w₋ = (1−α)(1−y)·exp(−γ·sp(−x)),
+                 loss = w₊·sp(−x) + w₋·sp(x),
+                 d/dx = w₋·(γ·σ(−x)·sp(x) + σ(x)) − w₊·(γ·σ(x)·sp(−x) + σ(−x))
+    Run it in float64 for an oracle at extreme logits.
+    """
+    x = logits
+    y = targets.to(x.dtype)
+    sp_pos, sp_neg = _softplus(x), _softplus(-x)
+    p, pm = torch.sigmoid(x), torch.sigmoid(-x)
+    if balanced:
+        w_pos = alpha * y * torch.exp(-gamma * sp_pos)
+        w_neg = (1 - alpha) * (1 - y) * torch.exp(-gamma * sp_neg)
+        loss = w_pos * sp_neg + w_neg * sp_pos
+        grad = w_neg * (gamma * pm * sp_pos + p) - w_pos * (gamma * p * sp_neg + pm)
+    else:
+        bce = y * sp_neg + (1 - y) * sp_pos
+        pt = torch.exp(-bce)
+        q = -torch.expm1(-bce)
+        q_gamma = q.pow(gamma)  # torch: 0^0 = 1, 0^γ = 0 for γ > 0
+        ratio = torch.where(q > 0, bce / torch.where(q > 0, q, torch.ones_like(q)), torch.ones_like(q))
+        loss = alpha * q_gamma * bce
+        grad = alpha * ((1 - y) * p - y * pm) * q_gamma * (1 + gamma * pt * ratio)
+    return loss, grad
