@@ -17,4 +17,26 @@ TORCH_LIBRARY(marn_fast, m) {
   // RAM output fusion: O = tanh(U ⊙ H), and its backward (dU, dH).
   m.def("mul_tanh(Tensor u, Tensor h) -> Tensor");
   m.def("mul_tanh_backward(Tensor grad, Tensor u, Tensor h) -> (Tensor, Tensor)");
+
+  // Fused RAM block conv(k=3) → BN → tanh → conv(k=3) → BN → epilogue over channels-last
+  // x [B, n, C_in] (see csrc/ram_common.h; epilogue 0 none, 1 + other, 2 ⊙ other, 3 tanh(· ⊙ other)).
+  // Eval, BN folded into (w, b): returns (out, y1 = tanh(conv1(x) + b1), v2 = conv2(y1) + b2 or [0]).
+  m.def("ram_block_eval(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? other, int epilogue) "
+        "-> (Tensor, Tensor, Tensor)");
+  // -> (dx, dw1, db1, dw2, db2, d_other or [0] unless epilogue multiplies)
+  m.def("ram_block_eval_backward(Tensor grad, Tensor x, Tensor w1, Tensor y1, Tensor w2, Tensor v2, Tensor? other, "
+        "int epilogue) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Train, BN on batch statistics: returns (out, z1 = conv1(x), y1 = tanh(BN1(z1)), z2 = conv2(y1),
+  // mean1, var1, mean2, var2) with biased batch variances (fp32, fp64 for fp64 inputs).
+  m.def("ram_block_train(Tensor x, Tensor w1, Tensor gamma1, Tensor beta1, Tensor w2, Tensor gamma2, "
+        "Tensor beta2, Tensor? other, int epilogue, float eps1, float eps2) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (dx, dw1, dgamma1, dbeta1, dw2, dgamma2, dbeta2, d_other or [0] unless epilogue multiplies)
+  m.def("ram_block_train_backward(Tensor grad, Tensor x, Tensor w1, Tensor gamma1, Tensor z1, Tensor y1, "
+        "Tensor mean1, Tensor var1, Tensor w2, Tensor gamma2, Tensor beta2, Tensor z2, Tensor mean2, Tensor var2, "
+        "Tensor? other, int epilogue, float eps1, float eps2) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // nn.BatchNorm1d's running-statistics update from the batch (mean, biased var) over `count` values.
+  m.def("ram_bn_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+        "int count, float momentum) -> ()");
 }

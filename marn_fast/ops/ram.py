@@ -1,19 +1,235 @@
-"""The RAM forward over the reference module's parameters, with its fusions.
+"""The RAM (paper §3.2) through fused block ops: h [B, C, n] (H^T) → O [B, C, n].
 
-h [B, C, n] (H transposed) → O [B, C, n]. Same parameters and buffers as
-`marn_fast.reference.RAM` (so state_dicts are shared); the output step tanh(up2(U1) ⊙ H) runs
-as the one-pass `mul_tanh` op.
+Each block conv(k=3) → BN → tanh → conv(k=3) → BN runs as one op of csrc/ (`ram_block_eval`,
+`ram_block_train`) over channels-last activations x [B, n, C] (H's own layout: H^T costs no copy),
+with the block's fusion epilogue:
+    D1 = down1(H), D2 = down2(D1), L1 = lateral(D2),
+    U1 = up1(L1) + D1            (epilogue ADD, other = D1)
+    O  = tanh(up2(U1) ⊙ H)       (epilogue MUL_TANH, other = H; MUL when output_tanh=False).
+Every k=3 conv is one GEMM [B·n, C_in] × [C_in, 3·C_out] plus a shift-sum fused into the next pass;
+a ConvTranspose1d (stride 1, pad 1) enters as the conv with weight_t.transpose(0, 1).flip(2).
+
+Eval: BN folded into the conv, w' = w·s, b' = β − μ·s, s = γ/sqrt(σ² + eps); the folded tensors are
+cached per block, keyed on the parameters' and buffers' `_version` and data_ptr (used when no
+gradient reaches the parameters; otherwise folded afresh so autograd reaches γ, β, w).
+Train: BN on batch statistics over (B, n) (biased variance), the running statistics updated in
+place exactly as nn.BatchNorm1d (momentum, or the cumulative average when momentum is None; the
+unbiased variance; num_batches_tracked += 1). Backward: `ram_block_*_backward` in the extension,
+from the saved conv outputs and batch statistics.
+
+Parameters and buffers are read from the reference `marn_fast.reference.RAM`, so state_dicts are
+the reference's. Without the extension for h's device/dtype, the plain module path runs.
 """
 from __future__ import annotations
 
-import torch
+import weakref
+from typing import Optional
 
-from ..reference.ram import RAM
+import torch
+from torch import nn
+
+from ..reference.checks import check_same_device, check_tensor
+from ..reference.ram import KERNEL_SIZE, PADDING, RAM
+from ._extension import cpu_extension_available, extension_available_for
 from .mul_tanh import mul_tanh
+
+# Epilogue codes of the block ops (mirror csrc/ram_common.h).
+EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH = 0, 1, 2, 3
+_DTYPES = {"cpu": (torch.float32, torch.float64),
+           "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+if cpu_extension_available():
+    def _stats_dtype(x):
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("marn_fast::ram_block_eval")
+    def _eval_fake(x, w1, b1, w2, b2, other, epilogue):
+        b, n, _ = x.shape
+        v2_shape = (b, n, w2.shape[0]) if epilogue >= EPILOGUE_MUL else (0,)
+        return x.new_empty(b, n, w2.shape[0]), x.new_empty(b, n, w1.shape[0]), x.new_empty(v2_shape)
+
+    @torch.library.register_fake("marn_fast::ram_block_eval_backward")
+    def _eval_backward_fake(grad, x, w1, y1, w2, v2, other, epilogue):
+        d_other = torch.empty_like(grad) if epilogue >= EPILOGUE_MUL else grad.new_empty(0)
+        return (torch.empty_like(x), torch.empty_like(w1), x.new_empty(w1.shape[0]), torch.empty_like(w2),
+                x.new_empty(w2.shape[0]), d_other)
+
+    @torch.library.register_fake("marn_fast::ram_block_train")
+    def _train_fake(x, w1, gamma1, beta1, w2, gamma2, beta2, other, epilogue, eps1, eps2):
+        b, n, _ = x.shape
+        cm, co = w1.shape[0], w2.shape[0]
+        stats = dict(dtype=_stats_dtype(x), device=x.device)
+        return (x.new_empty(b, n, co), x.new_empty(b, n, cm), x.new_empty(b, n, cm), x.new_empty(b, n, co),
+                torch.empty(cm, **stats), torch.empty(cm, **stats), torch.empty(co, **stats),
+                torch.empty(co, **stats))
+
+    @torch.library.register_fake("marn_fast::ram_block_train_backward")
+    def _train_backward_fake(grad, x, w1, gamma1, z1, y1, mean1, var1, w2, gamma2, beta2, z2, mean2, var2,
+                             other, epilogue, eps1, eps2):
+        d_other = torch.empty_like(grad) if epilogue >= EPILOGUE_MUL else grad.new_empty(0)
+        return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(gamma1), torch.empty_like(gamma1),
+                torch.empty_like(w2), torch.empty_like(gamma2), torch.empty_like(gamma2), d_other)
+
+    @torch.library.register_fake("marn_fast::ram_bn_update_stats")
+    def _update_stats_fake(running_mean, running_var, mean, var, count, momentum):
+        return None
+
+    def _grad_other(epilogue, grad, d_other):
+        if epilogue == EPILOGUE_ADD:
+            return grad
+        return d_other if epilogue >= EPILOGUE_MUL else None
+
+    def _eval_setup(ctx, inputs, output):
+        x, w1, b1, w2, b2, other, epilogue = inputs
+        _, y1, v2 = output
+        ctx.mark_non_differentiable(y1, v2)
+        ctx.set_materialize_grads(False)
+        ctx.epilogue = epilogue
+        ctx.save_for_backward(x, w1, y1, w2, v2, other)
+
+    def _eval_backward(ctx, grad, _gy1, _gv2):
+        x, w1, y1, w2, v2, other = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None, None
+        grad = grad.contiguous()
+        dx, dw1, db1, dw2, db2, d_other = torch.ops.marn_fast.ram_block_eval_backward(
+            grad, x, w1, y1, w2, v2, other, ctx.epilogue)
+        return dx, dw1, db1, dw2, db2, _grad_other(ctx.epilogue, grad, d_other), None
+
+    def _train_setup(ctx, inputs, output):
+        x, w1, gamma1, _beta1, w2, gamma2, beta2, other, epilogue, eps1, eps2 = inputs
+        _, z1, y1, z2, mean1, var1, mean2, var2 = output
+        ctx.mark_non_differentiable(z1, y1, z2, mean1, var1, mean2, var2)
+        ctx.set_materialize_grads(False)
+        ctx.args = (epilogue, eps1, eps2)
+        ctx.save_for_backward(x, w1, gamma1, z1, y1, mean1, var1, w2, gamma2, beta2, z2, mean2, var2, other)
+
+    def _train_backward(ctx, grad, *_aux_grads):
+        if grad is None:
+            return (None,) * 11
+        epilogue, eps1, eps2 = ctx.args
+        grad = grad.contiguous()
+        dx, dw1, dg1, db1, dw2, dg2, db2, d_other = torch.ops.marn_fast.ram_block_train_backward(
+            grad, *ctx.saved_tensors, epilogue, eps1, eps2)
+        return dx, dw1, dg1, db1, dw2, dg2, db2, _grad_other(epilogue, grad, d_other), None, None, None
+
+    torch.library.register_autograd("marn_fast::ram_block_eval", _eval_backward, setup_context=_eval_setup)
+    torch.library.register_autograd("marn_fast::ram_block_train", _train_backward, setup_context=_train_setup)
+
+
+def conv_weight(conv: nn.Module) -> torch.Tensor:
+    """The block conv's weight as a Conv1d weight [C_out, C_in, 3] (ConvTranspose1d flipped/transposed)."""
+    if isinstance(conv, nn.ConvTranspose1d):
+        return conv.weight.transpose(0, 1).flip(2)
+    return conv.weight
+
+
+def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
+    """Whether the block has the reference layout the fused ops implement."""
+    conv1, bn1, _, conv2, bn2 = block
+    for conv in (conv1, conv2):
+        if (not isinstance(conv, (nn.Conv1d, nn.ConvTranspose1d)) or conv.kernel_size != (KERNEL_SIZE,)
+                or conv.stride != (1,) or conv.padding != (PADDING,) or conv.dilation != (1,)
+                or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"
+                or getattr(conv, "output_padding", (0,)) != (0,)):
+            return False
+    batch_stats = [bn.training or not bn.track_running_stats for bn in (bn1, bn2)]
+    return (bn1.affine and bn2.affine and batch_stats[0] == batch_stats[1]
+            and x.dtype in _DTYPES.get(x.device.type, ()) and extension_available_for(x))
+
+
+def _plain_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor], epilogue: int):
+    v = block(x.transpose(1, 2)).transpose(1, 2)
+    if epilogue == EPILOGUE_ADD:
+        return v + other
+    if epilogue == EPILOGUE_MUL:
+        return v * other
+    return mul_tanh(v, other) if epilogue == EPILOGUE_MUL_TANH else v
+
+
+# block → (key, folded (w1, b1, w2, b2)); entries die with their block.
+_FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fold(conv: nn.Module, bn: nn.BatchNorm1d, dtype: torch.dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    w = (conv_weight(conv).to(acc) * scale[:, None, None]).to(dtype).contiguous()
+    b = (bn.bias.to(acc) - bn.running_mean.to(acc) * scale).to(dtype).contiguous()
+    return w, b
+
+
+def folded_block(block: nn.Sequential, dtype: torch.dtype):
+    """(w1, b1, w2, b2): the eval block's BatchNorms folded into its convs, in `dtype`.
+
+    Cached when no gradient needs to reach the parameters; the cache key holds every parameter's
+    and running statistic's `_version` and data_ptr, so in-place updates and reloads invalidate it.
+    """
+    conv1, bn1, _, conv2, bn2 = block
+    tensors = (conv1.weight, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
+               conv2.weight, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad or torch.compiler.is_compiling():
+        return _fold(conv1, bn1, dtype) + _fold(conv2, bn2, dtype)
+    key = (dtype, bn1.eps, bn2.eps) + tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+    hit = _FOLD_CACHE.get(block)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, reusable outside inference mode
+        folded = _fold(conv1, bn1, dtype) + _fold(conv2, bn2, dtype)
+    _FOLD_CACHE[block] = (key, folded)
+    return folded
+
+
+def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """nn.BatchNorm1d's training-mode update of running_mean/var and num_batches_tracked."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    torch.ops.marn_fast.ram_bn_update_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+
+
+def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor] = None,
+              epilogue: int = EPILOGUE_NONE) -> torch.Tensor:
+    """One RAM block plus its epilogue on channels-last x [B, n, C_in] → [B, n, C_out].
+
+    out = BN2(conv2(tanh(BN1(conv1(x))))), then + other (ADD), ⊙ other (MUL) or tanh(· ⊙ other)
+    (MUL_TANH); other [B, n, C_out]. BN modes follow the block's BatchNorm modules.
+    """
+    if not _fusable(block, x):
+        return _plain_block(block, x, other, epilogue)
+    conv1, bn1, _, conv2, bn2 = block
+    x = x.contiguous()
+    other = None if other is None else other.contiguous()
+    if bn1.training or not bn1.track_running_stats:
+        count = x.shape[0] * x.shape[1]
+        if count <= 1:
+            raise ValueError(f"x: BatchNorm needs more than 1 value per channel when training, got "
+                             f"[B, n] = {list(x.shape[:2])}")
+        out, _, _, _, mean1, var1, mean2, var2 = torch.ops.marn_fast.ram_block_train(
+            x, conv_weight(conv1).contiguous(), bn1.weight, bn1.bias, conv_weight(conv2).contiguous(),
+            bn2.weight, bn2.bias, other, epilogue, bn1.eps, bn2.eps)
+        _update_running_stats(bn1, mean1, var1, count)
+        _update_running_stats(bn2, mean2, var2, count)
+        return out
+    w1, b1, w2, b2 = folded_block(block, x.dtype)
+    return torch.ops.marn_fast.ram_block_eval(x, w1, b1, w2, b2, other, epilogue)[0]
 
 
 def ram_forward(ram: RAM, h: torch.Tensor) -> torch.Tensor:
-    d1 = ram.down1(h)
-    u1 = ram.up1(ram.lateral(ram.down2(d1))) + d1
-    u2 = ram.up2(u1)
-    return mul_tanh(u2, h) if ram.output_tanh else u2 * h
+    """O [B, C, n] = RAM(h) for h [B, C, n] (H^T); returned as a transposed view of [B, n, C]."""
+    check_tensor("h", h, ndim=3, expected="[B, C, n]")
+    channels = ram.down1[0].in_channels
+    if h.shape[1] != channels:
+        raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
+    check_same_device(h=h, ram_parameters=ram.down1[0].weight)
+    x = h.transpose(1, 2)
+    d1 = ram_block(ram.down1, x)
+    l1 = ram_block(ram.lateral, ram_block(ram.down2, d1))
+    u1 = ram_block(ram.up1, l1, d1, EPILOGUE_ADD)
+    out = ram_block(ram.up2, u1, x, EPILOGUE_MUL_TANH if ram.output_tanh else EPILOGUE_MUL)
+    return out.transpose(1, 2)

@@ -1,0 +1,352 @@
+"""Fused RAM blocks (marn_fast.ops.ram, csrc/*/ram_*) against the reference RAM (nn.Conv1d /
+ConvTranspose1d / BatchNorm1d / tanh): forward, input and parameter gradients, running statistics,
+train and eval, odd lengths, opcheck, bad input.
+
+Tolerance: error = max|fused − ref| / max(max|ref|, 1); float64 ≤ 1e-9, float32 ≤ 2e-4 (the GEMMs
+sum in another order and fp32 tanh is a rational fit with |error| < 5e-7), bfloat16 (CUDA) ≤ 5e-2.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from marn_fast.ops import cpu_extension_available
+from marn_fast.ops.ram import (EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH, EPILOGUE_NONE, conv_weight,
+                               folded_block, ram_block, ram_forward)
+from marn_fast.reference.ram import RAM, ram_block as reference_block
+
+from conftest import requires_cuda
+
+pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="marn_fast._C not built")
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
+EPILOGUES = (EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH)
+
+
+def assert_close(got, want, dtype, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1.0)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+def randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
+    """Random BN affine parameters and running statistics (not the defaults), and conv weights."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.num_batches_tracked.fill_(3)
+
+
+def make_pair(module: nn.Module, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    randomise_bn(module, gen)
+    module = module.to(device=device, dtype=dtype)
+    return module, copy.deepcopy(module)
+
+
+def grads_of(module):
+    return [p.grad for p in module.parameters()]
+
+
+def compare_modules(fused, ref, dtype, what):
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        assert p.grad is not None, f"{what}: no gradient for {name}"
+        assert_close(p.grad, q.grad, dtype, f"{what}: grad {name}")
+    for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
+        assert_close(b.to(torch.float64), c.to(torch.float64), dtype, f"{what}: buffer {name}")
+
+
+# ------------------------------------------------------------------------------------------ one block
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("b,n", [(1, 2), (2, 1), (3, 3), (2, 37)])
+def test_block_matches_reference(dtype, training, transposed, epilogue, b, n):
+    c_in, c_out = 6, 5
+    fused, ref = make_pair(reference_block(c_in, c_out, transposed), dtype, seed=b * 100 + n)
+    fused.train(training)
+    ref.train(training)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(b, n, c_in, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    other = None
+    if epilogue != EPILOGUE_NONE:
+        other = torch.randn(b, n, c_out, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    other_ref = None if other is None else other.detach().clone().requires_grad_()
+
+    out = ram_block(fused, x, other, epilogue)
+    v = ref(x_ref.transpose(1, 2)).transpose(1, 2)
+    want = {EPILOGUE_NONE: lambda: v, EPILOGUE_ADD: lambda: v + other_ref,
+            EPILOGUE_MUL: lambda: v * other_ref, EPILOGUE_MUL_TANH: lambda: torch.tanh(v * other_ref)}[epilogue]()
+    assert_close(out, want, dtype, "forward")
+    # The gradient of a transposed view: non-contiguous on purpose.
+    g = torch.randn(b, c_out, n, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+    out.backward(g)
+    want.backward(g)
+    assert_close(x.grad, x_ref.grad, dtype, "grad x")
+    if other is not None:
+        assert_close(other.grad, other_ref.grad, dtype, "grad other")
+    compare_modules(fused, ref, dtype, "block")
+
+
+# ------------------------------------------------------------------------------------------ whole RAM
+def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", seed=0):
+    fused, ref = make_pair(RAM(channels, output_tanh=output_tanh), dtype, device, seed)
+    fused.train(training)
+    ref.train(training)
+    gen = torch.Generator().manual_seed(seed + 1)
+    # h is H^T: a transposed view of [B, n, C], as marn_fast.MARN passes it.
+    h = torch.randn(b, n, channels, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    h = h.transpose(1, 2).requires_grad_()
+    h_ref = h.detach().clone().requires_grad_()
+    out, want = ram_forward(fused, h), ref(h_ref)
+    assert_close(out, want, dtype, "RAM forward")
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    out.backward(g)
+    want.backward(g)
+    assert_close(h.grad, h_ref.grad, dtype, "RAM grad h")
+    compare_modules(fused, ref, dtype, "RAM")
+    return fused, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("b,n", [(1, 2), (2, 1), (1, 3), (3, 4), (2, 4001)])
+def test_ram_matches_reference(dtype, training, b, n):
+    run_both(8, b, n, dtype, training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_ram_batch_of_one_length_one_eval_and_no_output_tanh(training):
+    if training:
+        run_both(12, 3, 17, torch.float64, training, output_tanh=False)
+    else:
+        run_both(12, 1, 1, torch.float64, training)
+
+
+def test_ram_train_steps_update_running_stats_like_batchnorm():
+    """Three train steps (momentum 0.1, and momentum=None's cumulative average), then eval."""
+    fused, ref = make_pair(RAM(8), torch.float64)
+    for module in (fused, ref):
+        module.up2[4].momentum = None
+        module.down1[1].momentum = 0.3
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        h = torch.randn(2, 8, 9 + step, generator=gen, dtype=torch.float64)
+        assert_close(ram_forward(fused, h), ref(h), torch.float64, f"step {step}")
+    for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(b, c), name
+        assert_close(b.double(), c.double(), torch.float64, name)
+    fused.eval()
+    ref.eval()
+    h = torch.randn(2, 8, 5, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(ram_forward(fused, h), ref(h), torch.float64, "eval after training")
+
+
+def test_folded_eval_equals_unfolded_eval_and_cache_invalidates():
+    fused, ref = make_pair(RAM(8), torch.float64)
+    fused.eval()
+    ref.eval()
+    h = torch.randn(2, 8, 11, dtype=torch.float64)
+    with torch.no_grad():
+        first = ram_forward(fused, h)
+        assert_close(first, ref(h), torch.float64, "folded eval")
+        cached = folded_block(fused.down1, torch.float64)
+        assert folded_block(fused.down1, torch.float64) is cached  # a hit: no re-folding
+        # The folded weights are the conv weights scaled by γ/sqrt(running_var + eps).
+        bn = fused.down1[1]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        torch.testing.assert_close(cached[0], conv_weight(fused.down1[0]) * scale[:, None, None])
+        torch.testing.assert_close(cached[1], bn.bias - bn.running_mean * scale)
+        # In-place updates of a weight and of a running statistic invalidate the cache.
+        for module in (fused, ref):
+            module.up2[3].weight.mul_(1.5)
+            module.down1[1].running_var.add_(0.25)
+        second = ram_forward(fused, h)
+        assert_close(second, ref(h), torch.float64, "eval after in-place weight update")
+        assert not torch.allclose(first, second)
+        # So does loading another state dict (new data_ptrs or versions).
+        other, _ = make_pair(RAM(8), torch.float64, seed=5)
+        other.eval()
+        fused.load_state_dict(other.state_dict())
+        assert_close(ram_forward(fused, h), other(h), torch.float64, "eval after load_state_dict")
+    # With gradients flowing to the parameters, the fold is recomputed and differentiable.
+    out = ram_forward(fused, h)
+    out.sum().backward()
+    assert fused.down1[1].weight.grad is not None and fused.down1[0].weight.grad is not None
+
+
+def test_inference_mode_then_grad_mode():
+    fused, ref = make_pair(RAM(8), torch.float32)
+    fused.eval()
+    ref.eval()
+    h = torch.randn(2, 8, 6)
+    with torch.inference_mode():
+        ram_forward(fused, h)
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    hg = h.clone().requires_grad_()
+    out = ram_forward(fused, hg)
+    out.sum().backward()
+    assert_close(out, ref(h), torch.float32, "eval after inference mode")
+
+
+# ------------------------------------------------------------------------------------------ op checks
+def _block_args(training, epilogue, dtype=torch.float64, b=2, n=5, c_in=4, c_mid=3, c_out=3):
+    gen = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    x = r(b, n, c_in)
+    w1, w2 = r(c_mid, c_in, 3), r(c_out, c_mid, 3)
+    other = r(b, n, c_out) if epilogue != EPILOGUE_NONE else None
+    if training:
+        return (x, w1, torch.rand(c_mid, generator=gen, dtype=dtype) + 0.5, r(c_mid), w2,
+                torch.rand(c_out, generator=gen, dtype=dtype) + 0.5, r(c_out), other, epilogue, 1e-5, 1e-3)
+    return (x, w1, r(c_mid), w2, r(c_out), other, epilogue)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(training, epilogue):
+    op = torch.ops.marn_fast.ram_block_train if training else torch.ops.marn_fast.ram_block_eval
+    args = _block_args(training, epilogue)
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op, args)
+    outs = op(*args)
+    g = torch.randn_like(outs[0])
+    if training:
+        x, w1, g1, _, w2, g2, b2, other, ep, e1, e2 = args
+        _, z1, y1, z2, m1, v1, m2, v2 = outs
+        bargs = (g, x, w1, g1, z1, y1, m1, v1, w2, g2, b2, z2, m2, v2, other, ep, e1, e2)
+        torch.library.opcheck(torch.ops.marn_fast.ram_block_train_backward, tuple(
+            a.detach() if isinstance(a, torch.Tensor) else a for a in bargs))
+    else:
+        x, w1, _, w2, _, other, ep = args
+        _, y1, v2 = outs
+        bargs = (g, x, w1, y1, w2, v2, other, ep)
+        torch.library.opcheck(torch.ops.marn_fast.ram_block_eval_backward, tuple(
+            a.detach() if isinstance(a, torch.Tensor) else a for a in bargs))
+
+
+def test_opcheck_update_stats():
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    mean, var = torch.randn(4), torch.rand(4)
+    want_m, want_v = 0.9 * rm + 0.1 * mean, 0.9 * rv + 0.1 * var * 10 / 9
+    torch.library.opcheck(torch.ops.marn_fast.ram_bn_update_stats, (rm.clone(), rv.clone(), mean, var, 10, 0.1))
+    torch.ops.marn_fast.ram_bn_update_stats(rm, rv, mean, var, 10, 0.1)
+    torch.testing.assert_close(rm, want_m)
+    torch.testing.assert_close(rv, want_v)
+
+
+def test_torch_compile_fullgraph_eval():
+    fused, ref = make_pair(RAM(8), torch.float32)
+    fused.eval()
+    ref.eval()
+    h = torch.randn(2, 8, 13)
+    compiled = torch.compile(lambda t: ram_forward(fused, t), fullgraph=True)
+    assert_close(compiled(h), ref(h), torch.float32, "compiled")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _call_eval(**overrides):
+    x, w1, b1, w2, b2, other, ep = _block_args(False, EPILOGUE_ADD)
+    kw = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, other=other, epilogue=ep)
+    kw.update(overrides)
+    return torch.ops.marn_fast.ram_block_eval(*kw.values())
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(w1=torch.randn(3, 5, 3, dtype=torch.float64)), "w1 must have 4 input channels"),
+    (dict(w2=torch.randn(3, 2, 3, dtype=torch.float64)), "w2 must have 3 input channels"),
+    (dict(w1=torch.randn(3, 4, 5, dtype=torch.float64)), "w1 must have kernel size 3"),
+    (dict(b2=torch.randn(4, dtype=torch.float64)), "b2 must have shape"),
+    (dict(x=torch.randn(2, 4, 5, dtype=torch.float64).transpose(1, 2)), "x must be contiguous"),
+    (dict(other=torch.randn(2, 3, 5, dtype=torch.float64).transpose(1, 2)), "other must be contiguous"),
+    (dict(w1=torch.randn(3, 4, 3)), "w1 must have dtype"),
+    (dict(other=None), "other is required"),
+    (dict(epilogue=7), "epilogue must be"),
+])
+def test_bad_input_raises_naming_argument(overrides, match):
+    with pytest.raises(RuntimeError, match=match):
+        _call_eval(**overrides)
+
+
+def test_mixed_device_raises_in_cpu_kernel():
+    x, w1, b1, w2, b2, other, ep = _block_args(False, EPILOGUE_NONE)
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(RuntimeError, match="w2 must be on x's device"):
+        torch.ops.marn_fast.ram_block_eval.default.redispatch(cpu, x, w1, b1, w2.to("meta"), b2, other, ep)
+
+
+def test_ram_forward_bad_input():
+    ram = RAM(8)
+    with pytest.raises(ValueError, match="h: expected"):
+        ram_forward(ram, torch.randn(2, 12, 5))
+    with pytest.raises(ValueError, match="x: BatchNorm needs more than 1 value"):
+        ram_forward(ram.train(), torch.randn(1, 8, 1))
+    with pytest.raises(ValueError, match="one device"):
+        ram_forward(ram, torch.randn(2, 8, 5, device="meta"))
+
+
+def test_train_op_rejects_single_value():
+    args = list(_block_args(True, EPILOGUE_NONE, b=1, n=1))
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        torch.ops.marn_fast.ram_block_train(*args)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("b,n", [(1, 2), (3, 4), (2, 4001)])
+def test_ram_cuda_matches_reference(dtype, training, b, n):
+    if dtype == torch.bfloat16:
+        # The reference in fp32 on the same (bf16-rounded) parameters and input.
+        fused, ref = make_pair(RAM(16), torch.float32, "cuda")
+        fused = fused.to(torch.bfloat16)
+        ref = copy.deepcopy(fused).float()
+        fused.train(training)
+        ref.train(training)
+        h = torch.randn(b, 16, n, device="cuda").to(torch.bfloat16)
+        out = ram_forward(fused, h.requires_grad_())
+        h_ref = h.detach().float().requires_grad_()
+        want = ref(h_ref)
+        assert_close(out.float(), want, dtype, "bf16 forward")
+        g = torch.randn_like(want)
+        out.backward(g.to(torch.bfloat16))
+        want.backward(g)
+        assert_close(h.grad.float(), h_ref.grad, dtype, "bf16 grad h")
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert_close(p.grad.float(), q.grad, dtype, f"bf16 grad {name}")
+        for (name, bf), c in zip(fused.named_buffers(), ref.buffers()):
+            assert_close(bf.double(), c.double(), dtype, f"bf16 buffer {name}")
+    else:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _no_tf32():
+            run_both(16, b, n, dtype, training, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_opcheck_cuda(training, epilogue):
+    op = torch.ops.marn_fast.ram_block_train if training else torch.ops.marn_fast.ram_block_eval
+    args = tuple(a.cuda().requires_grad_() if isinstance(a, torch.Tensor) else a
+                 for a in _block_args(training, epilogue, dtype=torch.float32))
+    torch.library.opcheck(op, args)
+
+
+class _no_tf32:
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
