@@ -5,8 +5,11 @@ Every sub-command turns bad input into a one-line error and a non-zero exit, nev
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -66,10 +69,303 @@ def _add_bench_step(sub) -> None:
     p.set_defaults(func=_bench_step)
 
 
+# ----------------------------------------------------------------------------- data
+def _synth(args) -> int:
+    from .data import SYNTHETIC_PRESETS, write_synthetic_corpus
+
+    params = dict(SYNTHETIC_PRESETS[args.preset])
+    if args.docs is not None:
+        params["num_docs"] = args.docs
+    summary = write_synthetic_corpus(args.out, seed=args.seed, **params)
+    print(f"wrote {summary['files']} to {summary['out_dir']} ({summary['codes_used']} codes, "
+          f"median {summary['tokens']['median']:.0f} tokens per note)")
+    return 0
+
+
+def _prepare_mimic3(args) -> int:
+    from .data import prepare_mimic3
+
+    summary = prepare_mimic3(args.mimic_dir, args.out, splits_dir=args.splits, seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _prepare_mimic4(args) -> int:
+    from .data import prepare_mimic4
+
+    summary = prepare_mimic4(args.mimic_dir, args.out, splits_dir=args.splits, icd_version=args.icd_version,
+                             seed=args.seed)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    from .data import SYNTHETIC_PRESETS
+
+    p = sub.add_parser("synth", help="write the embedded synthetic corpus (CAML-format CSVs)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--docs", type=int, default=None, help="number of notes (default: the preset's)")
+    p.add_argument("--preset", choices=sorted(SYNTHETIC_PRESETS), default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+    for name, func, help_text in (("prepare-mimic3", _prepare_mimic3, "CAML-format splits from MIMIC-III v1.4 tables"),
+                                  ("prepare-mimic4", _prepare_mimic4, "CAML-format splits from MIMIC-IV (+ MIMIC-IV-Note)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--mimic-dir", required=True, help="folder with the MIMIC tables (.csv or .csv.gz)")
+        p.add_argument("--out", required=True, help="output folder for {train,dev,test}_{full,50}.csv")
+        p.add_argument("--splits", default=None, help="folder with *_hadm_ids.csv split files (default: patient split)")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "prepare-mimic4":
+            p.add_argument("--icd-version", type=int, choices=(9, 10), default=10)
+        p.set_defaults(func=func)
+
+
+# ----------------------------------------------------------------------------- train / demo
+MODEL_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "focal_gamma", "focal_balanced",
+               "lambda_icd", "lambda_ccs")
+
+
+def _load_config_file(path) -> dict:
+    """JSON (or YAML when PyYAML is installed) mapping of flag names (dashes or underscores) to values."""
+    text = Path(path).read_text(encoding="utf-8")
+    if str(path).endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as exc:
+            raise CLIError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or use JSON") from exc
+        values = yaml.safe_load(text) or {}
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--config {path}: not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise CLIError(f"--config {path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def _apply_config_file(parser, args, argv) -> None:
+    """Values from --config fill the options not given on the command line; unknown keys are errors."""
+    if not getattr(args, "config", None):
+        return
+    values = _load_config_file(args.config)
+    known = {a.dest for a in parser._subparsers._group_actions[0].choices[args.command]._actions}
+    unknown = sorted(set(values) - known - {"command", "func"})
+    if unknown:
+        raise CLIError(f"--config {args.config}: unknown keys {unknown}")
+    given = {tok.split("=", 1)[0].lstrip("-").replace("-", "_") for tok in (argv or sys.argv[1:]) if tok.startswith("--")}
+    for key, value in values.items():
+        if key not in given:
+            setattr(args, key, value)
+
+
+def _train_settings(args):
+    from .training import DataSettings, TrainConfig
+
+    if args.data == "synth":
+        data_dir = Path(args.data_dir or Path(args.out) / "data")
+        if not (data_dir / "train_full.csv").exists():
+            from .data import SYNTHETIC_PRESETS, write_synthetic_corpus
+
+            write_synthetic_corpus(data_dir, seed=args.seed, **SYNTHETIC_PRESETS[args.synth_preset])
+    else:
+        if not args.data_dir:
+            raise CLIError("--data-dir is required with --data caml")
+        data_dir = Path(args.data_dir)
+    settings = DataSettings(data_dir=str(data_dir), setting=args.labels, ccs="none" if args.no_mtl else args.ccs,
+                            hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
+                            batch_size=args.batch_size, seed=args.seed)
+    train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                        max_epochs=args.epochs, patience=args.patience, metric=args.metric, seed=args.seed,
+                        max_minutes=args.max_minutes, progress=not args.no_progress)
+    model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
+    model_options.update(use_ram=not args.no_ram, no_mtl=args.no_mtl)
+    return settings, train, model_options
+
+
+def _train(args) -> int:
+    from .training.distributed import init_from_environment
+    from .training.run import train_and_report
+
+    init_from_environment()
+    settings, train, model_options = _train_settings(args)
+    report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume)
+    if report:
+        print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
+    return 0
+
+
+DEMO_QUICK = {"synth_preset": "test", "hidden_size": 16, "epochs": 2, "max_minutes": 1.0}
+
+
+def _demo(args) -> int:
+    from .training.run import train_and_report
+
+    if args.quick:
+        for key, value in DEMO_QUICK.items():
+            setattr(args, key, value)
+    settings, train, model_options = _train_settings(args)
+    print(f"marn-fast demo: synthetic MIMIC-shaped corpus → MARN (d_r={args.hidden_size}) → test metrics; "
+          f"up to {args.max_minutes} min of training on {torch_threads()} CPU threads")
+    report = train_and_report(settings, model_options, train, args.out, backend=args.backend)
+    t = report["test_at_tuned_threshold"]
+    print(f"\ntest at the dev-tuned threshold {report['tuned_threshold']:.3f}: micro-F1 {t['f1_micro']:.3f}, "
+          f"macro-F1 {t['f1_macro']:.3f}, P@5 {t['p@5']:.3f}, MAP {t['map']:.3f}")
+    print(f"done in {report['seconds']:.0f} s; report (metrics.json, loss_curve.png, f1_by_frequency.png, "
+          f"best.pt) in {args.out}")
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _default(cls, name: str):
+    """A dataclass field's default: flags take theirs from the one source of truth."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def model_default(name: str):
+    from .config import MARNConfig
+
+    return _default(MARNConfig, name)
+
+
+def _add_training_options(p, demo: bool) -> None:
+    from .data import SYNTHETIC_PRESETS
+    from .training import DataSettings, TrainConfig
+
+    p.add_argument("--config", default=None, help="JSON (or YAML) file of options; flags override it")
+    p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run folder (report, checkpoints)")
+    p.add_argument("--data", choices=("synth", "caml"), default="synth",
+                   help="synth: the embedded corpus; caml: a CAML-format folder (MIMIC prepared by prepare-mimic3/4)")
+    p.add_argument("--data-dir", default=None, help="CAML-format folder (synth: where to write the corpus)")
+    p.add_argument("--synth-preset", choices=sorted(SYNTHETIC_PRESETS), default="demo")
+    p.add_argument("--labels", choices=("full", "50"), default="full", help="label setting: all codes or top 50")
+    p.add_argument("--ccs", choices=("merged", "prefixed"), default="merged", help="CCS label mode")
+    p.add_argument("--hcup-dir", default=None, help="folder with HCUP's prref/dxref 2015 tables (procedure → CCS)")
+    p.add_argument("--label-union", action="store_true", help="ICD label space from all splits (official code)")
+    p.add_argument("--max-length", type=int, default=model_default("max_length"))
+    p.add_argument("--no-mtl", action="store_true", help="ablation: no CCS branch")
+    p.add_argument("--no-ram", action="store_true", help="ablation: no RAM")
+    p.add_argument("--loss", choices=("focal", "bce"), default="focal", help="ablation: --loss bce")
+    p.add_argument("--focal-alpha", type=float, default=model_default("focal_alpha"))
+    p.add_argument("--focal-gamma", type=float, default=model_default("focal_gamma"))
+    p.add_argument("--focal-balanced", action="store_true", help="the paper's eq. 16 instead of the official form")
+    p.add_argument("--lambda-icd", type=float, default=model_default("lambda_icd"))
+    p.add_argument("--lambda-ccs", type=float, default=model_default("lambda_ccs"))
+    p.add_argument("--hidden-size", type=int, default=DEMO_HIDDEN if demo else model_default("hidden_size"), help="d_r per GRU direction")
+    p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
+    p.add_argument("--dropout", type=float, default=model_default("dropout"))
+    p.add_argument("--batch-size", type=int, default=_default(DataSettings, "batch_size"))
+    p.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"))
+    p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"))
+    p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
+    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS if demo else _default(TrainConfig, "max_epochs"))
+    p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))
+    p.add_argument("--metric", default=_default(TrainConfig, "metric"), help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...)")
+    p.add_argument("--max-minutes", type=float, default=DEMO_MINUTES if demo else None,
+                   help="stop starting epochs after this many minutes")
+    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    if demo:
+        p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
+    else:
+        p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+
+DEMO_HIDDEN = 64
+DEMO_EPOCHS = 30
+DEMO_MINUTES = 4.0
+
+
+def _add_train_commands(sub) -> None:
+    p = sub.add_parser("train", help="train MARN (early stopping on dev), evaluate the best checkpoint on test")
+    _add_training_options(p, demo=False)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report")
+    _add_training_options(p, demo=True)
+    p.set_defaults(func=_demo)
+
+
+# ----------------------------------------------------------------------------- evaluate / predict
+def _evaluate(args) -> int:
+    from .training.evaluation import evaluate_checkpoint
+
+    report = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
+                                 threshold=args.threshold, backend=args.backend, out=args.out)
+    print(report["table"])
+    if args.out:
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def _read_notes(paths) -> list:
+    texts = []
+    sources = paths or ["-"]
+    for path in sources:
+        try:
+            data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CLIError(f"{'stdin' if path == '-' else path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if not any(t.strip() for t in texts):
+        raise CLIError("no input text: give note files or text on stdin")
+    return texts
+
+
+def _predict(args) -> int:
+    from .predict import Predictor
+
+    texts = _read_notes(args.files)
+    predictor = Predictor(args.checkpoint, backend=args.backend)
+    results = predictor.predict(texts, top=args.top, evidence=args.evidence, threshold=args.threshold)
+    names = args.files or ["stdin"]
+    if args.format == "json":
+        out = [{"source": name, "tokens": r["tokens"], "truncated": r["truncated"],
+                "codes": [{"code": c.code, "probability": c.probability, "description": c.description,
+                           "evidence": [{"token": t, "weight": w} for t, w in c.evidence]} for c in r["codes"]]}
+               for name, r in zip(names, results)]
+        print(json.dumps(out, indent=2))
+    else:
+        for name, r in zip(names, results):
+            print(f"== {name} ({r['tokens']} tokens{', truncated' if r['truncated'] else ''})")
+            for c in r["codes"]:
+                evidence = ", ".join(t for t, _ in c.evidence)
+                print(f"  {c.code:<8} {c.probability:6.3f}  {c.description[:60]:<60}  [{evidence}]")
+    return 0
+
+
+def _add_eval_commands(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint on a split of a CAML-format folder")
+    p.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    p.add_argument("--data-dir", default=None, help="CAML-format folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", choices=("train", "dev", "test"), default="test")
+    p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: tuned on dev)")
+    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
+    p.add_argument("--out", default=None, help="write metrics JSON here")
+    p.set_defaults(func=_evaluate)
+    p = sub.add_parser("predict", help="code notes: top codes, probabilities, descriptions and evidence tokens")
+    p.add_argument("checkpoint")
+    p.add_argument("files", nargs="*", help="UTF-8 note files (default: stdin)")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--evidence", type=int, default=5, help="evidence tokens per code")
+    p.add_argument("--threshold", type=float, default=None, help="only codes above this probability")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
+    p.set_defaults(func=_predict)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marn-fast", description="Fast, exact MARN for automated ICD coding.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_commands(sub)
+    _add_eval_commands(sub)
+    _add_data_commands(sub)
     _add_bench_step(sub)
     return parser
 
@@ -78,6 +374,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _apply_config_file(parser, args, argv)
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)

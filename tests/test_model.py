@@ -306,3 +306,15 @@ def test_auto_backend_uses_the_extension_when_built():
     model = MARN(small_config())
     assert model.backend == ("fused" if marn_fast.ops.cpu_extension_available() else "reference")
     assert MARN(small_config(), backend="reference").backend == "reference"
+
+
+def test_backends_draw_the_same_dropout_masks_for_the_same_seed():
+    cfg = small_config(dropout=0.3)
+    ref, fused = both_models(cfg, seed=6)
+    ref.train(), fused.train()
+    tokens, lengths = batch(seed=2)
+    torch.manual_seed(11)
+    a = ref(tokens, lengths)
+    torch.manual_seed(11)
+    b = fused(tokens, lengths)
+    torch.testing.assert_close(b.icd_logits, a.icd_logits, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ SUMMARY_FILE = "synthetic_summary.json"
 # "benchmark" has MIMIC-III's note lengths.
 SYNTHETIC_PRESETS = {
     "test": {"num_docs": 60, "median_tokens": 60, "num_codes": 40},
-    "demo": {"num_docs": 400, "median_tokens": 400, "num_codes": 200},
+    "demo": {"num_docs": 1200, "median_tokens": 250, "num_codes": 100},
     "benchmark": {"num_docs": 20_000, "median_tokens": 1500, "num_codes": 4000},
 }
 

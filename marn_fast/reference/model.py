@@ -123,7 +123,9 @@ class MARN(nn.Module):
         x = self.dropout(self.embedding(tokens))
         h = self._encode_tokens(x, lengths)
         if self.ram is not None:
-            h = self.dropout(self._recalibrate(h))
+            # contiguous [B, n, C]: dropout draws its mask in memory order, so every backend
+            # must hand it the same layout to get the same mask for the same seed.
+            h = self.dropout(self._recalibrate(h).contiguous())
         return h
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> MARNOutput:

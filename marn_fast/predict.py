@@ -1,0 +1,73 @@
+"""Coding new notes with a trained checkpoint: top codes with probabilities, descriptions and the
+evidence tokens that the label-wise attention weighted most for each predicted code."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .config import MARNConfig
+from .data import Vocabulary, tokenize
+from .data.descriptions import describe
+from .model import MARN
+from .reference.label_attention import attention_weights
+from .training.checkpoint import load_checkpoint
+
+
+@dataclass
+class CodePrediction:
+    code: str
+    probability: float
+    description: str
+    evidence: list = field(default_factory=list)  # [(token, attention weight), ...] highest first
+
+
+class Predictor:
+    """Loads a checkpoint once; `predict(texts)` codes raw note texts."""
+
+    def __init__(self, checkpoint_path, backend: str = "auto", device: Optional[str] = None) -> None:
+        payload = load_checkpoint(checkpoint_path)
+        self.config = MARNConfig.from_dict(payload["config"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = MARN(self.config, backend=backend)
+        self.model.load_state_dict(payload["model"])
+        self.model.to(self.device).eval()
+        self.vocab = Vocabulary(payload["vocab"])
+        self.icd_labels = list(payload["icd_labels"])
+        if len(self.vocab) != self.config.vocab_size or len(self.icd_labels) != self.config.num_icd:
+            raise ValueError(f"checkpoint: vocabulary ({len(self.vocab)}) or ICD labels ({len(self.icd_labels)}) do "
+                             f"not match the model ({self.config.vocab_size}, {self.config.num_icd})")
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], top: int = 10, evidence: int = 5,
+                threshold: Optional[float] = None) -> list:
+        """Per text: a dict with `tokens` (count), `truncated` and `codes` (CodePrediction list):
+        the `top` most probable codes (those above `threshold` when given, at most `top`)."""
+        if not texts:
+            raise ValueError("texts: no input notes given")
+        results = []
+        for i, text in enumerate(texts):
+            tokens = tokenize(text)
+            if not tokens:
+                raise ValueError(f"texts[{i}]: the note has no word tokens")
+            truncated = len(tokens) > self.config.max_length
+            tokens = tokens[: self.config.max_length]
+            ids = torch.as_tensor(self.vocab.encode(tokens), device=self.device)[None, :]
+            features = self.model.encode(ids)
+            head = self.model.icd_head
+            logits = self.model._head_logits(head, features, None)[0]
+            probs = torch.sigmoid(logits.float())
+            order = torch.argsort(probs, descending=True)[:top]
+            if threshold is not None:
+                order = order[probs[order] > threshold]
+            weights = attention_weights(features, head.U.weight[order], None)[0] if len(order) else None
+            codes = []
+            for j, label in enumerate(order.tolist()):
+                k = min(evidence, len(tokens))
+                w, pos = torch.topk(weights[j], k)
+                codes.append(CodePrediction(code=self.icd_labels[label], probability=float(probs[label]),
+                                            description=describe(self.icd_labels[label]),
+                                            evidence=[(tokens[p], round(float(x), 4)) for p, x in zip(pos.tolist(), w)]))
+            results.append({"tokens": len(tokens), "truncated": truncated, "codes": codes})
+        return results

@@ -1,0 +1,81 @@
+"""One training run end to end: data → MARN → early-stopped training → best checkpoint →
+dev threshold tuning → test metrics → report folder (used by `marn-fast train` and `demo`)."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import metrics
+from ..config import MARNConfig
+from ..model import MARN
+from .distributed import is_main_process
+from .experiment import DataSettings, Experiment
+from .report import comparison_table, plot_frequency_buckets, plot_history, write_json
+from .trainer import BEST_CHECKPOINT, TrainConfig, Trainer, evaluate_result, predict_loader
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+
+
+def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> MARN:
+    """MARN sized for the experiment's vocabulary and label spaces, word2vec embedding loaded."""
+    options = dict(model_options)
+    num_ccs = 0 if options.pop("no_mtl", False) else exp.num_ccs
+    config = MARNConfig(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), num_ccs=num_ccs,
+                        max_length=exp.settings.max_length, **options)
+    return MARN.from_pretrained(config, exp.word2vec(cache_dir), normalize=False, backend=backend)
+
+
+def train_and_report(settings: DataSettings, model_options: dict, train_config: TrainConfig, out_dir,
+                     backend: str = "auto", resume: bool = False,
+                     log: Callable[[str], None] = print) -> dict:
+    """Train, pick the best dev epoch, tune the threshold on dev, score test; write the report.
+
+    Returns the report dict (also written to out_dir/metrics.json)."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    torch.manual_seed(train_config.seed)
+    exp = Experiment(settings)
+    log(f"data: {exp.summary()}")
+    model = build_model(exp, model_options, backend, cache_dir=out_dir / "cache")
+    log(f"model: MARN backend={model.backend}, C={model.config.feature_size}, L_icd={model.config.num_icd}, "
+        f"L_ccs={model.config.num_ccs}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+        "trainable parameters")
+    if is_main_process():
+        write_json(out_dir / CONFIG_FILE, {"model": model.config.to_dict(), "data": asdict(settings),
+                                            "train": asdict(train_config), "backend": model.backend})
+
+    def on_epoch_end(record: dict) -> None:
+        log(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  dev loss {record['dev_loss']:.5f}  "
+            f"dev {train_config.metric} {record[train_config.metric]:.4f}  {record['seconds']:.1f} s")
+
+    trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end)
+    state = trainer.fit(exp.loader("train"), exp.loader("dev"), resume=resume)
+    trainer.load_best()
+    dev = predict_loader(trainer.wrapped, exp.loader("dev"), trainer.device, train_config.bf16)
+    test = predict_loader(trainer.wrapped, exp.loader("test"), trainer.device, train_config.bf16)
+    if not is_main_process():
+        return {}
+    threshold = metrics.tune_threshold(dev.icd_scores, dev.icd_targets)
+    counts = np.array([exp.train_code_counts.get(code, 0) for code in exp.icd_space.codes], dtype=np.int64)
+    report = {
+        "best_epoch": state.best_epoch + 1, "epochs_run": state.epoch + 1,
+        "dev_" + train_config.metric: state.best_metric,
+        "test": evaluate_result(test, train_config.threshold),
+        "tuned_threshold": threshold,
+        "test_at_tuned_threshold": metrics.evaluate(test.icd_scores, test.icd_targets, threshold=threshold),
+        "frequency_buckets": metrics.frequency_buckets(counts, test.icd_scores, test.icd_targets,
+                                                       threshold=train_config.threshold),
+        "history": state.history, "data": exp.summary(), "backend": model.backend,
+        "checkpoint": str(out_dir / BEST_CHECKPOINT), "seconds": time.perf_counter() - started,
+    }
+    write_json(out_dir / METRICS_FILE, report)
+    plot_history(state.history, out_dir / "loss_curve.png")
+    plot_frequency_buckets(report["frequency_buckets"], out_dir / "f1_by_frequency.png")
+    log("\n" + comparison_table(report["test"], settings.setting, title=f"test @{train_config.threshold}"))
+    return report
