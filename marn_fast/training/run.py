@@ -33,11 +33,12 @@ def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: O
 
 def train_and_report(settings: DataSettings, model_options: dict, train_config: TrainConfig, out_dir,
                      backend: str = "auto", resume: bool = False,
-                     log: Callable[[str], None] = print) -> dict:
+                     log: Optional[Callable[[str], None]] = None) -> dict:
     """Train, pick the best dev epoch, tune the threshold on dev, score test; write the report.
 
     Returns the report dict (also written to out_dir/metrics.json)."""
     out_dir = Path(out_dir)
+    log = log or (lambda line: print(line, flush=True))
     started = time.perf_counter()
     torch.manual_seed(train_config.seed)
     exp = Experiment(settings)
