@@ -122,7 +122,7 @@ def _add_data_commands(sub) -> None:
 
 # ----------------------------------------------------------------------------- train / demo
 MODEL_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "focal_gamma", "focal_balanced",
-               "lambda_icd", "lambda_ccs")
+               "lambda_icd", "lambda_ccs", "encoder", "num_filter_maps", "filter_size")
 
 
 def _load_config_file(path) -> dict:
@@ -234,6 +234,7 @@ def model_default(name: str):
 
 
 def _add_training_options(p, demo: bool) -> None:
+    from .config import ENCODERS
     from .data import SYNTHETIC_PRESETS
     from .training import DataSettings, TrainConfig
 
@@ -258,6 +259,10 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--lambda-ccs", type=float, default=model_default("lambda_ccs"))
     p.add_argument("--hidden-size", type=int, default=DEMO_HIDDEN if demo else model_default("hidden_size"), help="d_r per GRU direction")
     p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
+    p.add_argument("--encoder", choices=ENCODERS, default=model_default("encoder"),
+                   help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's blocks on top")
+    p.add_argument("--num-filter-maps", type=int, default=model_default("num_filter_maps"), help="CNN encoders")
+    p.add_argument("--filter-size", type=int, default=model_default("filter_size"), help="CNN encoder kernel")
     p.add_argument("--dropout", type=float, default=model_default("dropout"))
     p.add_argument("--batch-size", type=int, default=_default(DataSettings, "batch_size"))
     p.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"))

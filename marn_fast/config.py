@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 LOSS_FORMS = ("focal", "bce")
+ENCODERS = ("bigru", "cnn", "multirescnn")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class MARNConfig:
     lambda_icd, lambda_ccs: λ_d, λ_s of eq. 17.
     max_length: tokens kept per document (the data module truncates and counts).
     freeze_embeddings: keep the word2vec embedding fixed during training.
+    encoder: the base model: "bigru" (MARN), or "cnn" (CAML: one conv of `filter_size` with
+        `num_filter_maps` filters) or "multirescnn" (one residual channel per size in
+        `multirescnn_filter_sizes`), the paper's Fig. 7 variants with MARN's blocks on top.
     """
 
     vocab_size: int
@@ -45,6 +49,10 @@ class MARNConfig:
     lambda_ccs: float = 0.3
     max_length: int = 4000
     freeze_embeddings: bool = True
+    encoder: str = "bigru"
+    num_filter_maps: int = 50
+    filter_size: int = 10
+    multirescnn_filter_sizes: tuple = (3, 5, 9, 15, 19, 25)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,9 +71,18 @@ class MARNConfig:
         need(self.num_ccs >= 0, f"num_ccs must be >= 0 (0 disables the CCS branch), got {self.num_ccs}")
         need(self.embed_dim >= 1, f"embed_dim must be >= 1, got {self.embed_dim}")
         need(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
+        need(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        need(isinstance(self.num_filter_maps, int) and self.num_filter_maps >= 1,
+             f"num_filter_maps must be an int >= 1, got {self.num_filter_maps!r}")
+        need(isinstance(self.filter_size, int) and self.filter_size >= 1,
+             f"filter_size must be an int >= 1, got {self.filter_size!r}")
+        self.multirescnn_filter_sizes = tuple(self.multirescnn_filter_sizes)
+        need(len(self.multirescnn_filter_sizes) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1
+                                                             for k in self.multirescnn_filter_sizes),
+             f"multirescnn_filter_sizes must be odd ints >= 1, got {self.multirescnn_filter_sizes!r}")
         if self.use_ram:
-            need(self.hidden_size % 2 == 0,
-                 f"hidden_size must be even when use_ram=True (RAM channels 2h, h, h/2), got {self.hidden_size}")
+            need(self.feature_size >= 4, f"use_ram=True needs C >= 4 features (RAM channels C, C/2, C/4), "
+                                         f"got C={self.feature_size}")
         need(self.max_length >= 1, f"max_length must be >= 1, got {self.max_length}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.loss in LOSS_FORMS, f"loss must be one of {LOSS_FORMS}, got {self.loss!r}")
@@ -78,12 +95,16 @@ class MARNConfig:
 
     @property
     def feature_size(self) -> int:
-        """C = 2·d_r, the width of H and O."""
+        """C, the width of H and O: 2·d_r for the BiGRU, the filter maps of the CNN encoders."""
+        if self.encoder == "cnn":
+            return self.num_filter_maps
+        if self.encoder == "multirescnn":
+            return len(self.multirescnn_filter_sizes) * self.num_filter_maps
         return 2 * self.hidden_size
 
     @property
     def ram_channels(self) -> tuple[int, int, int]:
-        """RAM channel counts (C, C/2, C/4): 600, 300, 150 at the official h = 300."""
+        """RAM channel counts (C, C//2, C//4): 600, 300, 150 at the official h = 300."""
         c = self.feature_size
         return c, c // 2, c // 4
 

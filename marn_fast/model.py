@@ -48,7 +48,7 @@ class MARN(ReferenceMARN):
         return f"backend={self.backend!r}"
 
     def _encode_tokens(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        if not self.fused:
+        if not self.fused or self.config.encoder != "bigru":
             return super()._encode_tokens(x, lengths)
         return bigru(x, lengths, self.encoder._flat_weights)
 

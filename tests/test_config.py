@@ -18,7 +18,10 @@ def test_defaults_match_the_official_code():
     (dict(num_icd=0), "num_icd"),
     (dict(num_ccs=-1), "num_ccs"),
     (dict(hidden_size=0), "hidden_size"),
-    (dict(hidden_size=7), "hidden_size"),
+    (dict(hidden_size=1), "C >= 4"),
+    (dict(encoder="lstm"), "encoder"),
+    (dict(encoder="cnn", num_filter_maps=0), "num_filter_maps"),
+    (dict(encoder="multirescnn", multirescnn_filter_sizes=(3, 4)), "multirescnn_filter_sizes"),
     (dict(dropout=1.0), "dropout"),
     (dict(dropout=-0.1), "dropout"),
     (dict(loss="mse"), "loss"),
@@ -36,8 +39,10 @@ def test_nonsense_values_raise_naming_the_field(kwargs, field):
         MARNConfig(**base)
 
 
-def test_odd_hidden_size_is_fine_without_ram():
-    assert MARNConfig(vocab_size=10, num_icd=5, hidden_size=7, use_ram=False).feature_size == 14
+def test_feature_size_per_encoder():
+    assert MARNConfig(vocab_size=10, num_icd=5, hidden_size=7).ram_channels == (14, 7, 3)
+    assert MARNConfig(vocab_size=10, num_icd=5, encoder="cnn").feature_size == 50
+    assert MARNConfig(vocab_size=10, num_icd=5, encoder="multirescnn").feature_size == 300
 
 
 def test_dict_round_trip_and_unknown_keys():

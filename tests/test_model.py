@@ -318,3 +318,31 @@ def test_backends_draw_the_same_dropout_masks_for_the_same_seed():
     torch.manual_seed(11)
     b = fused(tokens, lengths)
     torch.testing.assert_close(b.icd_logits, a.icd_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(encoder="cnn", num_filter_maps=10, filter_size=5),
+    dict(encoder="multirescnn", num_filter_maps=6, multirescnn_filter_sizes=(3, 5)),
+    dict(hidden_size=7),  # odd channel counts in RAM: 14 → 7 → 3, as the official int(C/2)
+])
+def test_other_encoders_and_odd_ram_channels(overrides):
+    cfg = small_config(**overrides)
+    ref, fused = both_models(cfg, seed=2)
+    tokens, lengths = batch(seed=3)
+    for mode in ("train", "eval"):
+        getattr(ref, mode)(), getattr(fused, mode)()
+        torch.manual_seed(4)
+        a = ref(tokens, lengths)
+        torch.manual_seed(4)
+        b = fused(tokens, lengths)
+        assert a.icd_logits.shape == (3, 7)
+        torch.testing.assert_close(b.icd_logits, a.icd_logits, atol=1e-5, rtol=1e-5)
+    # Tokens past each document's length are never read by the convolutions either.
+    other = tokens.clone()
+    other[1, 6:] = 5
+    ref.eval()
+    torch.testing.assert_close(ref(other, lengths).icd_logits, ref(tokens, lengths).icd_logits, atol=0, rtol=0)
+    ref.train()
+    loss = ref.compute_loss(ref(tokens, lengths), targets(3, 7), targets(3, 4))
+    loss.backward()
+    assert all(p.grad is not None for n, p in ref.named_parameters() if p.requires_grad), "every parameter trains"

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import MARNConfig
 from .bigru import packed_bigru
 from .checks import check_lengths, check_shape, check_targets, check_tensor
+from .encoders import CNNEncoder, MultiResCNNEncoder
 from .focal_loss import bce_loss, focal_loss
 from .label_attention import label_attention
 from .ram import RAM
@@ -43,6 +44,15 @@ class LabelAttentionHead(nn.Module):
         nn.init.xavier_uniform_(self.final.weight)
 
 
+def build_encoder(config: MARNConfig) -> nn.Module:
+    """The base encoder: a one-layer BiGRU (MARN), or CAML's CNN / MultiResCNN (paper Fig. 7)."""
+    if config.encoder == "cnn":
+        return CNNEncoder(config.embed_dim, config.num_filter_maps, config.filter_size)
+    if config.encoder == "multirescnn":
+        return MultiResCNNEncoder(config.embed_dim, config.num_filter_maps, config.multirescnn_filter_sizes)
+    return nn.GRU(config.embed_dim, config.hidden_size, batch_first=True, bidirectional=True)
+
+
 class MARN(nn.Module):
     """Reference MARN. forward(tokens [B, n] int64, lengths [B] int64 or None) → MARNOutput."""
 
@@ -56,7 +66,7 @@ class MARN(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=0)
         self.embedding.weight.requires_grad_(not config.freeze_embeddings)
         self.dropout = nn.Dropout(config.dropout)
-        self.encoder = nn.GRU(config.embed_dim, config.hidden_size, batch_first=True, bidirectional=True)
+        self.encoder = build_encoder(config)
         self.ram = RAM(c, output_tanh=config.ram_output_tanh) if config.use_ram else None
         self.icd_head = LabelAttentionHead(c, config.num_icd)
         self.ccs_head = LabelAttentionHead(c, config.num_ccs) if config.num_ccs > 0 else None
@@ -100,7 +110,9 @@ class MARN(nn.Module):
 
     # ----------------------------------------------------------------- the steps (overridden by the fused model)
     def _encode_tokens(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        return packed_bigru(self.encoder, x, lengths)
+        if self.config.encoder == "bigru":
+            return packed_bigru(self.encoder, x, lengths)
+        return self.encoder(x, lengths)
 
     def _recalibrate(self, h: torch.Tensor) -> torch.Tensor:
         return self.ram(h.transpose(1, 2)).transpose(1, 2)

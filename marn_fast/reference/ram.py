@@ -2,8 +2,9 @@
 
 Every block is conv(k=3, pad 1, no bias) → BatchNorm1d → tanh → conv(k=3) → BatchNorm1d, over
 [B, channels, n] (the sequence is the conv axis, the features are channels; length kept).
-With C = 2·d_r:  down1 C→C/2→C/2, down2 C/2→C/4→C/4, lateral C/4→C/4→C/4,
-up1 ConvTranspose1d C/4→C/2→C/2, up2 ConvTranspose1d C/2→C→C, and
+With C = 2·d_r (C/2 and C/4 rounded down, as the official code):  down1 C→C/2→C/2,
+down2 C/2→C/4→C/4, lateral C/4→C/4→C/4, up1 ConvTranspose1d C/4→C/2→C/2,
+up2 ConvTranspose1d C/2→C→C, and
     D1 = down1(H), D2 = down2(D1), L1 = lateral(D2), U1 = up1(L1) + D1,
     O = tanh(up2(U1) ⊙ H)   (official code; output_tanh=False gives the paper's eq. 11).
 Submodule indices (0 conv, 1 BN, 2 tanh, 3 conv, 4 BN) match the official code's state_dict.
@@ -34,8 +35,8 @@ class RAM(nn.Module):
 
     def __init__(self, channels: int, output_tanh: bool = True) -> None:
         super().__init__()
-        if channels % 4:
-            raise ValueError(f"RAM: channels must be a multiple of 4, got {channels}")
+        if channels < 4:
+            raise ValueError(f"RAM: channels must be >= 4, got {channels}")
         c1, c2, c3 = channels, channels // 2, channels // 4
         self.output_tanh = output_tanh
         self.down1 = ram_block(c1, c2, transposed=False)
