@@ -344,7 +344,27 @@ def _predict(args) -> int:
     return 0
 
 
+def _import_official(args) -> int:
+    from .convert import import_official
+    from .training.checkpoint import save_checkpoint
+
+    model, metadata, unused = import_official(args.checkpoint, args.vocab, args.labels, args.ccs_labels,
+                                              backend="reference")
+    path = save_checkpoint(Path(args.out) / "best.pt", {"config": model.config.to_dict(),
+                                                        "model": model.state_dict(), **metadata})
+    print(f"imported {args.checkpoint} → {path} (vocab {len(metadata['vocab'])}, ICD {len(metadata['icd_labels'])}, "
+          f"CCS {len(metadata['ccs_labels'])}); unused official keys: {unused or 'none'}")
+    return 0
+
+
 def _add_eval_commands(sub) -> None:
+    p = sub.add_parser("import-official", help="convert a checkpoint of the official MARN code to a marn_fast one")
+    p.add_argument("checkpoint", help="state_dict saved by the official code (torch.save(model.state_dict()))")
+    p.add_argument("--vocab", required=True, help="the official vocabulary file, one word per line, in id order")
+    p.add_argument("--labels", required=True, help="ICD codes, one per line, in the model's column order")
+    p.add_argument("--ccs-labels", default=None, help="CCS labels, one per line, in column order")
+    p.add_argument("--out", required=True, help="folder for the marn_fast checkpoint (best.pt)")
+    p.set_defaults(func=_import_official)
     p = sub.add_parser("evaluate", help="score a checkpoint on a split of a CAML-format folder")
     p.add_argument("checkpoint", help="best.pt or last.pt of a run")
     p.add_argument("--data-dir", default=None, help="CAML-format folder (default: the one the checkpoint was trained on)")

@@ -2,6 +2,7 @@
 space does not match the checkpoint (naming the difference)."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +31,11 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
     payload = load_checkpoint(checkpoint)
     config = MARNConfig.from_dict(payload["config"])
     stored = dict(payload.get("data", {}))
-    settings = DataSettings(**{**stored, "data_dir": str(data_dir or stored.get("data_dir", ""))})
+    known = {f.name for f in fields(DataSettings)}
+    if not (data_dir or stored.get("data_dir")):
+        raise ValueError(f"data_dir: the checkpoint {checkpoint} names no data folder; pass --data-dir")
+    settings = DataSettings(**{**{k: v for k, v in stored.items() if k in known},
+                               "data_dir": str(data_dir or stored["data_dir"])})
     if config.num_ccs == 0:
         settings.ccs = "none"
     # The vocabulary and label spaces that the data itself yields must be the checkpoint's.
