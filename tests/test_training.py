@@ -129,3 +129,43 @@ def test_evaluate_refuses_data_with_another_label_space(experiment, tmp_path, tm
     write_synthetic_corpus(other, seed=11, **{**SYNTHETIC_PRESETS["test"], "num_codes": 25})
     with pytest.raises(ValueError, match="does not match the checkpoint"):
         evaluate_checkpoint(tmp_path / "best.pt", data_dir=str(other))
+
+
+def test_degenerate_run_alarms():
+    import numpy as np
+
+    from marn_fast.training.alarms import degenerate_run_warnings, trivial_baseline_f1
+
+    rng = np.random.default_rng(0)
+    targets = (rng.random((20, 6)) < 0.3).astype(np.float32)
+    targets[:, 0] = 1  # one very frequent code
+    counts = np.array([50, 5, 4, 3, 2, 1])
+    with pytest.warns(RuntimeWarning, match="every prediction is positive"):
+        found = degenerate_run_warnings(np.full((20, 6), 0.9), targets, 0.5)
+    assert found and "positive" in found[0]
+    with pytest.warns(RuntimeWarning, match="every prediction is negative"):
+        degenerate_run_warnings(np.full((20, 6), 0.1), targets, 0.5)
+    with pytest.warns(RuntimeWarning, match="edge of its range"):
+        degenerate_run_warnings(rng.random((20, 6)), targets, 0.001, tuned=True)
+    with pytest.warns(RuntimeWarning, match="below the trivial baseline"):
+        degenerate_run_warnings(1 - targets * 0.8 - 0.1, targets, 0.5, counts)  # anti-correlated scores
+    assert 0 < trivial_baseline_f1(counts, targets) <= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert degenerate_run_warnings(targets * 0.8 + 0.1, targets, 0.5, counts, tuned=True) == []
+
+
+def test_run_writes_manifest_and_metrics(corpus, tmp_path):
+    import json
+
+    from marn_fast.training.run import train_and_report
+
+    settings = DataSettings(str(corpus), batch_size=8)
+    report = train_and_report(settings, {"hidden_size": HIDDEN}, TrainConfig(max_epochs=1, progress=False),
+                              tmp_path, log=lambda line: None)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["model"]["hidden_size"] == HIDDEN and manifest["seeds"]["train"] == 0
+    assert manifest["label_spaces"]["icd"]["size"] == report["data"]["icd_labels"]
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["backend"] in ("fused", "reference")
+    assert manifest["preprocessing"]["max_length"] == settings.max_length
+    assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == report["warnings"]

@@ -14,12 +14,15 @@ from .. import metrics
 from ..config import MARNConfig
 from ..model import MARN
 from .distributed import is_main_process
+from .alarms import degenerate_run_warnings
 from .experiment import DataSettings, Experiment
+from .manifest import run_manifest
 from .report import comparison_table, plot_frequency_buckets, plot_history, write_json
 from .trainer import BEST_CHECKPOINT, TrainConfig, Trainer, evaluate_result, predict_loader
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
 
 
 def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> MARN:
@@ -64,7 +67,12 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
         return {}
     threshold = metrics.tune_threshold(dev.icd_scores, dev.icd_targets)
     counts = np.array([exp.train_code_counts.get(code, 0) for code in exp.icd_space.codes], dtype=np.int64)
+    alarms = (degenerate_run_warnings(test.icd_scores, test.icd_targets, train_config.threshold, counts)
+              + degenerate_run_warnings(test.icd_scores, test.icd_targets, threshold, tuned=True))
+    for message in alarms:
+        log(f"WARNING: degenerate run: {message}")
     report = {
+        "warnings": alarms,
         "best_epoch": state.best_epoch + 1, "epochs_run": state.epoch + 1,
         "dev_" + train_config.metric: state.best_metric,
         "test": evaluate_result(test, train_config.threshold),
@@ -76,6 +84,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
         "checkpoint": str(out_dir / BEST_CHECKPOINT), "seconds": time.perf_counter() - started,
     }
     write_json(out_dir / METRICS_FILE, report)
+    write_json(out_dir / MANIFEST_FILE, run_manifest(model, settings, train_config, exp))
     plot_history(state.history, out_dir / "loss_curve.png")
     plot_frequency_buckets(report["frequency_buckets"], out_dir / "f1_by_frequency.png")
     log("\n" + comparison_table(report["test"], settings.setting, title=f"test @{train_config.threshold}"))

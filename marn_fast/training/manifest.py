@@ -1,0 +1,63 @@
+"""manifest.json: what a result needs so it can be reproduced and trusted later — the resolved
+config, preprocessing and truncation, label spaces, seeds, package versions, commit, device,
+dtype and backend."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import platform
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..data import MIN_DOC_FREQ
+
+
+def _version(package: str):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The commit of the marn_fast source tree, when it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        "versions": {"marn_fast": _version("marn_fast"), "torch": torch.__version__, "triton": _version("triton"),
+                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
+                     "numpy": _version("numpy"), "gensim": _version("gensim"), "python": platform.python_version()},
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_manifest(model, settings, train_config, experiment) -> dict:
+    cuda = torch.cuda.is_available()
+    return {
+        "model": model.config.to_dict(), "backend": model.backend,
+        "dtype": "bfloat16 autocast" if (cuda and train_config.bf16) else "float32",
+        "train": asdict(train_config), "seeds": {"train": train_config.seed, "data": settings.seed},
+        "data": asdict(settings),
+        "preprocessing": {"tokenizer": "CAML: \\w+ tokens, lower-cased, purely numeric tokens dropped",
+                          "min_doc_freq": settings.min_doc_freq, "default_min_doc_freq": MIN_DOC_FREQ,
+                          "max_length": settings.max_length,
+                          "truncated_documents": {k: v.stats["truncated"] for k, v in experiment.datasets.items()},
+                          "tokens_dropped": {k: v.stats["tokens_dropped"] for k, v in experiment.datasets.items()}},
+        "label_spaces": {"icd": {"size": len(experiment.icd_space),
+                                 "source": "train+dev+test" if settings.label_union else "train"},
+                         "ccs": {"size": experiment.num_ccs, "mode": settings.ccs}},
+        **environment(),
+    }
