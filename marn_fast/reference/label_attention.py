@@ -38,3 +38,18 @@ def label_attention(features: torch.Tensor, queries: torch.Tensor, weights: torc
     alpha = attention_weights(features, queries, lengths)  # [B, L, n]
     v = torch.matmul(alpha, features)  # [B, L, C]
     return (weights * v).sum(dim=2) + bias
+
+
+def topk_evidence(features: torch.Tensor, queries: torch.Tensor, labels: torch.Tensor, k: int,
+                  lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k tokens by attention weight for chosen labels: labels [B, K] (or [K]) int64 →
+    (indices [B, K, k], weights [B, K, k]) from the full A; index −1 / weight 0 past a length."""
+    alpha = attention_weights(features, queries, lengths)  # [B, L, n]
+    if labels.dim() == 1:
+        labels = labels.expand(features.shape[0], -1)
+    chosen = torch.gather(alpha, 1, labels[:, :, None].expand(-1, -1, alpha.shape[2]))  # [B, K, n]
+    weights, indices = chosen.topk(k, dim=2)
+    if lengths is not None:
+        padded = indices >= lengths[:, None, None]
+        indices, weights = indices.masked_fill(padded, -1), weights.masked_fill(padded, 0.0)
+    return indices, weights

@@ -1,0 +1,297 @@
+"""Benchmark of the label-wise attention: eager reference, torch.compile of the reference, fused op.
+
+Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum w.r.t. O, Q, W, b).
+Timings run in this process, interleaved (one run of each implementation per round); each row
+holds the best and the median over rounds and ratio = eager best / implementation best (on a
+shared CPU the best is the least disturbed run). Peak memory:
+  CPU  — extra peak RSS of one call, measured in a fresh subprocess per (implementation, mode,
+         size, with a fixed glibc mmap threshold: VmHWM is reset through /proc/self/clear_refs
+         after the warm-up, then VmHWM − VmRSS(before the call). The fused path's analytic working set
+         (4 bytes · 2·LABEL_CHUNK · min(TOKEN_CHUNK, n)) is reported beside it.
+  CUDA — torch.cuda.max_memory_allocated() − memory_allocated() before the call.
+CUDA part: B=16, n=4,000, C=600, L=8,921 in bf16, sweeps over n (500…32,000) and L (50…70,000),
+TFLOP/s (4·B·n·C·L forward, 12·B·n·C·L more for backward) against a bf16 matmul measured in
+the same run (triton.testing.do_bench).
+
+    python benchmarks/bench_label_attention.py                  # CPU sizes, threads 1 and 2
+    python benchmarks/bench_label_attention.py --no-compile     # skip torch.compile (slow on CPU)
+    python benchmarks/bench_label_attention.py --device cuda    # the GPU part
+
+Writes benchmarks/results/<device-slug>/label_attention.{json,csv,png} (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, device_name, device_slug, write_results  # noqa: E402
+
+from marn_fast.ops.label_attention import label_attention  # noqa: E402
+from marn_fast.reference.label_attention import label_attention as reference_label_attention  # noqa: E402
+
+ops_module = importlib.import_module("marn_fast.ops.label_attention")
+
+NAME = "label_attention"
+CPU_SIZES = [(4, 2000, 600, 2000), (4, 2000, 600, 9000)]  # (B, n, C, L)
+GPU_MAIN = (16, 4000, 600, 8921)
+GPU_N_SWEEP = [500, 1000, 2000, 4000, 8000, 16000, 32000]
+GPU_L_SWEEP = [50, 500, 2000, 8921, 20000, 70000]
+IMPLS = ("eager", "compiled", "fused")
+MODES = ("fwd", "fwd+bwd")
+
+
+def make_inputs(size, dtype, device, seed=0):
+    """Random O, Q, W, b and lengths between n/2 and n (document n is full)."""
+    batch, n, c, num_labels = size
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, n, c, generator=g)
+    queries = torch.randn(num_labels, c, generator=g) / c ** 0.5
+    weights = torch.randn(num_labels, c, generator=g) / c ** 0.5
+    bias = torch.randn(num_labels, generator=g)
+    lengths = torch.randint(n // 2 + 1, n + 1, (batch,), generator=g)
+    lengths[0] = n
+    grad = torch.randn(batch, num_labels, generator=g)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return [to(t) for t in (features, queries, weights, bias)], lengths.to(device), grad.to(device)
+
+
+def make_call(impl, mode, tensors, lengths, grad, compiled_reference):
+    fn = {"eager": reference_label_attention, "compiled": compiled_reference,
+          "fused": lambda *t: label_attention(*t)}[impl]
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(*tensors, lengths)
+        return call
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+
+    def call():
+        for leaf in leaves:
+            leaf.grad = None
+        fn(*leaves, lengths).backward(grad)
+    return call
+
+
+# --- CPU ------------------------------------------------------------------------------------
+
+def _rss_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_child(spec: dict) -> None:
+    """Subprocess body: one warm-up call, reset the RSS high-water mark, one measured call."""
+    torch.set_num_threads(spec["threads"])
+    tensors, lengths, grad = make_inputs(tuple(spec["size"]), torch.float32, "cpu")
+    compiled = torch.compile(reference_label_attention) if spec["impl"] == "compiled" else None
+    call = make_call(spec["impl"], spec["mode"], tensors, lengths, grad, compiled)
+    call()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS:")
+    call()
+    print(json.dumps({"peak_bytes": 1024 * (_rss_kib("VmHWM:") - before)}))
+
+
+def measure_peak_cpu(impl, mode, size, threads) -> int:
+    spec = json.dumps({"impl": impl, "mode": mode, "size": list(size), "threads": threads})
+    # A fixed mmap threshold: every buffer over 128 KiB is mmapped and unmapped when freed, so
+    # memory freed by the warm-up is not silently reused from glibc's heap by the measured call.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run([sys.executable, __file__, "--peak-child", spec], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def bench_cpu(args) -> list[dict]:
+    rows = []
+    impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for size in CPU_SIZES:
+            tensors, lengths, grad = make_inputs(size, torch.float32, "cpu")
+            compiled = torch.compile(reference_label_attention) if "compiled" in impls else None
+            for mode in MODES:
+                calls = {impl: make_call(impl, mode, tensors, lengths, grad, compiled) for impl in impls}
+                for call in calls.values():  # warm-up (and compilation)
+                    call()
+                times = {impl: [] for impl in impls}
+                for _ in range(args.repeat):
+                    for impl, call in calls.items():
+                        start = time.perf_counter()
+                        call()
+                        times[impl].append(time.perf_counter() - start)
+                for impl in impls:
+                    rows.append(_row(size, "float32", threads, impl, mode, times[impl], times["eager"],
+                                     measure_peak_cpu(impl, mode, size, threads)))
+                    if impl == "fused":
+                        rows[-1]["fused_working_set_bytes"] = (
+                            4 * 2 * ops_module.LABEL_CHUNK * min(ops_module.TOKEN_CHUNK, size[1]))
+                    print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def _row(size, dtype, threads, impl, mode, times, eager_times, peak_bytes, extra=None):
+    batch, n, c, num_labels = size
+    best = min(times)
+    return {"B": batch, "n": n, "C": c, "L": num_labels, "dtype": dtype, "threads": threads, "impl": impl,
+            "mode": mode, "time_best_s": best, "time_median_s": statistics.median(times),
+            "ratio_vs_eager": min(eager_times) / best if eager_times else None, "peak_bytes": peak_bytes,
+            **(extra or {})}
+
+
+def _fmt(row):
+    ratio = f"{row['ratio_vs_eager']:.2f}x" if row["ratio_vs_eager"] else "-"
+    peak = f"{row['peak_bytes'] / 2 ** 20:8.1f} MiB" if row["peak_bytes"] is not None else "     -"
+    tflops = f" {row['tflops']:.1f} TFLOP/s" if row.get("tflops") else ""
+    return (f"B={row['B']} n={row['n']} C={row['C']} L={row['L']} {row['dtype']} t={row['threads']} "
+            f"{row['impl']:>8} {row['mode']:>7}: {row['time_best_s'] * 1e3:9.1f} ms  {ratio:>6} eager  "
+            f"peak {peak}{tflops}")
+
+
+# --- CUDA -----------------------------------------------------------------------------------
+
+def _cuda_run(call):
+    """(ms, extra peak bytes) of call on the GPU, or (None, None) when it runs out of memory."""
+    from triton.testing import do_bench
+    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return do_bench(call, warmup=5, rep=50), peak
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def bench_cuda(args) -> tuple[list[dict], dict]:
+    from triton.testing import do_bench
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul_tflops = 2 * 8192 ** 3 / (do_bench(lambda: a @ a) * 1e-3) / 1e12
+    del a
+    print(f"bf16 matmul ceiling: {matmul_tflops:.1f} TFLOP/s")
+    compiled = None if args.no_compile else torch.compile(reference_label_attention)
+    plan = [("main", GPU_MAIN, IMPLS)]
+    plan += [("n-sweep", GPU_MAIN[:1] + (n,) + GPU_MAIN[2:], ("eager", "fused")) for n in GPU_N_SWEEP]
+    plan += [("L-sweep", GPU_MAIN[:3] + (num_labels,), ("eager", "fused")) for num_labels in GPU_L_SWEEP]
+    rows = []
+    for group, size, impls in plan:
+        impls = [i for i in impls if not (compiled is None and i == "compiled")]
+        tensors, lengths, grad = make_inputs(size, torch.bfloat16, "cuda")
+        batch, n, c, num_labels = size
+        for mode in MODES:
+            results = {impl: _cuda_run(make_call(impl, mode, tensors, lengths, grad, compiled)) for impl in impls}
+            eager_ms = results.get("eager", (None, None))[0]
+            flops = (4 if mode == "fwd" else 16) * batch * n * c * num_labels
+            for impl, (ms, peak) in results.items():
+                if ms is None:
+                    continue
+                tflops = flops / (ms * 1e-3) / 1e12
+                row = _row(size, "bfloat16", None, impl, mode, [ms * 1e-3], [eager_ms * 1e-3] if eager_ms else [],
+                           peak, {"group": group, "tflops": tflops, "fraction_of_matmul": tflops / matmul_tflops})
+                rows.append(row)
+                print(_fmt(row), flush=True)
+    return rows, {"bf16_matmul_tflops": matmul_tflops}
+
+
+# --- output ---------------------------------------------------------------------------------
+
+def plot(rows, path: Path, device: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = [r for r in rows if r.get("group") in ("n-sweep", "L-sweep") and r["mode"] == "fwd+bwd"]
+    table = [r for r in rows if r.get("group") in (None, "main")]
+    ncols = 2 + (2 if sweeps else 0)
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4))
+    labels = sorted({(r["L"], r["threads"] or 0) for r in table})
+    for ax, key, title in ((axes[0], "time_best_s", "time (s)"), (axes[1], "peak_bytes", "peak extra memory (MiB)")):
+        width = 0.8 / (len(IMPLS) * len(MODES))
+        for k, (impl, mode) in enumerate((i, m) for i in IMPLS for m in MODES):
+            vals = [next((r[key] for r in table if (r["L"], r["threads"] or 0) == lab and r["impl"] == impl
+                          and r["mode"] == mode), 0) or 0 for lab in labels]
+            if key == "peak_bytes":
+                vals = [v / 2 ** 20 for v in vals]
+            ax.bar([x + k * width for x in range(len(labels))], vals, width, label=f"{impl} {mode}")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
+        ax.set_xticklabels([f"L={lab[0]}" + (f"\n{lab[1]} thr" if lab[1] else "") for lab in labels])
+        ax.set_title(title)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    for ax, (group, var) in zip(axes[2:], (("n-sweep", "n"), ("L-sweep", "L"))):
+        for impl in ("eager", "fused"):
+            pts = sorted((r[var], r["tflops"]) for r in sweeps if r["group"] == group and r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_xlabel(var)
+        ax.set_title(f"fwd+bwd TFLOP/s vs {var}")
+        ax.legend()
+    fig.suptitle(f"label attention — {device}")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def summary(rows) -> None:
+    print("\nsummary (ratio = eager best time / implementation best time; peak = extra memory)")
+    print(f"{'size':<28}{'thr':>4} {'mode':>8} " + "".join(f"{i:>22}" for i in IMPLS))
+    keys = dict.fromkeys((r["B"], r["n"], r["C"], r["L"], r["dtype"], r["threads"], r["mode"]) for r in rows
+                         if r.get("group") in (None, "main"))
+    for key in keys:
+        cells = []
+        for impl in IMPLS:
+            r = next((r for r in rows if (r["B"], r["n"], r["C"], r["L"], r["dtype"], r["threads"], r["mode"]) == key
+                      and r["impl"] == impl and r.get("group") in (None, "main")), None)
+            cells.append("-" if r is None else
+                         f"{r['ratio_vs_eager']:.2f}x {r['peak_bytes'] / 2 ** 20:.0f}MiB" if r["peak_bytes"] is not None
+                         else f"{r['ratio_vs_eager']:.2f}x")
+        size = f"B{key[0]} n{key[1]} C{key[2]} L{key[3]} {key[4]}"
+        print(f"{size:<28}{key[5] or '-':>4} {key[6]:>8} " + "".join(f"{c:>22}" for c in cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference")
+    parser.add_argument("--repeat", type=int, default=3, help="timed rounds per implementation (CPU)")
+    parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+                        help="CPU thread counts, comma-separated")
+    parser.add_argument("--peak-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_child:
+        peak_child(json.loads(args.peak_child))
+        return
+    if args.device == "cuda":
+        rows, meta = bench_cuda(args)
+    else:
+        rows, meta = bench_cpu(args), {}
+    meta.update({"label_chunk": ops_module.LABEL_CHUNK, "token_chunk": ops_module.TOKEN_CHUNK,
+                 "flops_fwd": "4*B*n*C*L", "flops_bwd": "12*B*n*C*L",
+                 "timing": "best and median of interleaved rounds; ratio on the best"})
+    folder = write_results(NAME, rows, meta, device=args.device)
+    plot(rows, folder / f"{NAME}.png", device_name(args.device))
+    summary(rows)
+    print(f"\nwrote {folder}/{NAME}.{{json,csv,png}}")
+
+
+if __name__ == "__main__":
+    main()

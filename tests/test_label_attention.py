@@ -1,0 +1,346 @@
+"""Fused label-wise attention against the plain-PyTorch reference (computed in float64).
+
+Both paths are tested: impl="triton" (Triton kernels; on the CPU through TRITON_INTERPRET=1, set
+by conftest.py) and impl="torch" (the chunked PyTorch path that impl="auto" runs on CPU tensors).
+Tolerances are stated per dtype in TOL and are relative to the largest reference value:
+|actual − expected| ≤ tol · max(1, max|expected|).
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from marn_fast.ops.label_attention import label_attention, label_attention_topk, label_attention_with_lse
+from marn_fast.reference.label_attention import label_attention as reference_label_attention
+from marn_fast.reference.label_attention import topk_evidence
+
+la_module = importlib.import_module("marn_fast.ops.label_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["torch", "triton"]
+# fp32: both paths accumulate in fp32 (IEEE dots on GPU) — errors observed <= 2e-6 relative.
+# fp16: S and P are exact fp32 sums of fp16 products, but ds/dp enter the backward GEMMs as fp16
+#       in the Triton path and gradients are returned in fp16 — errors observed <= 5e-4 relative.
+# bf16 (GPU only): 8-bit mantissa, expected ~8× the fp16 error (not yet measured: no GPU here).
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2, torch.float64: 1e-10}
+PAD_VALUE = 1e4  # written into padded token positions: must not change logits or gradients
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} × {scale:.3g}"
+
+
+def _lengths(batch: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Distinct lengths where possible, always including n and (for B ≥ 2) 1."""
+    values = (torch.randperm(n, generator=generator)[:batch] + 1).tolist()
+    values += [int(torch.randint(1, n + 1, (1,), generator=generator))] * (batch - len(values))
+    values[0] = n
+    if batch >= 2:
+        values[1] = 1
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def make_inputs(batch, n, c, num_labels, dtype, seed, score_scale=None):
+    """Fresh random (features, queries, weights, bias, lengths) on DEVICE in `dtype`; padded
+    positions of features hold PAD_VALUE. score_scale rescales Q so that max |q·o| = score_scale."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    queries = torch.randn(num_labels, c, generator=g, dtype=torch.float64) / c ** 0.5
+    weights = torch.randn(num_labels, c, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_labels, generator=g, dtype=torch.float64)
+    lengths = _lengths(batch, n, g)
+    if score_scale is not None:
+        queries *= score_scale / torch.einsum("lc,btc->blt", queries, features).abs().max()
+    pad = torch.arange(n)[None, :] >= lengths[:, None]
+    features[pad] = PAD_VALUE
+    return tuple(t.to(DEVICE, dtype) for t in (features, queries, weights, bias)) + (lengths.to(DEVICE),)
+
+
+def reference_with_grads(features, queries, weights, bias, lengths, grad):
+    """Reference logits and (dO, dQ, dW, db) in float64 from the (already rounded) inputs."""
+    leaves = [t.detach().double().requires_grad_() for t in (features, queries, weights, bias)]
+    out = reference_label_attention(*leaves, lengths)
+    out.backward(grad.double())
+    return out.detach(), [t.grad for t in leaves]
+
+
+def run_and_compare(impl, features, queries, weights, bias, lengths, grad, tol, grad_fn=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (features, queries, weights, bias)]
+    out = label_attention(*leaves, lengths, impl=impl)
+    assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
+    (out.backward(grad) if grad_fn is None else grad_fn(out).backward())
+    expected, expected_grads = reference_with_grads(features, queries, weights, bias, lengths, grad)
+    _assert_close(out, expected, tol, f"{impl} logits")
+    for name, leaf, ref_grad in zip(("dO", "dQ", "dW", "db"), leaves, expected_grads):
+        assert leaf.grad.dtype == leaf.dtype, f"{name} dtype {leaf.grad.dtype} != {leaf.dtype}"
+        _assert_close(leaf.grad, ref_grad, tol, f"{impl} {name}")
+    return leaves
+
+
+SHAPES = [(3, 37, 20, 45), (2, 1, 7, 3), (3, 50, 33, 1), (1, 70, 40, 66)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-n{}-C{}-L{}".format(*s))
+def test_matches_reference_weighted_grad(impl, dtype, shape):
+    batch, n, c, num_labels = shape
+    inputs = make_inputs(batch, n, c, num_labels, dtype, seed=hash(shape) % 1000)
+    grad = torch.randn(batch, num_labels, device=DEVICE)
+    leaves = run_and_compare(impl, *inputs, grad, TOL[dtype])
+    # Padded positions (filled with PAD_VALUE) get exactly zero gradient.
+    pad = torch.arange(n, device=DEVICE)[None, :] >= inputs[4][:, None]
+    assert torch.all(leaves[0].grad[pad] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_large_scores(impl, dtype):
+    """Scores up to ±80: exp would overflow without the running max."""
+    inputs = make_inputs(3, 45, 24, 40, dtype, seed=7, score_scale=80.0)
+    grad = torch.randn(3, 40, device=DEVICE)
+    run_and_compare(impl, *inputs, grad, TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_of_sum_and_of_transposed_view(impl):
+    """Gradients arrive expanded (stride 0, from .sum()) or transposed: both must be read right."""
+    inputs = make_inputs(3, 37, 20, 45, torch.float32, seed=3)
+    ones = torch.ones(3, 45, device=DEVICE)
+    run_and_compare(impl, *inputs, ones, TOL[torch.float32], grad_fn=lambda out: out.sum())
+    grad_t = torch.randn(45, 3, device=DEVICE)
+    run_and_compare(impl, *inputs, grad_t.t(), TOL[torch.float32])
+    run_and_compare(impl, *inputs, grad_t.t(), TOL[torch.float32], grad_fn=lambda out: (out.t() * grad_t).sum())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    features, queries, weights, bias, lengths = make_inputs(3, 37, 20, 45, torch.float32, seed=4)
+    features_nc = features.transpose(1, 2).contiguous().transpose(1, 2)  # strides (n·C, 1, n)
+    queries_nc = torch.cat([queries, queries], dim=1)[:, :20]  # row stride 2C
+    weights_nc = weights.t().contiguous().t()
+    bias_nc = torch.stack([bias, bias], dim=1)[:, 0]  # stride 2
+    assert not any(t.is_contiguous() for t in (features_nc, queries_nc, weights_nc, bias_nc))
+    grad = torch.randn(3, 45, device=DEVICE)
+    run_and_compare(impl, features_nc, queries_nc, weights_nc, bias_nc, lengths, grad, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lengths_none_means_full(impl):
+    features, queries, weights, bias, _ = make_inputs(2, 19, 9, 21, torch.float32, seed=5)
+    features = torch.randn_like(features)  # no padding
+    full = torch.full((2,), 19, dtype=torch.int64, device=DEVICE)
+    torch.testing.assert_close(label_attention(features, queries, weights, bias, impl=impl),
+                               label_attention(features, queries, weights, bias, full, impl=impl),
+                               rtol=0, atol=0)  # same op, same inputs: bit-identical
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lse_is_logsumexp_of_valid_scores(impl):
+    features, queries, weights, bias, lengths = make_inputs(3, 37, 20, 45, torch.float32, seed=16, score_scale=60.0)
+    leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
+    _, lse = label_attention_with_lse(*leaves, lengths, impl=impl)
+    scores = torch.einsum("lc,btc->blt", queries.detach().double(), features.detach().double())
+    scores = scores.masked_fill(torch.arange(37, device=DEVICE)[None, None, :] >= lengths[:, None, None], float("-inf"))
+    _assert_close(lse, torch.logsumexp(scores, dim=2), TOL[torch.float32], f"{impl} lse")
+    assert not lse.requires_grad
+
+
+def test_auto_picks_chunked_path_on_cpu_and_float64():
+    """impl='auto' on CPU (or for fp64 anywhere) is the chunked path: exact float64 parity."""
+    inputs = make_inputs(3, 37, 20, 45, torch.float64, seed=6)
+    grad = torch.randn(3, 45, device=DEVICE, dtype=torch.float64)
+    run_and_compare("auto", *inputs, grad, TOL[torch.float64])
+
+
+@settings(max_examples=8, deadline=None)
+@given(batch=st.integers(1, 3), n=st.integers(1, 40), c=st.integers(1, 24), num_labels=st.integers(1, 40),
+       impl=st.sampled_from(IMPLS), seed=st.integers(0, 2 ** 16))
+def test_property_small_shapes(batch, n, c, num_labels, impl, seed):
+    inputs = make_inputs(batch, n, c, num_labels, torch.float32, seed=seed)
+    grad = torch.randn(batch, num_labels, device=DEVICE, generator=None)
+    run_and_compare(impl, *inputs, grad, TOL[torch.float32])
+
+
+def test_triton_backward_with_document_splits(monkeypatch):
+    """The dQ/dW kernel split over document groups (as on a GPU with few label tiles): three
+    documents in two groups, partial sums added by the caller."""
+    monkeypatch.setattr(la_module, "_label_splits", lambda device, batch, num_labels: 2)
+    inputs = make_inputs(3, 37, 20, 45, torch.float32, seed=15)
+    grad = torch.randn(3, 45, device=DEVICE)
+    run_and_compare("triton", *inputs, grad, TOL[torch.float32])
+
+
+# --- the chunked PyTorch path: chunking exercised, working set bounded -----------------------
+
+def test_chunked_path_with_small_chunks(monkeypatch):
+    """Chunks of 2 documents × 4 labels × 8 tokens: many label chunks, several token chunks per
+    document (online softmax across token chunks, some fully padded), partial last chunks."""
+    monkeypatch.setattr(la_module, "DOC_CHUNK", 2)
+    monkeypatch.setattr(la_module, "LABEL_CHUNK", 4)
+    monkeypatch.setattr(la_module, "TOKEN_CHUNK", 8)
+    inputs = make_inputs(3, 37, 20, 45, torch.float64, seed=8, score_scale=40.0)
+    grad = torch.randn(3, 45, device=DEVICE, dtype=torch.float64)
+    run_and_compare("torch", *inputs, grad, TOL[torch.float64])
+
+
+def _allocations(fn):
+    """(largest single allocation, peak of live allocations) in bytes during fn(), from the
+    profiler's memory events (CPU allocator)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return max(size for _, size in events), peak
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tracks the CPU allocator")
+def test_chunked_path_working_set_is_bounded(monkeypatch):
+    """No intermediate of n·L elements in forward or backward: the largest allocation is at most
+    the score chunk [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] or an input-sized buffer (dO
+    [B, n, C], dQ [L, C]), while the reference allocates [B, L, n] (checked too, so this
+    test can fail)."""
+    doc_chunk, label_chunk, token_chunk = 2, 16, 64
+    monkeypatch.setattr(la_module, "DOC_CHUNK", doc_chunk)
+    monkeypatch.setattr(la_module, "LABEL_CHUNK", label_chunk)
+    monkeypatch.setattr(la_module, "TOKEN_CHUNK", token_chunk)
+    batch, n, c, num_labels = 3, 300, 8, 400
+    features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=9)
+    leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
+
+    largest, peak = _allocations(lambda: label_attention(*leaves, lengths, impl="torch").sum().backward())
+    bound = 4 * max(doc_chunk * 2 * label_chunk * token_chunk, batch * n * c, num_labels * c, batch * num_labels)
+    assert largest <= bound, f"largest allocation {largest} B > bound {bound} B"
+    assert peak <= 8 * bound, f"peak live allocations {peak} B > {8 * bound} B"
+    assert peak < 4 * n * num_labels
+
+    ref_largest, ref_peak = _allocations(lambda: reference_label_attention(*leaves, lengths).sum().backward())
+    assert ref_largest >= 4 * batch * n * num_labels and ref_peak > 10 * peak
+
+
+# --- registration ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix", ["label_attention", "label_attention_chunked"])
+def test_opcheck(prefix):
+    features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=10)
+    fwd = getattr(torch.ops.marn_fast, f"{prefix}_fwd")
+    bwd = getattr(torch.ops.marn_fast, f"{prefix}_bwd")
+    args = tuple(t.requires_grad_() for t in (features, queries, weights)) + (lengths,)
+    torch.library.opcheck(fwd, args)
+    z, lse = fwd(*(t.detach() for t in args[:3]), lengths)
+    torch.library.opcheck(bwd, (torch.randn(2, 3, device=DEVICE),) + tuple(t.detach() for t in args[:3])
+                          + (lengths, z, lse))
+
+
+def test_torch_compile_fullgraph_smoke():
+    features, queries, weights, bias, _ = make_inputs(2, 11, 6, 7, torch.float32, seed=11)
+    features = torch.randn_like(features)
+    compiled = torch.compile(lambda *t: label_attention(*t, impl="triton").sum(), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (features, queries, weights, bias)]
+    out = compiled(*leaves)
+    out.backward()
+    expected, expected_grads = reference_with_grads(features, queries, weights, bias, None,
+                                                    torch.ones(2, 7, device=DEVICE))
+    _assert_close(out, expected.sum(), TOL[torch.float32], "compiled logits sum")
+    for leaf, ref_grad in zip(leaves, expected_grads):
+        _assert_close(leaf.grad, ref_grad, TOL[torch.float32], "compiled grad")
+
+
+# --- top-k evidence -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shared_labels", [False, True])
+def test_topk_matches_reference(shared_labels):
+    features, queries, _, _, lengths = make_inputs(3, 30, 12, 25, torch.float32, seed=12)
+    labels = torch.tensor([3, 0, 24], device=DEVICE) if shared_labels else torch.randint(0, 25, (3, 4), device=DEVICE)
+    k = 5  # more than lengths[1] = 1: entries past a document's length are −1 / 0
+    indices, weights = label_attention_topk(features, queries, labels, k, lengths)
+    ref_indices, ref_weights = topk_evidence(features.double(), queries.double(), labels, k, lengths)
+    assert torch.equal(indices, ref_indices)
+    _assert_close(weights, ref_weights, TOL[torch.float32], "top-k weights")
+    assert torch.all(indices[1, :, 1:] == -1) and torch.all(weights[1, :, 0] == 1)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _bad_inputs():
+    f, q, w, b = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(3, 4), torch.randn(3)
+    ok = torch.tensor([5, 2])
+    return [
+        ("queries", (f, torch.randn(3, 6), w, b, ok), {}),
+        ("weights", (f, q, torch.randn(4, 4), b, ok), {}),
+        ("weights", (f, q, torch.randn(3, 6), b, ok), {}),
+        ("bias", (f, q, w, torch.randn(4), ok), {}),
+        ("lengths", (f, q, w, b, torch.tensor([5, 2, 1])), {}),
+        ("lengths", (f, q, w, b, torch.tensor([5, 0])), {}),
+        ("lengths", (f, q, w, b, torch.tensor([6, 2])), {}),
+        ("lengths", (f, q, w, b, torch.tensor([5.0, 2.0])), {}),
+        ("features", (torch.randn(5, 4), q, w, b, None), {}),
+        ("device", (f.to("meta"), q, w, b, None), {}),
+        ("impl", (f, q, w, b, ok), {"impl": "cuda"}),
+        ("features", (f.double(), q.double(), w.double(), b.double(), ok), {"impl": "triton"}),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _bad_inputs(), ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_raises_value_error(name, args, kwargs):
+    with pytest.raises(ValueError, match=name):
+        label_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name,labels,k", [("labels", torch.tensor([[0, 3]]), 2),
+                                           ("labels", torch.tensor([[0, 1], [1, 2]]), 2),
+                                           ("labels", torch.tensor([0.0]), 2),
+                                           ("k", torch.tensor([0, 1]), 0), ("k", torch.tensor([0, 1]), 6)])
+def test_topk_bad_input(name, labels, k):
+    with pytest.raises(ValueError, match=name):
+        label_attention_topk(torch.randn(1, 5, 4), torch.randn(3, 4), labels, k)
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(3, 37, 20, 45), (4, 300, 96, 200)], ids=str)
+def test_gpu_bf16(shape):
+    inputs = make_inputs(*shape, torch.bfloat16, seed=13)
+    grad = torch.randn(shape[0], shape[3], device=DEVICE)
+    run_and_compare("triton", *inputs, grad, TOL[torch.bfloat16])
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(2, 32768, 64, 300), (2, 512, 64, 70000)], ids=str)
+def test_gpu_large_against_chunked_float64(shape):
+    """n = 32,768 or L = 70,000 in bf16 against the chunked path in float64 (itself tested
+    against the reference above; the reference's [B, L, n] would not be the point here)."""
+    batch, n, c, num_labels = shape
+    features, queries, weights, bias, lengths = make_inputs(*shape, torch.bfloat16, seed=14)
+    grad = torch.randn(batch, num_labels, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in (features, queries, weights, bias)]
+    out = label_attention(*leaves, lengths, impl="triton")
+    out.backward(grad)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (features, queries, weights, bias)]
+    expected = label_attention(*ref_leaves, lengths, impl="torch")
+    expected.backward(grad.double())
+    _assert_close(out, expected, TOL[torch.bfloat16], "large logits")
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        _assert_close(leaf.grad, ref_leaf.grad, TOL[torch.bfloat16], "large grad")
