@@ -11,7 +11,7 @@ from .config import MARNConfig
 from .data import Vocabulary, tokenize
 from .data.descriptions import describe
 from .model import MARN
-from .reference.label_attention import attention_weights
+from .ops import label_attention_topk
 from .training.checkpoint import load_checkpoint
 
 
@@ -61,13 +61,13 @@ class Predictor:
             order = torch.argsort(probs, descending=True)[:top]
             if threshold is not None:
                 order = order[probs[order] > threshold]
-            weights = attention_weights(features, head.U.weight[order], None)[0] if len(order) else None
             codes = []
+            if len(order):
+                positions, weights = label_attention_topk(features, head.U.weight, order, min(evidence, len(tokens)))
             for j, label in enumerate(order.tolist()):
-                k = min(evidence, len(tokens))
-                w, pos = torch.topk(weights[j], k)
                 codes.append(CodePrediction(code=self.icd_labels[label], probability=float(probs[label]),
                                             description=describe(self.icd_labels[label]),
-                                            evidence=[(tokens[p], round(float(x), 4)) for p, x in zip(pos.tolist(), w)]))
+                                            evidence=[(tokens[p], round(float(w), 4)) for p, w in
+                                                      zip(positions[0, j].tolist(), weights[0, j].tolist())]))
             results.append({"tokens": len(tokens), "truncated": truncated, "codes": codes})
         return results
