@@ -1,5 +1,7 @@
 """Focal loss: time of loss + backward for the eager official formula, torch.compile of it, and
-the fused op (marn_fast.ops.focal_loss, impl="auto": Triton on CUDA, the PyTorch path on CPU).
+the fused op (marn_fast.ops.focal_loss, impl="auto": Triton on CUDA; on CPU the C++ kernel when
+marn_fast._C is built, else the vectorised-PyTorch path). On CPU the PyTorch path is also timed
+("fused_torch") with the C++ kernel switched off, so both CPU paths are compared in one run.
 
 Full-code sizes: L = 8,921 ICD + 295 CCS codes, B ∈ {16, 64}; official form (α = 0.999, γ = 2,
 mean). CPU: fp32 logits, float32 and bool targets. CUDA: fp32 and bf16 logits, float32 and bool
@@ -27,8 +29,13 @@ from pathlib import Path
 
 import torch
 
-from marn_fast.ops import focal_loss
+import importlib
+from unittest import mock
+
+from marn_fast.ops import cpu_extension_available, focal_loss
 from marn_fast.reference import focal_loss as reference_focal_loss
+
+_OPS_FOCAL = importlib.import_module("marn_fast.ops.focal_loss")
 
 NUM_CODES = 8921 + 295  # ICD-9 codes + CCS categories of the full-code setting
 BATCHES = (16, 64)
@@ -95,13 +102,22 @@ def run_case(device, batch, logits_dtype, target_dtype, rounds, min_round_s, com
         "compiled": loss_and_backward(compiled_ref, logits, targets),
         "fused": loss_and_backward(focal_loss, logits, targets),
     }
+    if device.type == "cpu" and cpu_extension_available():
+        def torch_path(x, y):  # the vectorised-PyTorch CPU path (the C++ kernel reported unavailable)
+            with mock.patch.object(_OPS_FOCAL, "extension_available_for", lambda t: False):
+                return focal_loss(x, y)
+        fns["fused_torch"] = loss_and_backward(torch_path, logits, targets)
     moved = logits.numel() * logits.element_size() * 2 + targets.numel() * targets.element_size()
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     fns["copy"] = lambda: dst.copy_(src)  # reads and writes `moved` bytes in all
     times = time_rounds(fns, device, rounds, min_round_s)
     fused_bw, copy_bw = moved / times["fused"], 2 * src.numel() / times["copy"]
-    return {
+    extra = {}
+    if "fused_torch" in times:
+        extra = {"fused_torch_ms": times["fused_torch"] * 1e3,
+                 "fused_torch_vs_eager": times["eager"] / times["fused_torch"]}
+    return extra | {
         "batch": batch, "num_codes": NUM_CODES, "logits_dtype": str(logits_dtype).replace("torch.", ""),
         "target_dtype": str(target_dtype).replace("torch.", ""),
         "eager_ms": times["eager"] * 1e3, "compiled_ms": times["compiled"] * 1e3,
@@ -144,7 +160,9 @@ def main() -> None:
                       f"eager {row['eager_ms']:.3f} ms, compiled {row['compiled_ms']:.3f} ms, "
                       f"fused {row['fused_ms']:.3f} ms ({row['fused_vs_eager']:.2f}x eager, "
                       f"{row['fused_vs_compiled']:.2f}x compiled); fused {row['fused_GBps']:.1f} GB/s = "
-                      f"{100 * row['fused_bw_fraction_of_copy']:.0f}% of copy", flush=True)
+                      f"{100 * row['fused_bw_fraction_of_copy']:.0f}% of copy"
+                      + (f"; PyTorch path {row['fused_torch_ms']:.3f} ms ({row['fused_torch_vs_eager']:.2f}x eager)"
+                         if "fused_torch_ms" in row else ""), flush=True)
     try:
         import triton
         triton_version = triton.__version__
@@ -157,13 +175,14 @@ def main() -> None:
             "load_average_1_5_15min": os.getloadavg(),  # other work on the machine skews CPU times
             "method": f"loss + backward, official form (alpha=0.999, gamma=2, mean); median of "
                       f"{args.rounds} interleaved rounds; eager = marn_fast.reference.focal_loss, "
-                      f"compiled = torch.compile of it, fused = marn_fast.ops.focal_loss(impl='auto')"}
+                      f"compiled = torch.compile of it, fused = marn_fast.ops.focal_loss(impl='auto') "
+                      f"(CPU: the C++ kernel when built), fused_torch = its vectorised-PyTorch CPU path"}
     out_dir = args.out / slug(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "focal_loss.json", json.dumps(meta | {"results": rows}, indent=2) + "\n")
     buf = io.StringIO()
     fields = ["device", "torch", "triton", "date"] + list(rows[0])
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: meta[k] for k in fields[:4]} | row)

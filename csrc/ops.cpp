@@ -14,6 +14,11 @@ PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(marn_fast, m) {
+  // Focal loss (see marn_fast/ops/focal_loss.py): loss (reduce → 0-d scale·Σ, fp32/fp64; else per
+  // element in the logits' dtype) and scale·dloss/dlogits (or [0] without compute_grad), one pass.
+  m.def("focal_loss_forward(Tensor logits, Tensor targets, float alpha, float gamma, bool balanced, bool reduce, "
+        "float scale, bool compute_grad) -> (Tensor, Tensor)");
+
   // RAM output fusion: O = tanh(U ⊙ H), and its backward (dU, dH).
   m.def("mul_tanh(Tensor u, Tensor h) -> Tensor");
   m.def("mul_tanh_backward(Tensor grad, Tensor u, Tensor h) -> (Tensor, Tensor)");

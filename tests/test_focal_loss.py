@@ -1,7 +1,10 @@
 """Fused focal loss (marn_fast.ops.focal_loss) against float64 plain-PyTorch references.
 
-Both paths: impl="triton" (Triton's CPU interpreter here, TRITON_INTERPRET=1 from conftest) and
-impl="torch" (the CPU path). References, run in float64:
+Three paths (the `impl` parameter of these tests): "triton" (Triton's CPU interpreter here,
+TRITON_INTERPRET=1 from conftest), "cpp" (impl="torch" on CPU with the compiled extension: the C++
+kernel csrc/cpu/focal_loss_cpu.cpp; the PyTorch path is made to raise, so the kernel is what runs)
+and "torch" (impl="torch" with the extension reported unavailable: the vectorised-PyTorch
+fallback). References, run in float64:
   - `reference.focal_loss` (the official code's transcription, gradient by autograd) at moderate
     logits, where it is accurate;
   - `reference.focal_loss_elementwise` (log space, analytic gradient) at extreme logits, itself
@@ -23,12 +26,40 @@ import pytest
 import torch
 
 from marn_fast.kernels.focal_loss import BLOCK_SIZE
-from marn_fast.ops import focal_loss, multitask_focal_loss
+from marn_fast.ops import cpu_extension_available
+from marn_fast.ops import focal_loss as _focal_loss
+from marn_fast.ops import multitask_focal_loss as _multitask_focal_loss
 from conftest import requires_cuda
 
 ref = importlib.import_module("marn_fast.reference.focal_loss")  # the module (the package exports a function of that name)
+ops_module = importlib.import_module("marn_fast.ops.focal_loss")
 
-IMPLS = ("triton", "torch")
+IMPLS = ("triton", "cpp", "torch")
+IMPL_ARG = {"cpp": "torch"}  # the test's path → the op's impl argument
+CPP_BLOCK = 2048  # kBlock of csrc/cpu/focal_loss_cpu.cpp (one partial sum per block)
+
+
+@pytest.fixture(autouse=True)
+def _select_cpu_path(request, monkeypatch):
+    """impl="cpp": the C++ kernel must run (the PyTorch path raises); impl="torch": the fallback."""
+    impl = request.node.callspec.params.get("impl") if hasattr(request.node, "callspec") else None
+    if impl == "cpp":
+        if not cpu_extension_available():
+            pytest.fail("marn_fast._C is not built: `pip install --no-build-isolation -e .`")
+
+        def not_this_path(*args, **kwargs):
+            raise AssertionError("the PyTorch path ran where the C++ kernel should have")
+        monkeypatch.setattr(ops_module, "_focal_loss_torch", not_this_path)
+    elif impl == "torch":
+        monkeypatch.setattr(ops_module, "extension_available_for", lambda t: False)
+
+
+def focal_loss(*args, impl="auto", **kw):
+    return _focal_loss(*args, impl=IMPL_ARG.get(impl, impl), **kw)
+
+
+def multitask_focal_loss(*args, impl="auto", **kw):
+    return _multitask_focal_loss(*args, impl=IMPL_ARG.get(impl, impl), **kw)
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 ALPHA = 0.25  # both weights α and 1 − α matter in eq. 16 (the official default 0.999 hides 1 − α)
 
@@ -176,7 +207,7 @@ def test_gamma_zero_is_alpha_weighted_bce(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", [(1, 1), (1, BLOCK_SIZE), (2, BLOCK_SIZE + 1), (5, 333)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, BLOCK_SIZE), (2, BLOCK_SIZE + 1), (5, 333), (3, CPP_BLOCK + 7)])
 def test_block_boundaries(impl, shape):
     logits, targets = make_inputs(*shape, seed=17)
     for reduction in ("none", "sum"):
@@ -263,6 +294,45 @@ def test_triton_is_deterministic():
     a = fused_loss_and_grad(logits, targets, "mean", impl="triton")
     b = fused_loss_and_grad(logits, targets, "mean", impl="triton")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("impl", ["cpp"])
+def test_cpp_is_deterministic_across_thread_counts(impl):
+    logits, targets = make_inputs(5, 9216, seed=44)  # 23 blocks of the C++ kernel
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(fused_loss_and_grad(logits, targets, "mean", impl=impl, balanced=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+
+
+@pytest.mark.parametrize("impl", ["cpp"])
+def test_cpp_op_opcheck_and_all_target_dtypes(impl):
+    """The C++ op itself: opcheck (schema, fake kernel) and float/bool/uint8 targets, fp32 and fp64
+    logits, read as stored, against the float64 log-space reference (γ = 0.5, L odd)."""
+    logits, targets = make_inputs(3, 1001, seed=38, scale=50.0)
+    op = torch.ops.marn_fast.focal_loss_forward.default
+    for x in (logits, logits.double()):
+        for t in (targets, targets.bool(), targets.to(torch.uint8), targets.double()):
+            for balanced in (False, True):
+                for reduce in (False, True):
+                    args = (x, t, ALPHA, 0.5, balanced, reduce, 0.25, True)
+                    torch.library.opcheck(op, args)
+                    loss, grad = op(*args)
+                    want, want_grad = ref.focal_loss_elementwise(x.double(), t.double(), alpha=ALPHA, gamma=0.5,
+                                                                 balanced=balanced)
+                    want = want.sum() * 0.25 if reduce else want
+                    tol = dict(rtol=1e-9, atol_frac=1e-12) if x.dtype == torch.float64 else {}
+                    close(loss, want, **tol) if not reduce else torch.testing.assert_close(
+                        loss.double(), want, rtol=1e-9 if x.dtype == torch.float64 else 1e-5, atol=0)
+                    close(grad, want_grad * 0.25, **tol)
+    loss, grad = op(logits, targets, ALPHA, 2.0, False, True, 1.0, False)
+    assert grad.numel() == 0 and loss.dim() == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -18,9 +18,12 @@ reduction; backward only multiplies it by the incoming gradient. The formulas ar
 
 Paths (impl, see `_backend.resolve_impl`): "triton" — one launch of the Triton kernel (per-block
 partial sums summed in a fixed order, no atomics; bool/uint8 targets read as bytes);
-"torch" — vectorised PyTorch computing loss and gradient together, the CPU path. "auto" picks
-Triton on CUDA, torch on CPU. Both run inside the registered op `torch.ops.marn_fast.focal_loss`
-(custom_op + register_fake + register_autograd), opaque to torch.compile.
+"torch" — on CPU tensors the C++ kernel `torch.ops.marn_fast.focal_loss_forward`
+(csrc/cpu/focal_loss_cpu.cpp: the same math in one vectorised pass, fixed-order sums) when the
+compiled extension is available, else vectorised PyTorch computing loss and gradient together.
+"auto" picks Triton on CUDA, torch on CPU. All run inside the registered op
+`torch.ops.marn_fast.focal_loss` (custom_op + register_fake + register_autograd), opaque to
+torch.compile.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from ..reference.checks import FLOAT_DTYPES, check_shape, check_targets, check_tensor
 from ..reference.focal_loss import REDUCTIONS
 from ._backend import resolve_impl
+from ._extension import cpu_extension_available, extension_available_for
 
 
 def check_focal_args(logits, targets, alpha, gamma, reduction, name="logits", target_name="targets") -> None:
@@ -108,6 +112,10 @@ def _focal_loss_op(logits: torch.Tensor, targets: torch.Tensor, alpha: float, ga
         scale = 1.0 / logits.numel() if reduction == "mean" else 1.0
         loss, grad = focal_loss_forward(logits, targets, alpha, gamma, balanced,
                                         reduce=reduction != "none", scale=scale, compute_grad=compute_grad)
+    elif logits.device.type == "cpu" and extension_available_for(logits):
+        scale = 1.0 / logits.numel() if reduction == "mean" else 1.0
+        return torch.ops.marn_fast.focal_loss_forward(logits, targets, alpha, gamma, balanced,
+                                                      reduction != "none", scale, compute_grad)
     else:
         loss, grad = _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduction, compute_grad)
     return loss, (grad if grad is not None else logits.new_empty(0))
@@ -118,6 +126,14 @@ def _focal_loss_fake(logits, targets, alpha, gamma, balanced, reduction, compute
     dtype = _loss_dtype(logits.dtype, reduction)
     loss = logits.new_empty(logits.shape if reduction == "none" else (), dtype=dtype)
     return loss, (torch.empty_like(logits) if compute_grad else logits.new_empty(0))
+
+
+if cpu_extension_available():
+    @torch.library.register_fake("marn_fast::focal_loss_forward")
+    def _focal_loss_forward_fake(logits, targets, alpha, gamma, balanced, reduce, scale, compute_grad):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss = logits.new_empty((), dtype=dtype) if reduce else torch.empty_like(logits)
+        return loss, (torch.empty_like(logits) if compute_grad else logits.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
