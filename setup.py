@@ -13,7 +13,10 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CXX_FLAGS = ["-O3", "-g0"]  # the C++ standard is the one torch asks for (cpp_extension adds it)
+# The C++ standard is the one torch asks for (cpp_extension adds it). -fopenmp: ATen's
+# at::parallel_for runs on one thread unless the calling file is compiled with OpenMP (torch's CPU
+# wheel already links libgomp, so this adds no runtime).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
@@ -49,14 +52,14 @@ def extensions():
     exts = [cpp_extension.CppExtension(
         "marn_fast._C", cpu_sources,
         define_macros=[("MARN_FAST_PYTHON_MODULE", None)],
-        extra_compile_args={"cxx": CXX_FLAGS})]
+        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])]
     if _want_cuda(torch, cpp_extension):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
         exts.append(cpp_extension.CUDAExtension(
             "marn_fast._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
             include_dirs=_cuda_include_dirs(),
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}))
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"]))
     return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
