@@ -21,8 +21,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 import importlib
 from unittest import mock
 
+from common import device_name, device_slug, write_text_atomic
 from marn_fast.ops import cpu_extension_available, focal_loss
 from marn_fast.reference import focal_loss as reference_focal_loss
 
@@ -42,20 +41,6 @@ BATCHES = (16, 64)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cpus, {torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
 def sync(device: torch.device) -> None:
@@ -129,11 +114,6 @@ def run_case(device, batch, logits_dtype, target_dtype, rounds, min_round_s, com
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -169,7 +149,7 @@ def main() -> None:
     except ImportError:
         triton_version = None
     name = device_name(device)
-    meta = {"benchmark": "focal_loss", "device": name, "device_type": device.type,
+    meta = {"benchmark": "focal_loss", "device": name, "device_type": device.type, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "triton": triton_version,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "load_average_1_5_15min": os.getloadavg(),  # other work on the machine skews CPU times
@@ -177,16 +157,16 @@ def main() -> None:
                       f"{args.rounds} interleaved rounds; eager = marn_fast.reference.focal_loss, "
                       f"compiled = torch.compile of it, fused = marn_fast.ops.focal_loss(impl='auto') "
                       f"(CPU: the C++ kernel when built), fused_torch = its vectorised-PyTorch CPU path"}
-    out_dir = args.out / slug(name)
+    out_dir = args.out / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "focal_loss.json", json.dumps(meta | {"results": rows}, indent=2) + "\n")
+    write_text_atomic(out_dir / "focal_loss.json", json.dumps(meta | {"results": rows}, indent=2) + "\n")
     buf = io.StringIO()
     fields = ["device", "torch", "triton", "date"] + list(rows[0])
     writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: meta[k] for k in fields[:4]} | row)
-    write_atomic(out_dir / "focal_loss.csv", buf.getvalue())
+    write_text_atomic(out_dir / "focal_loss.csv", buf.getvalue())
     print(f"wrote {out_dir}/focal_loss.json and .csv")
 
 

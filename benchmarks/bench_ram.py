@@ -19,15 +19,13 @@ import csv
 import datetime
 import io
 import json
-import os
-import platform
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from common import device_name, device_slug, write_text_atomic
 from marn_fast.ops.ram import ram_forward
 from marn_fast.reference.ram import RAM
 
@@ -35,18 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CPU_SIZES = [(4, 600, 1000), (4, 600, 2000)]
 GPU_SIZES = [(16, 600, 4000)]
 
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def triton_version():
@@ -56,9 +42,6 @@ def triton_version():
         return None
     return triton.__version__
 
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def sync(device: str) -> None:
@@ -125,11 +108,6 @@ def bench_case(b, c, n, dtype, device, rounds, use_compile):
     return rows
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,15 +129,15 @@ def main() -> None:
     meta = dict(benchmark="bench_ram", device=name, torch=torch.__version__, triton=triton_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 threads=torch.get_num_threads(), compile=args.compile)
-    out_dir = RESULTS / slug(name)
+    out_dir = RESULTS / device_slug(args.device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "bench_ram.json", json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
+    write_text_atomic(out_dir / "bench_ram.json", json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["device", "torch", "date"] + list(rows[0]))
     writer.writeheader()
     for r in rows:
         writer.writerow(dict(device=name, torch=meta["torch"], date=meta["date"], **r))
-    write_atomic(out_dir / "bench_ram.csv", buf.getvalue())
+    write_text_atomic(out_dir / "bench_ram.csv", buf.getvalue())
     print(f"wrote {out_dir}/bench_ram.json and .csv")
 
 

@@ -71,7 +71,8 @@ def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> floa
     return statistics.median(times)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to path via a temporary file in the same folder and os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
@@ -84,12 +85,12 @@ def write_results(name: str, rows: Sequence[dict], meta: dict | None = None,
     """Write results/<device-slug>/<name>.json (environment + meta + rows) and <name>.csv."""
     folder = RESULTS_DIR / device_slug(device)
     payload = {"benchmark": name, "environment": environment(device), **(meta or {}), "rows": list(rows)}
-    _atomic_write(folder / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    write_text_atomic(folder / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
     if rows:
         fields = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(folder / f"{name}.csv", buf.getvalue())
+        write_text_atomic(folder / f"{name}.csv", buf.getvalue())
     return folder
