@@ -227,6 +227,11 @@ def ram_forward(ram: RAM, h: torch.Tensor) -> torch.Tensor:
     if h.shape[1] != channels:
         raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
     check_same_device(h=h, ram_parameters=ram.down1[0].weight)
+    if torch.is_autocast_enabled(h.device.type):
+        # The fused blocks take their inputs in the parameters' dtype; autocast would re-cast the
+        # ATen calls inside them. Run the RAM in the parameters' dtype with autocast off.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return ram_forward(ram, h.to(ram.down1[0].weight.dtype))
     x = h.transpose(1, 2)
     d1 = ram_block(ram.down1, x)
     l1 = ram_block(ram.lateral, ram_block(ram.down2, d1))
