@@ -43,17 +43,20 @@ def shared_dir() -> Path:
     return SHARED_DIR
 
 
+def _shared_data(name: str) -> Path:
+    path = SHARED_DIR / "data" / name
+    if not path.exists():
+        pytest.skip(f"{name} not found at {path}")
+    return path
+
+
 @pytest.fixture
 def hcup_dir() -> Path:
-    path = SHARED_DIR / "data" / "hcup-ccs-2015"
-    if not path.exists():
-        pytest.skip(f"HCUP CCS tables not found at {path}")
-    return path
+    """HCUP's single-level CCS 2015 tables (skips when ../shared is absent)."""
+    return _shared_data("hcup-ccs-2015")
 
 
 @pytest.fixture
 def codiesp_dir() -> Path:
-    path = SHARED_DIR / "data" / "codiesp"
-    if not path.exists():
-        pytest.skip(f"CodiEsp not found at {path}")
-    return path
+    """The CodiEsp release folder (skips when ../shared is absent)."""
+    return _shared_data("codiesp")

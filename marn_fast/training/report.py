@@ -31,6 +31,17 @@ def write_json(path, obj) -> None:
     write_json_atomic(path, obj)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -38,11 +49,8 @@ def _save_figure(fig, path: Path) -> None:
 
 def plot_history(history: list, path) -> Optional[Path]:
     """Train and dev loss, and the early-stopping metric, per epoch (PNG). None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     epochs = [r["epoch"] for r in history]
     metric = next(k for k in history[0] if k not in ("epoch", "train_loss", "dev_loss", "seconds",
@@ -62,11 +70,8 @@ def plot_history(history: list, path) -> Optional[Path]:
 
 def plot_frequency_buckets(buckets: list, path) -> Optional[Path]:
     """Per-code macro-F1 and micro-F1 by the codes' training frequency (the paper's Fig. 10)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     labels = [b["label"] for b in buckets]
     x = range(len(buckets))
