@@ -13,8 +13,9 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # MIMIC notes and CAML TEXT fields are far longer than the csv module's 128 KiB default.
 CSV_FIELD_SIZE_LIMIT = 2**31 - 1
@@ -78,3 +79,33 @@ def find_table(folder: str | os.PathLike, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"neither {folder / name} nor {folder / (name + '.gz')} exists")
+
+
+def csv_records(path: Path, required: Iterable[str], expected: str = "") -> Iterator[tuple[int, dict[str, str]]]:
+    """(first line number, row as {column: value}) for each record of a CSV file; ValueError
+    naming the file for an empty file or missing columns (`expected` is appended to those
+    messages) and the file and line for a malformed row."""
+    allow_long_csv_fields()
+    with open_text(path) as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file{expected}")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; header is {header}{expected}")
+        line = reader.line_num + 1  # first physical line of the next record
+        for row in reader:
+            start, line = line, reader.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}, line {start}: malformed row with {len(row)} fields, expected {len(header)}")
+            yield start, dict(zip(header, row))
+
+
+def warn_lines(path, what: str, lines: list[int]) -> None:
+    """One warning naming the file, what happened and the first few line numbers."""
+    if lines:
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+        warnings.warn(f"{path}: {len(lines)} {what} (lines {shown})", stacklevel=3)

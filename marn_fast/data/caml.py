@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ._io import allow_long_csv_fields, atomic_text_writer, open_text
+from ._io import atomic_text_writer, csv_records, warn_lines
 
 CAML_COLUMNS = ("SUBJECT_ID", "HADM_ID", "TEXT", "LABELS", "length")
 LABEL_SEPARATOR = ";"
@@ -79,49 +78,30 @@ def read_caml_csv(path: str | Path, stats: dict | None = None) -> list[Document]
     "empty_note_lines") and reported by one warning naming the file and the first lines.
     """
     path = Path(path)
-    allow_long_csv_fields()
     docs: list[Document] = []
     empty_lines: list[int] = []
     no_label_lines: list[int] = []
     duplicate_lines: list[int] = []
     seen_ids: dict[str, int] = {}
-    with open_text(path) as handle:
-        reader = csv.reader(handle)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"{path}: empty file, expected a header with columns {list(CAML_COLUMNS)}") from None
-        missing = [c for c in CAML_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {header}, expected {list(CAML_COLUMNS)}")
-        col = {name: header.index(name) for name in CAML_COLUMNS}
-        line = reader.line_num + 1  # first physical line of the next record
-        for row in reader:
-            start, line = line, reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}, line {start}: malformed row with {len(row)} fields, expected {len(header)}")
-            hadm = row[col["HADM_ID"]].strip()
-            if not hadm:
-                raise ValueError(f"{path}, line {start}: empty HADM_ID")
-            if hadm in seen_ids:
-                duplicate_lines.append(start)
-            seen_ids.setdefault(hadm, start)
-            tokens = tokenize(row[col["TEXT"]])
-            if not tokens:
-                empty_lines.append(start)
-                continue
-            labels = parse_labels(row[col["LABELS"]])
-            if not labels:
-                no_label_lines.append(start)
-            docs.append(Document(id=hadm, subject_id=row[col["SUBJECT_ID"]].strip(),
-                                 text=" ".join(tokens), labels=labels))
+    for start, row in csv_records(path, CAML_COLUMNS, expected=f", expected columns {list(CAML_COLUMNS)}"):
+        hadm = row["HADM_ID"].strip()
+        if not hadm:
+            raise ValueError(f"{path}, line {start}: empty HADM_ID")
+        if hadm in seen_ids:
+            duplicate_lines.append(start)
+        seen_ids.setdefault(hadm, start)
+        tokens = tokenize(row["TEXT"])
+        if not tokens:
+            empty_lines.append(start)
+            continue
+        labels = parse_labels(row["LABELS"])
+        if not labels:
+            no_label_lines.append(start)
+        docs.append(Document(id=hadm, subject_id=row["SUBJECT_ID"].strip(),
+                             text=" ".join(tokens), labels=labels))
     for lines, what in ((empty_lines, "empty notes skipped"), (no_label_lines, "rows without labels kept"),
                         (duplicate_lines, "rows repeating an earlier HADM_ID kept")):
-        if lines:
-            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-            warnings.warn(f"{path}: {len(lines)} {what} (lines {shown})", stacklevel=2)
+        warn_lines(path, what, lines)
     if stats is not None:
         stats.update(rows=len(docs) + len(empty_lines), empty_notes=len(empty_lines),
                      no_labels=len(no_label_lines), duplicate_ids=len(duplicate_lines),

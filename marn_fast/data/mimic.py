@@ -15,15 +15,14 @@ Every output file is written atomically.
 """
 from __future__ import annotations
 
-import csv
 import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-from ._io import allow_long_csv_fields, find_table, open_text, write_json_atomic
+from ._io import csv_records, find_table, warn_lines, write_json_atomic
 from .caml import SPLITS, Document, tokenize, write_caml_csv
 from .codes import format_icd9_diagnosis, format_icd9_procedure, format_icd10_diagnosis, format_icd10_procedure
 from .labels import DEFAULT_TOP_K, top_k_codes
@@ -34,34 +33,6 @@ MIMIC3_DISCHARGE_CATEGORY = "Discharge summary"
 MIMIC3_REPORT_DESCRIPTION = "Report"
 MIMIC4_DISCHARGE_TYPE = "DS"
 SUMMARY_FILE = "prepare_summary.json"
-
-
-def _warn_lines(path: Path, what: str, lines: list[int]) -> None:
-    if lines:
-        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
-        warnings.warn(f"{path}: {len(lines)} {what} (lines {shown})", stacklevel=3)
-
-
-def _rows(path: Path, required: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(first line number, row as {column: value}) for each record; ValueError naming the file
-    for missing columns and the file and line for a malformed row."""
-    allow_long_csv_fields()
-    with open_text(path) as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file")
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; header is {header}")
-        line = reader.line_num + 1
-        for row in reader:
-            start, line = line, reader.line_num + 1
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}, line {start}: malformed row with {len(row)} fields, expected {len(header)}")
-            yield start, dict(zip(header, row))
 
 
 def _sort_int(value: str) -> int:
@@ -83,7 +54,7 @@ def _read_codes(path: Path, into: _Codes, cols: dict[str, str], formatter: Calla
     required = [cols["subject"], cols["hadm"], cols["seq"], cols["code"]] + ([cols["version"]] if version else [])
     rows: list[tuple[str, int, str]] = []
     invalid, empty = [], []
-    for line, row in _rows(path, required):
+    for line, row in csv_records(path, required):
         if version is not None and row[cols["version"]].strip() != version:
             into.stats["other_version_codes"] += 1
             continue
@@ -103,8 +74,8 @@ def _read_codes(path: Path, into: _Codes, cols: dict[str, str], formatter: Calla
         into.by_hadm.setdefault(hadm, {}).setdefault(code, None)
     into.stats["empty_code_rows"] += len(empty)
     into.stats["invalid_codes"] += len(invalid)
-    _warn_lines(path, "rows without an admission or a code skipped", empty)
-    _warn_lines(path, "codes in an unexpected format skipped", invalid)
+    warn_lines(path, "rows without an admission or a code skipped", empty)
+    warn_lines(path, "codes in an unexpected format skipped", invalid)
 
 
 class _NoteStore:
@@ -233,7 +204,7 @@ def prepare_mimic3(mimic_dir: str | Path, out_dir: str | Path, splits_dir: str |
     stats = Counter()
     try:
         required = ("ROW_ID", "SUBJECT_ID", "HADM_ID", "CHARTDATE", "CATEGORY", "DESCRIPTION", "TEXT")
-        for _, row in _rows(notes_path, required):
+        for _, row in csv_records(notes_path, required):
             stats["notes_read"] += 1
             if row["CATEGORY"].strip() != MIMIC3_DISCHARGE_CATEGORY:
                 continue
@@ -286,7 +257,7 @@ def prepare_mimic4(mimic_dir: str | Path, out_dir: str | Path, splits_dir: str |
     stats = Counter()
     try:
         required = ("note_id", "subject_id", "hadm_id", "note_type", "note_seq", "text")
-        for _, row in _rows(notes_path, required):
+        for _, row in csv_records(notes_path, required):
             stats["notes_read"] += 1
             hadm = row["hadm_id"].strip()
             if hadm not in codes.by_hadm:
