@@ -177,7 +177,8 @@ def _train_settings(args):
                             batch_size=args.batch_size, seed=args.seed)
     train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         max_epochs=args.epochs, patience=args.patience, metric=args.metric, seed=args.seed,
-                        max_minutes=args.max_minutes, progress=not args.no_progress)
+                        max_minutes=args.max_minutes, progress=not args.no_progress,
+                        bf16=args.precision == "bf16")
     model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
     model_options.update(use_ram=not args.no_ram, no_mtl=args.no_mtl)
     return settings, train, model_options
@@ -275,6 +276,8 @@ def _add_training_options(p, demo: bool) -> None:
                    help="stop starting epochs after this many minutes")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if _default(TrainConfig, "bf16") else "fp32",
+                   help="CUDA training and evaluation under bf16 autocast or in fp32 (the CPU always runs fp32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     if demo:
         p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
