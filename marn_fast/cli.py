@@ -85,7 +85,10 @@ def _synth(args) -> int:
 def _prepare_mimic3(args) -> int:
     from .data import prepare_mimic3
 
-    summary = prepare_mimic3(args.mimic_dir, args.out, splits_dir=args.splits, seed=args.seed)
+    from .data.caml_top50 import CAML_TOP50_CODES
+
+    top_codes = CAML_TOP50_CODES if args.top50 == "caml" else None
+    summary = prepare_mimic3(args.mimic_dir, args.out, splits_dir=args.splits, seed=args.seed, top_codes=top_codes)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -117,6 +120,9 @@ def _add_data_commands(sub) -> None:
         p.add_argument("--seed", type=int, default=0)
         if name == "prepare-mimic4":
             p.add_argument("--icd-version", type=int, choices=(9, 10), default=10)
+        else:
+            p.add_argument("--top50", choices=("caml", "frequency"), default="caml",
+                           help="codes of the *_50.csv files: CAML's published 50, or the 50 most frequent")
         p.set_defaults(func=func)
 
 
@@ -172,7 +178,8 @@ def _train_settings(args):
         if not args.data_dir:
             raise CLIError("--data-dir is required with --data caml")
         data_dir = Path(args.data_dir)
-    settings = DataSettings(data_dir=str(data_dir), setting=args.labels, ccs="none" if args.no_mtl else args.ccs,
+    settings = DataSettings(data_dir=str(data_dir), setting=args.labels, top50=args.top50,
+                            ccs="none" if args.no_mtl else args.ccs,
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
                             batch_size=args.batch_size, seed=args.seed)
     train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -237,6 +244,7 @@ def model_default(name: str):
 def _add_training_options(p, demo: bool) -> None:
     from .config import ENCODERS
     from .data import SYNTHETIC_PRESETS
+    from .data.labels import TOP50_SOURCES
     from .training import DataSettings, TrainConfig
 
     p.add_argument("--config", default=None, help="JSON (or YAML) file of options; flags override it")
@@ -246,6 +254,8 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--data-dir", default=None, help="CAML-format folder (synth: where to write the corpus)")
     p.add_argument("--synth-preset", choices=sorted(SYNTHETIC_PRESETS), default="demo")
     p.add_argument("--labels", choices=("full", "50"), default="full", help="label setting: all codes or top 50")
+    p.add_argument("--top50", choices=TOP50_SOURCES, default=_default(DataSettings, "top50"),
+                   help="--labels 50: CAML's published MIMIC-III 50 codes, or the 50 most frequent training codes")
     p.add_argument("--ccs", choices=("merged", "prefixed"), default="merged", help="CCS label mode")
     p.add_argument("--hcup-dir", default=None, help="folder with HCUP's prref/dxref 2015 tables (procedure → CCS)")
     p.add_argument("--label-union", action="store_true", help="ICD label space from all splits (official code)")

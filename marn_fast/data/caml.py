@@ -147,11 +147,14 @@ class CamlCorpus:
         return getattr(self, name)
 
 
-def load_caml_splits(data_dir: str | Path, setting: str = "full") -> CamlCorpus:
+def load_caml_splits(data_dir: str | Path, setting: str = "full", top50: str | None = None) -> CamlCorpus:
     """Read `{train,dev,test}_{setting}.csv` from a CAML-format folder.
 
-    setting: "full" (all codes) or "50" (the top-50 setting). Raises FileNotFoundError naming
-    the missing file, and ValueError for malformed content (see `read_caml_csv`).
+    setting: "full" (all codes) or "50" (the top-50 setting). top50 (setting "50" only): None
+    keeps the files' labels as they are; "caml" or "frequency" restricts every split to the codes
+    that `labels.select_top50` picks (CAML's list, or the 50 most frequent training codes) and
+    records them in `stats["top50"]`. Raises FileNotFoundError naming the missing file, and
+    ValueError for malformed content (see `read_caml_csv`).
     """
     parts: dict[str, list[Document]] = {}
     stats: dict[str, dict] = {}
@@ -161,4 +164,12 @@ def load_caml_splits(data_dir: str | Path, setting: str = "full") -> CamlCorpus:
             raise FileNotFoundError(f"{path} not found (a CAML-format folder holds {split}_{setting}.csv)")
         stats[split] = {"path": str(path)}
         parts[split] = read_caml_csv(path, stats=stats[split])
+    if top50 is not None:
+        if setting != "50":
+            raise ValueError(f"top50: only for the '50' setting, got setting {setting!r}")
+        from .labels import restrict_to_codes, select_top50
+
+        codes = select_top50(top50, parts["train"])
+        parts = {split: restrict_to_codes(docs, codes) for split, docs in parts.items()}
+        stats["top50"] = {"source": top50, "codes": codes}
     return CamlCorpus(stats=stats, **parts)

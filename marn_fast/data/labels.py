@@ -9,9 +9,11 @@ from typing import Iterable, Sequence
 
 from ._io import write_json_atomic
 from .caml import Document
+from .caml_top50 import CAML_TOP50_CODES
 
 LABEL_SPACE_FORMAT = "marn_fast.label_space"
 DEFAULT_TOP_K = 50  # the "top-50" setting of the field
+TOP50_SOURCES = ("caml", "frequency")  # CAML's published list, or the training split's most frequent codes
 
 
 class LabelSpace:
@@ -116,3 +118,27 @@ def restrict_to_codes(documents: Iterable[Document], codes: Iterable[str]) -> li
         if labels:
             out.append(Document(id=doc.id, subject_id=doc.subject_id, text=doc.text, labels=labels))
     return out
+
+
+def select_top50(source: str, train: Sequence[Document], k: int = DEFAULT_TOP_K) -> list[str]:
+    """The codes of the top-50 setting.
+
+    source "caml": CAML's MIMIC-III list (`caml_top50.CAML_TOP50_CODES`), exactly, whatever the
+    data's frequencies; a ValueError when none of its codes occurs in `train` (data that is not
+    MIMIC-III ICD-9: use "frequency"), and a warning naming the codes that do not occur there.
+    source "frequency": the k codes most frequent in `train` (`top_k_codes`).
+    """
+    if source == "frequency":
+        return top_k_codes(train, k)
+    if source != "caml":
+        raise ValueError(f"top50: expected one of {TOP50_SOURCES}, got {source!r}")
+    present = code_counts(train)
+    missing = [c for c in CAML_TOP50_CODES if c not in present]
+    if len(missing) == len(CAML_TOP50_CODES):
+        seen = sorted(present, key=lambda c: (-present[c], c))[:5]
+        raise ValueError("top50 'caml': none of CAML's 50 MIMIC-III codes occurs in the training documents "
+                         f"(their most frequent codes are {seen}); use --top50 frequency for other data")
+    if missing:
+        warnings.warn(f"top50 'caml': {len(missing)} of CAML's 50 codes never occur in the training documents "
+                      f"and get no output column: {missing[:10]}", stacklevel=2)
+    return list(CAML_TOP50_CODES)

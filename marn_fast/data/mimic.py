@@ -20,7 +20,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from ._io import csv_records, find_table, warn_lines, write_json_atomic
 from .caml import SPLITS, Document, tokenize, write_caml_csv
@@ -127,7 +127,7 @@ def _check_splits_dir(splits_dir: str | Path | None) -> Path | None:
 
 def _write_corpus(store: _NoteStore, codes: _Codes, out_dir: Path, splits_dir: Path | None,
                   seed: int, split_fractions: tuple[float, float, float], top_k: int, source: str,
-                  extra_stats: dict) -> dict:
+                  extra_stats: dict, top_codes: Sequence[str] | None = None) -> dict:
     empty_notes = sorted(h for h in store.index if store.num_tokens(h) == 0)
     if empty_notes:
         warnings.warn(f"{source}: {len(empty_notes)} admissions whose discharge summaries have no tokens are left "
@@ -156,7 +156,8 @@ def _write_corpus(store: _NoteStore, codes: _Codes, out_dir: Path, splits_dir: P
     full = splits_for("full")
     full_splits, split_origin = full if full else (patient_split(subject_of, split_fractions, seed),
                                                    f"patient-level split, seed {seed}")
-    top = top_k_codes((Document(h, subject_of[h], "", labels_of[h]) for h in kept), top_k)
+    top = (list(top_codes) if top_codes is not None
+           else top_k_codes((Document(h, subject_of[h], "", labels_of[h]) for h in kept), top_k))
     top_set = set(top)
     fifty = splits_for("50")
     fifty_splits = fifty[0] if fifty else {s: [h for h in ids if top_set.intersection(labels_of[h])]
@@ -183,7 +184,7 @@ def _write_corpus(store: _NoteStore, codes: _Codes, out_dir: Path, splits_dir: P
 
 def prepare_mimic3(mimic_dir: str | Path, out_dir: str | Path, splits_dir: str | Path | None = None, *,
                    seed: int = 0, split_fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
-                   top_k: int = DEFAULT_TOP_K) -> dict:
+                   top_k: int = DEFAULT_TOP_K, top_codes: Sequence[str] | None = None) -> dict:
     """Build a CAML-format folder from MIMIC-III v1.4's NOTEEVENTS, DIAGNOSES_ICD and
     PROCEDURES_ICD (each .csv or .csv.gz in `mimic_dir`).
 
@@ -191,6 +192,8 @@ def prepare_mimic3(mimic_dir: str | Path, out_dir: str | Path, splits_dir: str |
     `*_50_hadm_ids.csv`); None: a seeded patient-level split with `split_fractions`.
     Writes `{train,dev,test}_{full,50}.csv` and `prepare_summary.json` to out_dir and returns
     the summary (rows per file, admissions, codes, notes, skipped rows, the top-k codes).
+    top_codes: the codes of the `*_50.csv` files (e.g. `caml_top50.CAML_TOP50_CODES`, which
+    `marn-fast prepare-mimic3` passes by default) instead of the `top_k` most frequent ones.
     """
     mimic_dir, out_dir, splits_dir = Path(mimic_dir), Path(out_dir), _check_splits_dir(splits_dir)
     split_fractions = check_split_fractions(split_fractions)
@@ -217,7 +220,7 @@ def prepare_mimic3(mimic_dir: str | Path, out_dir: str | Path, splits_dir: str |
             key = (0 if is_report else 1, row["CHARTDATE"], _sort_int(row["ROW_ID"]))
             store.add(hadm, key, tokenize(row["TEXT"]))
         return _write_corpus(store, codes, out_dir, splits_dir, seed,
-                             split_fractions, top_k, "mimic3", dict(stats))
+                             split_fractions, top_k, "mimic3", dict(stats), top_codes=top_codes)
     finally:
         store.close()
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..data import (DEFAULT_MAX_LENGTH, MIN_DOC_FREQ, BucketBatchSampler, CCSMapper, CodingDataset, LabelSpace,
                     Vocabulary, build_ccs_label_space, build_icd_label_space, load_caml_splits, train_word2vec)
-from ..data.labels import code_counts
+from ..data.labels import TOP50_SOURCES, code_counts
 
 CCS_CHOICES = ("merged", "prefixed", "none")
 SPLITS = ("train", "dev", "test")
@@ -26,6 +26,7 @@ class DataSettings:
 
     data_dir: str
     setting: str = "full"  # "full" or "50"
+    top50: str = "caml"  # setting "50": CAML's published 50 codes, or "frequency" (the 50 most frequent in train)
     ccs: str = "merged"  # CCS label mode, or "none" for no CCS targets
     hcup_dir: Optional[str] = None  # folder with HCUP's prref/dxref tables (procedure codes → CCS)
     label_union: bool = False  # ICD label space from all splits (the official code) instead of train
@@ -39,6 +40,8 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.setting not in ("full", "50"):
             raise ValueError(f"setting: expected 'full' or '50', got {self.setting!r}")
+        if self.top50 not in TOP50_SOURCES:
+            raise ValueError(f"top50: expected one of {TOP50_SOURCES}, got {self.top50!r}")
         if self.ccs not in CCS_CHOICES:
             raise ValueError(f"ccs: expected one of {CCS_CHOICES}, got {self.ccs!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -56,7 +59,8 @@ class Experiment:
         folder = Path(settings.data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"data_dir: no folder at {folder}")
-        self.corpus = load_caml_splits(folder, setting=settings.setting)
+        self.corpus = load_caml_splits(folder, setting=settings.setting,
+                                       top50=settings.top50 if settings.setting == "50" else None)
         splits = {name: self.corpus.split(name) for name in SPLITS}
         others = (splits["dev"], splits["test"]) if settings.label_union else ()
         self.icd_space = icd_space or build_icd_label_space(splits["train"], *others)

@@ -57,7 +57,8 @@ def run_manifest(model, settings, train_config, experiment) -> dict:
                           "truncated_documents": {k: v.stats["truncated"] for k, v in experiment.datasets.items()},
                           "tokens_dropped": {k: v.stats["tokens_dropped"] for k, v in experiment.datasets.items()}},
         "label_spaces": {"icd": {"size": len(experiment.icd_space),
-                                 "source": "train+dev+test" if settings.label_union else "train"},
+                                 "source": "train+dev+test" if settings.label_union else "train",
+                                 "top50": experiment.corpus.stats.get("top50")},
                          "ccs": {"size": experiment.num_ccs, "mode": settings.ccs}},
         **environment(),
     }
