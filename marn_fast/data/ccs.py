@@ -172,7 +172,9 @@ class CCSMapper:
 def build_ccs_label_space(train: Iterable[Document], mapper: CCSMapper, *others: Iterable[Document]) -> LabelSpace:
     """The CCS label space: labels of the training documents' codes (and of `others`, if
     given, as for the ICD union), sorted numerically ("D:"/"P:" prefixed labels by type then
-    number). Warns once about unmapped codes."""
+    number; non-numeric labels, e.g. CCSR categories, after the numeric ones as strings).
+    Takes any mapper with `map_codes`, `warn_unmapped` and `mode` (e.g. `CodiEspAuxMapper`).
+    Warns once about unmapped codes."""
     labels: set[str] = set()
     for docs in (train, *others):
         for doc in docs:
@@ -181,8 +183,8 @@ def build_ccs_label_space(train: Iterable[Document], mapper: CCSMapper, *others:
     if not labels:
         raise ValueError("train: none of the documents' codes has a CCS category")
 
-    def key(label: str):
+    def key(label: str):  # numeric categories by number; others (CCSR "GEN016", "N44") as strings
         prefix, _, number = label.rpartition(":")
-        return prefix, int(number)
+        return (prefix, 0, int(number), "") if number.isdigit() else (prefix, 1, 0, number)
 
     return LabelSpace(sorted(labels, key=key), name=f"ccs-{mapper.mode}")
