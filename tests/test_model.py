@@ -364,3 +364,60 @@ def test_bf16_autocast_runs_on_every_backend():
         assert torch.isfinite(loss) and model.icd_head.U.weight.grad is not None
         logits.append(out.icd_logits.float())
     torch.testing.assert_close(logits[1], logits[0], atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- the whole model on a GPU
+@pytest.fixture
+def no_tf32():
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fused_matches_reference_on_cuda_fp32(mode, no_tf32):
+    # Odd sizes everywhere (n=45, C=2·11, L=131/17) and ragged lengths; TF32 off, so float32
+    # agreement is to summation order: 1e-4 on logits and gradients.
+    cfg = small_config(num_icd=131, num_ccs=17, embed_dim=10, hidden_size=11)
+    ref, fused = both_models(cfg, seed=12)
+    ref, fused = ref.cuda(), fused.cuda()
+    getattr(ref, mode)(), getattr(fused, mode)()
+    tokens, lengths = batch(b=5, n=45, seed=13, lengths=(45, 30, 1, 44, 7))
+    tokens, lengths = tokens.cuda(), lengths.cuda()
+    a, b = ref(tokens, lengths), fused(tokens, lengths)
+    torch.testing.assert_close(b.icd_logits, a.icd_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.ccs_logits, a.ccs_logits, atol=1e-4, rtol=1e-4)
+    y_icd, y_ccs = targets(5, 131).cuda(), targets(5, 17).cuda()
+    la, lb = ref.compute_loss(a, y_icd, y_ccs), fused.compute_loss(b, y_icd, y_ccs)
+    torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-4)
+    la.backward(), lb.backward()
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_matches_reference_on_cuda_bf16_autocast():
+    # The trainer's GPU default. Both run under bf16 autocast; logits agree to bf16 rounding
+    # (relative error of the logits below 2e-2 of their norm) and the losses within 2e-2.
+    cfg = small_config(num_icd=131, num_ccs=17, embed_dim=10, hidden_size=11)
+    ref, fused = both_models(cfg, seed=14)
+    ref, fused = ref.cuda().train(), fused.cuda().train()
+    tokens, lengths = batch(b=5, n=45, seed=15, lengths=(45, 30, 1, 44, 7))
+    tokens, lengths = tokens.cuda(), lengths.cuda()
+    y_icd, y_ccs = targets(5, 131).cuda(), targets(5, 17).cuda()
+    outs, losses = [], []
+    for model in (ref, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens, lengths)
+            loss = model.compute_loss(out, y_icd, y_ccs)
+        loss.backward()
+        assert torch.isfinite(loss)
+        outs.append(out.icd_logits.float()), losses.append(loss.float())
+    err = (outs[1] - outs[0]).norm() / outs[0].norm()
+    assert err < 2e-2, f"relative logit error {err:.3e}"
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-2, rtol=2e-2)
+    g_ref, g_fused = ref.icd_head.U.weight.grad, fused.icd_head.U.weight.grad
+    assert (g_fused - g_ref).norm() / g_ref.norm() < 5e-2
