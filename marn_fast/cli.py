@@ -197,6 +197,12 @@ def _train(args) -> int:
 
     init_from_environment()
     settings, train, model_options = _train_settings(args)
+    if args.seeds:
+        from .training.seeds import SUMMARY_FILE, train_seeds
+
+        if train_seeds(settings, model_options, train, args.out, args.seeds, backend=args.backend, resume=args.resume):
+            print(f"\nruns in {args.out}/seed-<n>/; mean ± sample std in {Path(args.out) / SUMMARY_FILE}")
+        return 0
     report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume)
     if report:
         print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
@@ -293,6 +299,9 @@ def _add_training_options(p, demo: bool) -> None:
         p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
     else:
         p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                       help="one run per seed in OUT/seed-<n>/ and mean ± sample std of every metric in "
+                            "OUT/seeds_summary.json (instead of --seed)")
 
 
 DEMO_HIDDEN = 64
