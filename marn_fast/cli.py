@@ -326,7 +326,7 @@ def _evaluate(args) -> int:
                                  threshold=args.threshold, backend=args.backend, out=args.out)
     print(report["table"])
     if args.out:
-        print(f"metrics written to {args.out}")
+        print(f"metrics written to {args.out}, manifest to {report['manifest']}")
     return 0
 
 

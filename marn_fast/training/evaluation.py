@@ -13,6 +13,7 @@ from ..config import MARNConfig
 from ..model import MARN
 from .checkpoint import load_checkpoint
 from .experiment import DataSettings, Experiment
+from .manifest import evaluation_manifest, manifest_path
 from .report import comparison_table, write_json
 from .trainer import evaluate_result, predict_loader
 
@@ -51,6 +52,7 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
     model = MARN(config, backend=backend)
     model.load_state_dict(payload["model"])
     model.to(device)
+    threshold_source = "given" if threshold is not None else "tuned on dev"
     if threshold is None:
         dev = predict_loader(model, exp.loader("dev"), device)
         threshold = metrics.tune_threshold(dev.icd_scores, dev.icd_targets)
@@ -59,4 +61,7 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
               "table": comparison_table(result, settings.setting, title=f"{split} @{threshold:.3f}")}
     if out:
         write_json(Path(out), {k: v for k, v in report.items() if k != "table"})
+        report["manifest"] = str(manifest_path(out))
+        write_json(manifest_path(out), evaluation_manifest(checkpoint, payload, model, settings, exp, split,
+                                                           threshold, threshold_source))
     return report

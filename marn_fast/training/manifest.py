@@ -44,6 +44,12 @@ def environment() -> dict:
     }
 
 
+def _top50(experiment):
+    """The top-50 codes and their source (setting "50"), else None."""
+    stats = getattr(getattr(experiment, "corpus", None), "stats", None)
+    return stats.get("top50") if isinstance(stats, dict) else None
+
+
 def run_manifest(model, settings, train_config, experiment) -> dict:
     cuda = torch.cuda.is_available()
     return {
@@ -58,7 +64,33 @@ def run_manifest(model, settings, train_config, experiment) -> dict:
                           "tokens_dropped": {k: v.stats["tokens_dropped"] for k, v in experiment.datasets.items()}},
         "label_spaces": {"icd": {"size": len(experiment.icd_space),
                                  "source": "train+dev+test" if settings.label_union else "train",
-                                 "top50": experiment.corpus.stats.get("top50")},
+                                 "top50": _top50(experiment)},
                          "ccs": {"size": experiment.num_ccs, "mode": settings.ccs}},
         **environment(),
     }
+
+
+def evaluation_manifest(checkpoint, payload: dict, model, settings, experiment, split: str, threshold: float,
+                        threshold_source: str) -> dict:
+    """manifest.json of `marn-fast evaluate`: the checkpoint and its config, the data settings, the
+    label-space and vocabulary sizes, the threshold and where it came from, and the environment."""
+    return {
+        "kind": "evaluate", "checkpoint": str(Path(checkpoint).resolve()), "model": model.config.to_dict(),
+        "backend": model.backend, "dtype": "float32", "split": split,
+        "threshold": threshold, "threshold_source": threshold_source,
+        "trained_with": {"data": payload.get("data"), "train": (payload.get("train") or {}).get("train_config")},
+        "data": asdict(settings),
+        "label_spaces": {"icd": {"size": len(experiment.icd_space), "top50": _top50(experiment)},
+                         "ccs": {"size": experiment.num_ccs, "mode": settings.ccs}},
+        "vocabulary": {"size": len(experiment.vocab), "min_doc_freq": settings.min_doc_freq},
+        "documents": {k: len(v) for k, v in experiment.datasets.items()},
+        "truncated_documents": {k: v.stats["truncated"] for k, v in experiment.datasets.items()},
+        **environment(),
+    }
+
+
+def manifest_path(metrics_path) -> Path:
+    """Where the manifest of a metrics file goes: `eval/test.json` → `eval/test.manifest.json`
+    (beside it; never over a train run's manifest.json)."""
+    path = Path(metrics_path)
+    return path.with_name(f"{path.stem}.manifest.json")
