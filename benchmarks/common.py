@@ -3,14 +3,12 @@ JSON/CSV output under benchmarks/results/<device-slug>/."""
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
 import json
 import os
 import platform
 import re
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -40,20 +38,19 @@ def device_slug(device: torch.device | str | None = None) -> str:
 
 
 def environment(device: torch.device | str | None = None) -> dict:
-    """What a result needs to be read later: device, versions, threads, commit, date."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "commit": commit, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    """What a result needs to be read later: device, versions, threads, commit, date (the flat
+    form of the result files, from marn_fast.training.manifest.environment, the one source)."""
+    from marn_fast.training.manifest import environment as run_environment
+
+    env = run_environment(source_dir=Path(__file__).parent)
+    versions = env["versions"]
+    return {"device": device_name(device), "torch": versions["torch"], "triton": versions["triton"],
+            "cuda": versions["cuda"], "threads": torch.get_num_threads(), "python": versions["python"],
+            "commit": env["commit"][:7] if env["commit"] else None, "date": env["date"]}
+
+
+def manifest_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.manifest.json"
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> float:
@@ -82,10 +79,17 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_results(name: str, rows: Sequence[dict], meta: dict | None = None,
                   device: torch.device | str | None = None) -> Path:
-    """Write results/<device-slug>/<name>.json (environment + meta + rows) and <name>.csv."""
+    """Write results/<device-slug>/<name>.json (environment + meta + rows), <name>.csv and
+    <name>.manifest.json (versions, commit, device, the benchmark's settings)."""
     folder = RESULTS_DIR / device_slug(device)
     payload = {"benchmark": name, "environment": environment(device), **(meta or {}), "rows": list(rows)}
     write_text_atomic(folder / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    from marn_fast.training.manifest import environment as run_environment
+
+    manifest = {"kind": "benchmark", "benchmark": name, "results": [f"{name}.json"] + ([f"{name}.csv"] if rows else []),
+                "device_name": device_name(device), "threads": torch.get_num_threads(), "settings": meta or {},
+                **run_environment(source_dir=Path(__file__).parent)}
+    write_text_atomic(manifest_path(folder, name), json.dumps(manifest, indent=2, default=str) + "\n")
     if rows:
         fields = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()

@@ -282,7 +282,7 @@ def is_gpu(env: dict) -> bool:
 
 
 def device_section(folder: Path) -> tuple[list, bool]:
-    files = sorted(folder.glob("*.json"))
+    files = sorted(f for f in folder.glob("*.json") if not f.name.endswith(".manifest.json"))
     loaded = {}
     for path in files:
         try:

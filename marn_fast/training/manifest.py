@@ -22,24 +22,26 @@ def _version(package: str):
         return None
 
 
-def git_commit() -> str | None:
-    """The commit of the marn_fast source tree, when it is a git checkout."""
+def git_commit(source_dir=None) -> str | None:
+    """The commit of the marn_fast source tree (or of `source_dir`), when it is a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parents[2])
+                             cwd=source_dir or Path(__file__).resolve().parents[2])
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
 
 
-def environment() -> dict:
+def environment(source_dir=None) -> dict:
+    """Package versions, device, git commit (of marn_fast's tree, or of `source_dir`: a
+    benchmark's checkout when marn_fast is installed elsewhere) and the date."""
     cuda = torch.cuda.is_available()
     return {
         "versions": {"marn_fast": _version("marn_fast"), "torch": torch.__version__, "triton": _version("triton"),
                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
                      "numpy": _version("numpy"), "gensim": _version("gensim"), "python": platform.python_version()},
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "commit": git_commit(),
+        "commit": git_commit(source_dir),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
