@@ -176,14 +176,17 @@ def _train_settings(args):
             write_synthetic_corpus(data_dir, seed=args.seed, **SYNTHETIC_PRESETS[args.synth_preset])
     else:
         if not args.data_dir:
-            raise CLIError("--data-dir is required with --data caml")
+            raise CLIError(f"--data-dir is required with --data {args.data}")
         data_dir = Path(args.data_dir)
     settings = DataSettings(data_dir=str(data_dir), setting=args.labels, top50=args.top50,
                             ccs="none" if args.no_mtl else args.ccs,
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
-                            batch_size=args.batch_size, seed=args.seed)
+                            batch_size=args.batch_size, seed=args.seed,
+                            source="codiesp" if args.data == "codiesp" else "caml", language=args.language,
+                            codes=args.codes, aux=args.aux, procedure_aux=args.procedure_aux)
+    metric = args.metric or ("map" if args.data == "codiesp" else _default(TrainConfig, "metric"))
     train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                        max_epochs=args.epochs, patience=args.patience, metric=args.metric, seed=args.seed,
+                        max_epochs=args.epochs, patience=args.patience, metric=metric, seed=args.seed,
                         max_minutes=args.max_minutes, progress=not args.no_progress,
                         bf16=args.precision == "bf16")
     model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
@@ -197,13 +200,19 @@ def _train(args) -> int:
 
     init_from_environment()
     settings, train, model_options = _train_settings(args)
+    codiesp_options = {"baseline": not args.no_baseline, "evidence_k": args.evidence_k}
     if args.seeds:
+        import functools
+
         from .training.seeds import SUMMARY_FILE, train_seeds
 
-        if train_seeds(settings, model_options, train, args.out, args.seeds, backend=args.backend, resume=args.resume):
+        run = functools.partial(train_and_report, codiesp_options=codiesp_options)
+        if train_seeds(settings, model_options, train, args.out, args.seeds, backend=args.backend, resume=args.resume,
+                       run=run):
             print(f"\nruns in {args.out}/seed-<n>/; mean ± sample std in {Path(args.out) / SUMMARY_FILE}")
         return 0
-    report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume)
+    report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume,
+                              codiesp_options=codiesp_options)
     if report:
         print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
     return 0
@@ -255,8 +264,9 @@ def _add_training_options(p, demo: bool) -> None:
 
     p.add_argument("--config", default=None, help="JSON (or YAML) file of options; flags override it")
     p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run folder (report, checkpoints)")
-    p.add_argument("--data", choices=("synth", "caml"), default="synth",
-                   help="synth: the embedded corpus; caml: a CAML-format folder (MIMIC prepared by prepare-mimic3/4)")
+    p.add_argument("--data", choices=("synth", "caml", "codiesp"), default="synth",
+                   help="synth: the embedded corpus; caml: a CAML-format folder (MIMIC prepared by prepare-mimic3/4); "
+                        "codiesp: a CodiEsp release folder (train/, dev/, test/, background/)")
     p.add_argument("--data-dir", default=None, help="CAML-format folder (synth: where to write the corpus)")
     p.add_argument("--synth-preset", choices=sorted(SYNTHETIC_PRESETS), default="demo")
     p.add_argument("--labels", choices=("full", "50"), default="full", help="label setting: all codes or top 50")
@@ -266,6 +276,18 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--hcup-dir", default=None, help="folder with HCUP's prref/dxref 2015 tables (procedure → CCS)")
     p.add_argument("--label-union", action="store_true", help="ICD label space from all splits (official code)")
     p.add_argument("--max-length", type=int, default=model_default("max_length"))
+    p.add_argument("--language", choices=("en", "es"), default=_default(DataSettings, "language"),
+                   help="codiesp: English translations (text_files_en) or the Spanish originals")
+    p.add_argument("--codes", choices=("D", "P", "DP"), default=_default(DataSettings, "codes"),
+                   help="codiesp: diagnoses, procedures, or both (labels prefixed D:/P:)")
+    p.add_argument("--aux", choices=("ccsr", "chapter", "category", "none"), default=_default(DataSettings, "aux"),
+                   help="codiesp: auxiliary labels of diagnoses (HCUP CCSR, ICD-10 chapter, 3-character category)")
+    p.add_argument("--procedure-aux", choices=("prefix", "none"), default=_default(DataSettings, "procedure_aux"),
+                   help="codiesp: auxiliary labels of procedures (3-character PCS prefix)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="codiesp: skip the TF-IDF + logistic-regression baseline of the report")
+    p.add_argument("--evidence-k", type=int, default=3,
+                   help="codiesp --language es: attention tokens per code scored against the gold evidence")
     p.add_argument("--no-mtl", action="store_true", help="ablation: no CCS branch")
     p.add_argument("--no-ram", action="store_true", help="ablation: no RAM")
     p.add_argument("--loss", choices=("focal", "bce"), default="focal", help="ablation: --loss bce")
@@ -287,7 +309,8 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS if demo else _default(TrainConfig, "max_epochs"))
     p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))
-    p.add_argument("--metric", default=_default(TrainConfig, "metric"), help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...)")
+    p.add_argument("--metric", default=None, help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...; "
+                   f"default {_default(TrainConfig, 'metric')}, map with --data codiesp)")
     p.add_argument("--max-minutes", type=float, default=DEMO_MINUTES if demo else None,
                    help="stop starting epochs after this many minutes")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
@@ -406,6 +429,27 @@ def _add_eval_commands(sub) -> None:
     p.set_defaults(func=_predict)
 
 
+def _codiesp_report(args) -> int:
+    from .training.codiesp import collect_runs, summarize_runs
+    from .training.report import write_json
+
+    runs = collect_runs(args.runs)
+    print(summarize_runs(runs))
+    if args.out:
+        write_json(Path(args.out), {"runs": [{"dir": r["dir"], "group": r["group"], "seconds": r["seconds"],
+                                              "codiesp": r["report"]["codiesp"]} for r in runs]})
+        print(f"written to {args.out}")
+    return 0
+
+
+def _add_codiesp_report(sub) -> None:
+    p = sub.add_parser("codiesp-report", help="CodiEsp runs side by side: MAP (mean ± std over seeds), the "
+                                              "TF-IDF baseline, evidence F1, CLEF 2020 results, run times")
+    p.add_argument("runs", nargs="+", help="train run folders (--data codiesp), or folders of seed-<n>/ runs")
+    p.add_argument("--out", default=None, help="also write the collected CodiEsp sections as JSON here")
+    p.set_defaults(func=_codiesp_report)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marn-fast", description="Fast, exact MARN for automated ICD coding.")
@@ -413,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub)
     _add_eval_commands(sub)
     _add_data_commands(sub)
+    _add_codiesp_report(sub)
     _add_bench_step(sub)
     return parser
 

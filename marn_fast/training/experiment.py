@@ -2,7 +2,8 @@
 spaces (ICD, and CCS through the ICD→CCS map), word2vec embeddings, datasets and loaders.
 
 Any of the three sources (the synthetic corpus, MIMIC-III prepared by `prepare-mimic3`, MIMIC-IV)
-produces that folder, so training takes them unchanged.
+produces that folder, so training takes them unchanged. A CodiEsp release folder is read as it is
+(`DataSettings(source="codiesp")`, marn_fast.data.codiesp), with ICD-10 auxiliary labels.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..data import (DEFAULT_MAX_LENGTH, MIN_DOC_FREQ, BucketBatchSampler, CCSMap
 from ..data.labels import TOP50_SOURCES, code_counts
 
 CCS_CHOICES = ("merged", "prefixed", "none")
+DATA_SOURCES = ("caml", "codiesp")
 SPLITS = ("train", "dev", "test")
 
 
@@ -36,6 +38,13 @@ class DataSettings:
     eval_batch_size: int = 32
     word2vec_epochs: int = 5
     seed: int = 0
+    # source "codiesp": a CodiEsp release folder (marn_fast.data.codiesp); setting/top50/hcup_dir
+    # are CAML-only, and the auxiliary labels come from `aux`/`procedure_aux` (off when ccs is "none").
+    source: str = "caml"  # "caml" (a CAML-format folder) or "codiesp"
+    language: str = "en"  # codiesp: "en" (text_files_en) or "es" (text_files)
+    codes: str = "D"  # codiesp: "D", "P" or "DP" (labels prefixed "D:"/"P:")
+    aux: str = "ccsr"  # codiesp diagnoses: "ccsr", "chapter", "category" or "none"
+    procedure_aux: str = "prefix"  # codiesp procedures: "prefix" (3 PCS characters) or "none"
 
     def __post_init__(self) -> None:
         if self.setting not in ("full", "50"):
@@ -46,6 +55,15 @@ class DataSettings:
             raise ValueError(f"ccs: expected one of {CCS_CHOICES}, got {self.ccs!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}, {self.eval_batch_size}")
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"source: expected one of {DATA_SOURCES}, got {self.source!r}")
+        if self.source == "codiesp":
+            from ..data.codiesp import CODE_SETS, DIAGNOSIS_AUX, LANGUAGES, PROCEDURE_AUX
+
+            for name, choices in (("language", LANGUAGES), ("codes", CODE_SETS), ("aux", DIAGNOSIS_AUX),
+                                  ("procedure_aux", PROCEDURE_AUX)):
+                if getattr(self, name) not in choices:
+                    raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
 
 
 class Experiment:
@@ -59,14 +77,26 @@ class Experiment:
         folder = Path(settings.data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"data_dir: no folder at {folder}")
-        self.corpus = load_caml_splits(folder, setting=settings.setting,
-                                       top50=settings.top50 if settings.setting == "50" else None)
+        if settings.source == "codiesp":
+            from ..data.codiesp import load_codiesp
+
+            self.corpus = load_codiesp(folder, language=settings.language, codes=settings.codes)
+        else:
+            self.corpus = load_caml_splits(folder, setting=settings.setting,
+                                           top50=settings.top50 if settings.setting == "50" else None)
         splits = {name: self.corpus.split(name) for name in SPLITS}
         others = (splits["dev"], splits["test"]) if settings.label_union else ()
         self.icd_space = icd_space or build_icd_label_space(splits["train"], *others)
         self.mapper: Optional[CCSMapper] = None
         self.ccs_space: Optional[LabelSpace] = None
-        if settings.ccs != "none":
+        if settings.source == "codiesp":
+            from ..data.codiesp import CodiEspAuxMapper
+
+            mapper = CodiEspAuxMapper(settings.codes, diagnoses=settings.aux, procedures=settings.procedure_aux)
+            if settings.ccs != "none" and any(mapper.enabled(t) for t in settings.codes):
+                self.mapper = mapper
+                self.ccs_space = ccs_space or build_ccs_label_space(splits["train"], self.mapper, *others)
+        elif settings.ccs != "none":
             if settings.hcup_dir:
                 self.mapper = CCSMapper.from_hcup_dir(settings.hcup_dir, mode=settings.ccs)
             else:
@@ -79,8 +109,10 @@ class Experiment:
         self.train_code_counts = code_counts(splits["train"])
 
     def word2vec(self, cache_dir: Optional[Path] = None):
-        """CBOW word2vec on the training notes: [len(vocab), 100] with L2-normalised rows (cached)."""
-        return train_word2vec([d.text for d in self.corpus.split("train")], self.vocab,
+        """CBOW word2vec on the training notes (CodiEsp: and the background cases): [len(vocab), 100]
+        with L2-normalised rows (cached)."""
+        texts = [d.text for d in self.corpus.split("train")] + list(getattr(self.corpus, "background", []))
+        return train_word2vec(texts, self.vocab,
                               epochs=self.settings.word2vec_epochs, seed=self.settings.seed, cache_dir=cache_dir)
 
     @property
