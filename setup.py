@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # The C++ standard is the one torch asks for (cpp_extension adds it). -fopenmp: ATen's
 # at::parallel_for runs on one thread unless the calling file is compiled with OpenMP (torch's CPU
 # wheel already links libgomp, so this adds no runtime).
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+# MARN_FAST_OPENMP=0 builds without it (single-threaded CPU kernels).
+OPENMP = ["-fopenmp"] if os.environ.get("MARN_FAST_OPENMP", "1").strip() != "0" else []
+CXX_FLAGS = ["-O3", "-g0"] + OPENMP
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
@@ -52,14 +54,14 @@ def extensions():
     exts = [cpp_extension.CppExtension(
         "marn_fast._C", cpu_sources,
         define_macros=[("MARN_FAST_PYTHON_MODULE", None)],
-        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])]
+        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP)]
     if _want_cuda(torch, cpp_extension):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
         exts.append(cpp_extension.CUDAExtension(
             "marn_fast._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
             include_dirs=_cuda_include_dirs(),
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"]))
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=OPENMP))
     return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 

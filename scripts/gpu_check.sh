@@ -73,7 +73,8 @@ stage_build() {
 stage_tests() {
   # The GPU-relevant modules (every op's parity on CUDA, fp32 and bf16, and the whole model);
   # the CPU-only modules run in CI. Workers compile Triton kernels in parallel.
-  run tests 200 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
+  run tests 200 python3 -m pytest -v -p no:cacheprovider -n ${TEST_WORKERS:-12} --timeout 150 \
+    ${TEST_FILTER:+-k "$TEST_FILTER"} \
     tests/test_label_attention.py tests/test_focal_loss.py tests/test_ram.py tests/test_mul_tanh.py \
     tests/test_bigru.py tests/test_model.py
 }
@@ -99,6 +100,8 @@ stage_codiesp() {
   if [ ! -d "$dir" ]; then echo "--- codiesp skipped: no $dir" | tee -a "$OUT/summary.txt"; return; fi
   if [ -x scripts/codiesp_gpu.sh ]; then run codiesp 240 bash scripts/codiesp_gpu.sh "$dir"; fi
 }
+
+stage_diag_throw() { run diag_throw 150 bash scripts/diag_throw.sh; }
 
 stage_report() { run report 60 python3 benchmarks/report.py; }
 

@@ -54,12 +54,28 @@ def _select_cpu_path(request, monkeypatch):
         monkeypatch.setattr(ops_module, "extension_available_for", lambda t: False)
 
 
+# The Triton path runs on the GPU where there is one (else in the interpreter on the CPU): its
+# inputs move there and its result comes back, differentiably, so every test compares on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_triton_device(value):
+    return value.to(TRITON_DEVICE) if isinstance(value, torch.Tensor) else value
+
+
+def _run(fn, args, impl, kw):
+    if impl == "triton":
+        args, kw = [on_triton_device(a) for a in args], {k: on_triton_device(v) for k, v in kw.items()}
+        return fn(*args, impl="triton", **kw).cpu()
+    return fn(*args, impl=IMPL_ARG.get(impl, impl), **kw)
+
+
 def focal_loss(*args, impl="auto", **kw):
-    return _focal_loss(*args, impl=IMPL_ARG.get(impl, impl), **kw)
+    return _run(_focal_loss, args, impl, kw)
 
 
 def multitask_focal_loss(*args, impl="auto", **kw):
-    return _multitask_focal_loss(*args, impl=IMPL_ARG.get(impl, impl), **kw)
+    return _run(_multitask_focal_loss, args, impl, kw)
 GAMMAS = (0.0, 0.5, 1.0, 2.0, 5.0)
 ALPHA = 0.25  # both weights α and 1 − α matter in eq. 16 (the official default 0.999 hides 1 − α)
 
@@ -138,14 +154,22 @@ def test_soft_targets(impl, balanced, gamma):
 @pytest.mark.parametrize("target_dtype", [torch.bool, torch.uint8, torch.float16, torch.float64])
 @pytest.mark.parametrize("balanced", [False, True])
 def test_target_dtypes(impl, target_dtype, balanced):
-    """bool/uint8/other float targets give bit-identical results to float32 targets."""
+    """bool/uint8/other float targets give the results of float32 targets: bit-identical on the
+    CPU paths and in the interpreter; on a GPU to 1e-6 relative, since Triton compiles one kernel
+    per target dtype and may contract a multiply-add differently in each (seen on an H200: the
+    mean differed in its last bit)."""
     logits, targets = make_inputs(2, 1500, seed=5)
     kw = dict(alpha=ALPHA, gamma=2.0, balanced=balanced, impl=impl)
+    compiled_for_gpu = impl == "triton" and TRITON_DEVICE == "cuda"
     for reduction in ("none", "mean"):
         w = upstream(reduction, logits.shape, seed=4)
         want = fused_loss_and_grad(logits, targets, reduction, w, **kw)
         got = fused_loss_and_grad(logits, targets.to(target_dtype), reduction, w, **kw)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if compiled_for_gpu:
+            close(got[0], want[0], rtol=1e-6, atol_frac=1e-7)
+            close(got[1], want[1], rtol=1e-6, atol_frac=1e-7)
+        else:
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     ref_loss, ref_grad = reference_loss_and_grad(logits, targets, "mean", alpha=ALPHA, gamma=2.0,
                                                  balanced=balanced)
     torch.testing.assert_close(got[0].double(), ref_loss, rtol=1e-5, atol=0)
@@ -274,11 +298,15 @@ def test_opcheck(use_triton):
         (logits.clone(), targets, ALPHA, 2.0, True, "sum", False, use_triton),
     ]
     for args in samples:
+        if use_triton:
+            args = tuple(on_triton_device(a.detach()).requires_grad_(a.requires_grad)
+                         if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(torch.ops.marn_fast.focal_loss.default, args)
 
 
 def test_no_grad_computes_no_gradient():
     logits, targets = make_inputs(2, 50, seed=41)
+    logits, targets = on_triton_device(logits), on_triton_device(targets)
     loss, grad = torch.ops.marn_fast.focal_loss(logits, targets, ALPHA, 2.0, False, "mean", False, True)
     assert grad.numel() == 0
     x = logits.clone().requires_grad_()

@@ -295,7 +295,7 @@ def _bad_inputs():
         ("features", (torch.randn(5, 4), q, w, b, None), {}),
         ("device", (f.to("meta"), q, w, b, None), {}),
         ("impl", (f, q, w, b, ok), {"impl": "cuda"}),
-        ("features", (f.double(), q.double(), w.double(), b.double(), ok), {"impl": "triton"}),
+        ("features", tuple(t.double().to(DEVICE) for t in (f, q, w, b)) + (ok.to(DEVICE),), {"impl": "triton"}),
     ]
 
 

@@ -392,10 +392,12 @@ def test_fused_matches_reference_on_cuda_fp32(mode, no_tf32):
     y_icd, y_ccs = targets(5, 131).cuda(), targets(5, 17).cuda()
     la, lb = ref.compute_loss(a, y_icd, y_ccs), fused.compute_loss(b, y_icd, y_ccs)
     torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-4)
-    la.backward(), lb.backward()
-    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
+    lb.backward()  # the fused BiGRU asks cuDNN for a backward-capable forward even in eval mode
+    if mode == "train":  # nn.GRU in eval mode on CUDA has no backward (cuDNN inference forward)
+        la.backward()
+        for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,8 +10,12 @@ import torch
 IMPLS = ("auto", "triton", "torch")
 
 
+# Looked up once at import: torch.compile cannot trace importlib (a graph break under fullgraph).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

@@ -22,10 +22,14 @@ def _load(name: str):
 
 
 def cpu_extension_available() -> bool:
-    """True when `marn_fast._C` (C++ CPU ops) imported."""
+    """True when `marn_fast._C` (C++ CPU ops) imported. With a CUDA build of torch this also
+    imports `marn_fast._C_cuda` when it was built, so that the CUDA kernels are registered with
+    the dispatcher before any op is called directly through `torch.ops.marn_fast`."""
     if "cpu" not in _STATE:
         mod = _load("_C")
         _STATE["cpu"] = not isinstance(mod, Exception)
+        _STATE["cuda_module"] = (_STATE["cpu"] and torch.version.cuda is not None
+                                 and not isinstance(_load("_C_cuda"), Exception))
         if not _STATE["cpu"]:
             warnings.warn(
                 f"marn_fast: the C++ extension marn_fast._C is not available ({mod}); "
@@ -37,8 +41,7 @@ def cpu_extension_available() -> bool:
 def cuda_extension_available() -> bool:
     """True when `marn_fast._C_cuda` (CUDA kernels) imported and a GPU is visible."""
     if "cuda" not in _STATE:
-        ok = cpu_extension_available() and torch.cuda.is_available()
-        _STATE["cuda"] = ok and not isinstance(_load("_C_cuda"), Exception)
+        _STATE["cuda"] = cpu_extension_available() and _STATE["cuda_module"] and torch.cuda.is_available()
     return _STATE["cuda"]
 
 

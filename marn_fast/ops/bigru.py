@@ -34,11 +34,18 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
+def _needs_grad(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """cuDNN's RNN backward exists only for a forward run in training mode (which also keeps its
+    workspace): ask for it exactly when a gradient can flow, whatever the module's mode."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+
+
 def packed_bigru(x: torch.Tensor, lengths: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """cuDNN-friendly path: the packed sequence through one bidirectional GRU call."""
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     hx = x.new_zeros(2, x.shape[0], weights[1].shape[1])
-    out, _ = torch.gru(packed.data, packed.batch_sizes, hx, list(weights), True, 1, 0.0, False, True)
+    out, _ = torch.gru(packed.data, packed.batch_sizes, hx, list(weights), True, 1, 0.0, _needs_grad(x, weights),
+                       True)
     return pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=x.shape[1])[0]
 
 
@@ -52,7 +59,8 @@ def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[to
     hidden = weights[1].shape[1]
     forward_w, reverse_w = list(weights[:4]), list(weights[4:])
     if lengths is None:
-        return torch.gru(x, x.new_zeros(2, batch, hidden), list(weights), True, 1, 0.0, False, True, True)[0]
+        return torch.gru(x, x.new_zeros(2, batch, hidden), list(weights), True, 1, 0.0, _needs_grad(x, weights),
+                         True, True)[0]
     if x.is_cuda:
         return packed_bigru(x, lengths, weights)
     h0 = x.new_zeros(1, batch, hidden)
