@@ -1,6 +1,7 @@
 """Benchmark of the BiGRU encoder: the reference (nn.GRU on a packed sequence), the fused
-model's path (`marn_fast.ops.bigru`) and nn.GRU on the padded batch without packing (what a
-recurrence that ignores lengths would cost; not a valid substitute, a yardstick).
+model's path (`marn_fast.ops.bigru`), nn.GRU on the padded batch without packing (what a
+recurrence that ignores lengths would cost; not a valid substitute, a yardstick) and, on CUDA,
+the persistent recurrence (`impl="persistent"`, csrc/cuda/gru_cuda.cu).
 
 Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum w.r.t. x and the weights).
 Timings are interleaved (one run of each implementation per round); the median over rounds is
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
+from marn_fast.ops import cuda_extension_available  # noqa: E402
 from marn_fast.ops.bigru import bigru  # noqa: E402
 from marn_fast.reference.bigru import packed_bigru  # noqa: E402
 
@@ -54,11 +56,14 @@ def make_inputs(size, dtype, device, seed=0):
 
 def implementations(x, lengths, gru):
     weights = gru._flat_weights
-    return {
+    impls = {
         "reference": lambda: packed_bigru(gru, x, lengths),
         "fused": lambda: bigru(x, lengths, weights),
         "unpacked": lambda: bigru(x, None, weights),
     }
+    if x.is_cuda and cuda_extension_available():  # on the CPU it is a Python loop (a test twin)
+        impls["persistent"] = lambda: bigru(x, lengths, weights, impl="persistent")
+    return impls
 
 
 def make_call(fn, mode, leaves, grad):

@@ -41,6 +41,13 @@ TORCH_LIBRARY(marn_fast, m) {
         "Tensor mean1, Tensor var1, Tensor w2, Tensor gamma2, Tensor beta2, Tensor z2, Tensor mean2, Tensor var2, "
         "Tensor? other, int epilogue, float eps1, float eps2) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Persistent BiGRU recurrence (see marn_fast/ops/bigru_persistent.py), both directions in
+  // processing order, fp32: gx [2, B, T, 3h], lengths [B], w_hh [2, 3h, h], b_hh [2, 3h], `steps`
+  // = max(lengths) → the states [2, B, T, h] (zero at s ≥ lengths[b]).
+  m.def("bigru_persistent_forward(Tensor gx, Tensor lengths, Tensor w_hh, Tensor b_hh, int steps) -> Tensor");
+  // Reverse-time pass: dout, hprev [2, B, T, h], gx, gh [2, B, T, 3h] (gh = hprev·W_hhᵀ + b_hh) → (dG_x, dG_h).
+  m.def("bigru_persistent_backward(Tensor dout, Tensor hprev, Tensor gx, Tensor gh, Tensor lengths, Tensor w_hh, "
+        "int steps) -> (Tensor, Tensor)");
   // nn.BatchNorm1d's running-statistics update from the batch (mean, biased var) over `count` values.
   m.def("ram_bn_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
         "int count, float momentum) -> ()");

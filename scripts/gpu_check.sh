@@ -76,7 +76,7 @@ stage_tests() {
   run tests 200 python3 -m pytest -v -p no:cacheprovider -n ${TEST_WORKERS:-12} --timeout 150 \
     ${TEST_FILTER:+-k "$TEST_FILTER"} \
     tests/test_label_attention.py tests/test_focal_loss.py tests/test_ram.py tests/test_mul_tanh.py \
-    tests/test_bigru.py tests/test_model.py
+    tests/test_bigru.py tests/test_bigru_persistent.py tests/test_model.py
 }
 
 stage_bench_focal() { run bench_focal_loss 60 python3 benchmarks/bench_focal_loss.py --device cuda; }

@@ -49,7 +49,19 @@ def packed_bigru(x: torch.Tensor, lengths: torch.Tensor, weights: Sequence[torch
     return pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=x.shape[1])[0]
 
 
-def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+IMPLS = ("auto", "persistent")
+
+
+def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+          impl: str = "auto") -> torch.Tensor:
+    """impl="auto": cuDNN's packed path on CUDA, the exact O(n) path on the CPU; "persistent": the
+    persistent recurrence of `marn_fast.ops.bigru_persistent` (opt-in until a GPU run has tested
+    and timed its CUDA kernels)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "persistent":
+        from .bigru_persistent import persistent_bigru
+        return persistent_bigru(x, lengths, weights)
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "

@@ -29,8 +29,12 @@ The algorithm (what the kernel does, and what this module runs on the CPU):
      and after it dW_hh = Σ dG_hᵀ·H_prev, db_hh = Σ dG_h, dX = dG_x·W_ih, dW_ih = dG_xᵀ·X,
      db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves only H (and X).
 
-`persistent_bigru_reference` runs this in PyTorch (a Python loop over steps: a test oracle and
-the statement of the kernel's logic, not a fast path).
+`persistent_bigru` runs it: the recurrences are the CUDA kernels of csrc/cuda/gru_cuda.cu on CUDA
+tensors and their step-exact PyTorch twins (`_recurrence_forward`, `_recurrence_backward`: a
+Python loop over steps, a test oracle rather than a fast path) on the CPU; everything around them
+(the input GEMM, the processing-order gathers, the all-steps G_h GEMM, the weight gradients) is
+the same code on both. Not yet the model's default: the CUDA kernels have been compile-checked
+only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -39,31 +43,21 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
+from ._extension import cuda_extension_available
 from .bigru import NUM_WEIGHTS, reverse_within_lengths_index
 
 DEFAULT_SLICES = 4
 
 
-def _slices(hidden: int, num_slices: int) -> list[torch.Tensor]:
-    """Per block, the W_hh rows it owns: its hidden units in each of the three gates."""
+def _slices(hidden: int, num_slices: int) -> list[range]:
+    """The hidden units each block owns: num_slices contiguous, near-equal ranges."""
     bounds = [round(k * hidden / num_slices) for k in range(num_slices + 1)]
-    return [torch.cat([torch.arange(lo, hi) + gate * hidden for gate in range(3)])
-            for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    return [range(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
-def _sliced_matmul(a: torch.Tensor, w: torch.Tensor, slices, transpose: bool) -> torch.Tensor:
-    """a·wᵀ computed block by block over w's row slices (transpose=True: the forward G_h), or
-    a·w summed over blocks (transpose=False: the backward dh contribution), in slice order."""
-    if transpose:
-        out = a.new_empty(a.shape[0], w.shape[0])
-        for rows in slices:
-            out[:, rows] = a @ w[rows].t()
-        return out
-    total = None
-    for rows in slices:
-        part = a[:, rows] @ w[rows]
-        total = part if total is None else total + part
-    return total
+def _gate_rows(units: range, hidden: int) -> torch.Tensor:
+    """W_hh rows of these units in the three gates (r, z, n)."""
+    return torch.cat([torch.arange(units.start, units.stop) + gate * hidden for gate in range(3)])
 
 
 def _gates(gx: torch.Tensor, gh: torch.Tensor, hidden: int):
@@ -75,91 +69,121 @@ def _gates(gx: torch.Tensor, gh: torch.Tensor, hidden: int):
     return r, z, c, hn
 
 
-def _recurrence(gx: torch.Tensor, lengths: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
-                slices) -> torch.Tensor:
-    """One direction's steps in processing order: gx [B, T, 3h] → outputs [B, T, h]."""
-    batch, steps, _ = gx.shape
-    hidden = w_hh.shape[1]
-    h = gx.new_zeros(batch, hidden)
-    out = gx.new_zeros(batch, steps, hidden)
-    for s in range(int(lengths.max()) if batch else 0):
-        active = (s < lengths)[:, None]
-        gh = _sliced_matmul(h, w_hh, slices, transpose=True) + b_hh
-        _, z, c, _ = _gates(gx[:, s], gh, hidden)
-        h = (1 - z) * c + z * h  # a finished document's state is never read again
-        out[:, s] = torch.where(active, h, torch.zeros_like(h))
-    return out
+# ----------------------------------------------------------------- the two kernels' CPU twins
+def _recurrence_forward(gx: torch.Tensor, lengths: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor,
+                        steps: int, num_slices: int) -> torch.Tensor:
+    """gx [2, B, T, 3h] (processing order) → states [2, B, T, h], zero at s ≥ lengths[b]: block by
+    block, each block's gate rows of W_hh against the full previous state (the CUDA kernel's
+    gru_forward_kernel)."""
+    _, batch, steps_total, three_h = gx.shape
+    hidden = three_h // 3
+    hproc = gx.new_zeros(2, batch, steps_total, hidden)
+    blocks = [(units, _gate_rows(units, hidden)) for units in _slices(hidden, num_slices)]
+    for d in range(2):
+        h = gx.new_zeros(batch, hidden)
+        for s in range(steps):
+            active = (s < lengths)[:, None]
+            gh = gx.new_empty(batch, three_h)
+            for _, rows in blocks:
+                gh[:, rows] = h @ w_hh[d, rows].t() + b_hh[d, rows]
+            _, z, c, _ = _gates(gx[d, :, s], gh, hidden)
+            h = (1 - z) * c + z * h  # a finished document's state is never read again
+            hproc[d, :, s] = torch.where(active, h, torch.zeros_like(h))
+    return hproc
 
 
-def _recurrence_backward(d_out: torch.Tensor, out: torch.Tensor, gx: torch.Tensor, lengths: torch.Tensor,
-                         w_hh: torch.Tensor, b_hh: torch.Tensor, slices):
-    """Reverse-time pass of one direction → (dG_x [B, T, 3h], dW_hh, db_hh)."""
-    batch, steps, hidden = out.shape
-    h_prev = torch.cat([out.new_zeros(batch, 1, hidden), out[:, :-1]], dim=1)
-    gh_all = h_prev @ w_hh.t() + b_hh  # one GEMM for every step
-    r, z, c, hn = _gates(gx, gh_all, hidden)
-    d_gx = gx.new_zeros(batch, steps, 3 * hidden)
-    d_gh = gx.new_zeros(batch, steps, 3 * hidden)
-    dh = out.new_zeros(batch, hidden)
-    for s in reversed(range(int(lengths.max()) if batch else 0)):
-        active = (s < lengths)[:, None]
-        g = torch.where(active, d_out[:, s] + dh, torch.zeros_like(dh))
-        zs, cs, rs = z[:, s], c[:, s], r[:, s]
-        da_n = g * (1 - zs) * (1 - cs * cs)
-        da_z = g * (h_prev[:, s] - cs) * zs * (1 - zs)
-        da_r = da_n * hn[:, s] * rs * (1 - rs)
-        d_gx[:, s] = torch.cat([da_r, da_z, da_n], dim=1)
-        d_gh[:, s] = torch.cat([da_r, da_z, da_n * rs], dim=1)
-        dh = g * zs + _sliced_matmul(d_gh[:, s], w_hh, slices, transpose=False)
-    d_w_hh = d_gh.reshape(-1, 3 * hidden).t() @ h_prev.reshape(-1, hidden)
-    return d_gx, d_w_hh, d_gh.sum(dim=(0, 1))
+def _recurrence_backward(dout: torch.Tensor, hprev: torch.Tensor, gx: torch.Tensor, gh: torch.Tensor,
+                         lengths: torch.Tensor, w_hh: torch.Tensor, steps: int, num_slices: int):
+    """Reverse-time pass → (dG_x, dG_h) [2, B, T, 3h], zero at s ≥ lengths[b]: each block holds
+    its units' columns of W_hh and turns the full dG_h of step s + 1 into its units' dh (the CUDA
+    kernel's gru_backward_kernel)."""
+    _, batch, _, hidden = dout.shape
+    d_gx, d_gh = torch.zeros_like(gx), torch.zeros_like(gx)
+    r, z, c, hn = _gates(gx, gh, hidden)
+    blocks = _slices(hidden, num_slices)
+    for d in range(2):
+        carry = dout.new_zeros(batch, hidden)  # g·z of step s + 1
+        for s in reversed(range(steps)):
+            active = (s < lengths)[:, None]
+            dh = carry.clone()
+            if s + 1 < steps:
+                for units in blocks:
+                    cols = slice(units.start, units.stop)
+                    dh[:, cols] += d_gh[d, :, s + 1] @ w_hh[d, :, cols]
+            g = torch.where(active, dout[d, :, s] + dh, torch.zeros_like(dh))
+            zs, cs, rs = z[d, :, s], c[d, :, s], r[d, :, s]
+            da_n = g * (1 - zs) * (1 - cs * cs)
+            da_z = g * (hprev[d, :, s] - cs) * zs * (1 - zs)
+            da_r = da_n * hn[d, :, s] * rs * (1 - rs)
+            d_gx[d, :, s] = torch.cat([da_r, da_z, da_n], dim=1)
+            d_gh[d, :, s] = torch.cat([da_r, da_z, da_n * rs], dim=1)
+            carry = g * zs
+    return d_gx, d_gh
 
 
+def _kernels(device: torch.device, num_slices: int):
+    """(forward, backward) recurrence kernels for the device: the CUDA ops, or their CPU twins."""
+    if device.type == "cuda":
+        if not cuda_extension_available():
+            raise ValueError("persistent BiGRU on CUDA needs the compiled extension marn_fast._C_cuda; "
+                             "reinstall with `pip install --no-build-isolation .` on a CUDA build of torch")
+        return (torch.ops.marn_fast.bigru_persistent_forward,
+                lambda *args: tuple(torch.ops.marn_fast.bigru_persistent_backward(*args)))
+    return (lambda *args: _recurrence_forward(*args, num_slices),
+            lambda *args: _recurrence_backward(*args, num_slices))
+
+
+# ----------------------------------------------------------------- host side (both devices)
 def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def _processing_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, n, ·] → [2, B, n, ·]: as is for the forward direction, reversed within each document's
+    length for the reverse one (the index is an involution, so this also maps back)."""
+    return torch.stack([x, _gather_time(x, index)])
 
 
 class _PersistentBiGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lengths, num_slices, *weights):
-        hidden = weights[1].shape[1]
-        slices = _slices(hidden, num_slices)
-        w_ih = torch.cat([weights[0], weights[4]])
-        b_ih = torch.cat([weights[2], weights[6]])
-        gx = x @ w_ih.t() + b_ih  # step 1: both directions' input projection in one GEMM
+        steps = int(lengths.max()) if lengths.numel() else 0
+        forward_kernel, _ = _kernels(x.device, num_slices)
         index = reverse_within_lengths_index(lengths, x.shape[1])
-        gx_fwd, gx_rev = gx[..., :3 * hidden], _gather_time(gx[..., 3 * hidden:], index)
-        out_fwd = _recurrence(gx_fwd, lengths, weights[1], weights[3], slices)
-        out_rev = _recurrence(gx_rev, lengths, weights[5], weights[7], slices)
-        ctx.save_for_backward(x, lengths, out_fwd, out_rev, *weights)
-        ctx.num_slices = num_slices
-        return torch.cat([out_fwd, _gather_time(out_rev, index)], dim=2)
+        w_ih, w_hh = torch.stack([weights[0], weights[4]]), torch.stack([weights[1], weights[5]])
+        b_ih, b_hh = torch.stack([weights[2], weights[6]]), torch.stack([weights[3], weights[7]])
+        x_proc = _processing_order(x, index)
+        gx = (x_proc @ w_ih.transpose(1, 2)[:, None] + b_ih[:, None, None]).contiguous()  # both directions' input GEMM
+        hproc = forward_kernel(gx, lengths, w_hh.contiguous(), b_hh.contiguous(), steps)
+        ctx.save_for_backward(x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh)
+        ctx.num_slices, ctx.steps = num_slices, steps
+        return torch.cat([hproc[0], _gather_time(hproc[1], index)], dim=2)
 
     @staticmethod
     def backward(ctx, grad):
-        x, lengths, out_fwd, out_rev, *weights = ctx.saved_tensors
-        hidden = weights[1].shape[1]
-        slices = _slices(hidden, ctx.num_slices)
-        index = reverse_within_lengths_index(lengths, x.shape[1])
-        x_rev = _gather_time(x, index)
-        grads = [None] * NUM_WEIGHTS
-        dx = torch.zeros_like(x)
-        for direction, (xs, out, d_out) in enumerate(((x, out_fwd, grad[..., :hidden]),
-                                                      (x_rev, out_rev, _gather_time(grad[..., hidden:], index)))):
-            w_ih, w_hh, b_ih, b_hh = weights[4 * direction:4 * direction + 4]
-            gx = xs @ w_ih.t() + b_ih  # recomputed rather than saved
-            d_gx, d_w_hh, d_b_hh = _recurrence_backward(d_out, out, gx, lengths, w_hh, b_hh, slices)
-            d_x = d_gx @ w_ih
-            dx += d_x if direction == 0 else _gather_time(d_x, index)
-            grads[4 * direction:4 * direction + 4] = [d_gx.reshape(-1, 3 * hidden).t() @ xs.reshape(-1, xs.shape[2]),
-                                                      d_w_hh, d_gx.sum(dim=(0, 1)), d_b_hh]
+        x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        hidden = w_hh.shape[2]
+        _, backward_kernel = _kernels(x_proc.device, ctx.num_slices)
+        dout = torch.stack([grad[..., :hidden], _gather_time(grad[..., hidden:], index)]).contiguous()
+        hprev = torch.cat([hproc.new_zeros(2, hproc.shape[1], 1, hidden), hproc[:, :, :-1]], dim=2).contiguous()
+        gx = (x_proc @ w_ih.transpose(1, 2)[:, None] + b_ih[:, None, None]).contiguous()  # recomputed, not saved
+        gh = (hprev @ w_hh.transpose(1, 2)[:, None] + b_hh[:, None, None]).contiguous()  # every step in one GEMM
+        d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh.contiguous(), ctx.steps)
+        d_x_proc = d_gx @ w_ih[:, None]
+        dx = d_x_proc[0] + _gather_time(d_x_proc[1], index)
+        flat = lambda t: t.reshape(2, -1, t.shape[-1])  # noqa: E731
+        d_w_ih = flat(d_gx).transpose(1, 2) @ flat(x_proc)
+        d_w_hh = flat(d_gh).transpose(1, 2) @ flat(hprev)
+        d_b_ih, d_b_hh = d_gx.sum(dim=(1, 2)), d_gh.sum(dim=(1, 2))
+        grads = [g for d in range(2) for g in (d_w_ih[d], d_w_hh[d], d_b_ih[d], d_b_hh[d])]
         return (dx, None, None, *grads)
 
 
-def persistent_bigru_reference(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
-                               num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
-    """The persistent kernel's algorithm in PyTorch (see the module docstring); differentiable
-    through its own reverse-time backward. Computes in fp32 (fp64 for fp64 inputs)."""
+def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+                     num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
+    """The persistent BiGRU (see the module docstring); differentiable through its own
+    reverse-time backward. Computes in fp32 (fp64 for fp64 inputs on the CPU) and returns x's
+    dtype. num_slices: blocks per direction of the CPU twin (the CUDA kernel sizes its own)."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
@@ -170,6 +194,6 @@ def persistent_bigru_reference(x: torch.Tensor, lengths: Optional[torch.Tensor],
     check_lengths(lengths, batch, n, x.device)
     if lengths is None:
         lengths = torch.full((batch,), n, dtype=torch.int64, device=x.device)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = torch.float64 if (x.dtype == torch.float64 and not x.is_cuda) else torch.float32
     out = _PersistentBiGRU.apply(x.to(compute), lengths, num_slices, *(w.to(compute) for w in weights))
     return out.to(x.dtype)
