@@ -24,11 +24,16 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2}
 EPILOGUES = (EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH)
 
 
-def assert_close(got, want, dtype, what):
+def rel_err(got, want) -> float:
+    return (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1.0)
+
+
+def assert_close(got, want, dtype, what, slack=0.0):
+    """Relative (to max(|want|, 1)) max error within TOL[dtype] + slack."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = (got.double() - want.double()).abs().max().item() / max(want.double().abs().max().item(), 1.0)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+    err = rel_err(got, want)
+    assert err <= TOL[dtype] + slack, f"{what}: relative error {err:.3g} > {TOL[dtype]:g} + {slack:.3g}"
 
 
 def randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
@@ -54,10 +59,14 @@ def grads_of(module):
     return [p.grad for p in module.parameters()]
 
 
-def compare_modules(fused, ref, dtype, what):
-    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+def compare_modules(fused, ref, dtype, what, exact=None):
+    """Gradients and buffers of fused vs ref. exact: the same module run in float64, when given:
+    each comparison may then also use 3× ref's own error against it (BatchNorm over two values
+    per channel amplifies rounding, whichever implementation does it)."""
+    exact_grads = [None] * len(list(ref.parameters())) if exact is None else [q.grad for q in exact.parameters()]
+    for (name, p), q, e in zip(fused.named_parameters(), ref.parameters(), exact_grads):
         assert p.grad is not None, f"{what}: no gradient for {name}"
-        assert_close(p.grad, q.grad, dtype, f"{what}: grad {name}")
+        assert_close(p.grad, q.grad, dtype, f"{what}: grad {name}", 0.0 if e is None else 3 * rel_err(q.grad, e))
     for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
         assert_close(b.to(torch.float64), c.to(torch.float64), dtype, f"{what}: buffer {name}")
 
@@ -106,13 +115,16 @@ def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", se
     h = torch.randn(b, n, channels, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     h = h.transpose(1, 2).requires_grad_()
     h_ref = h.detach().clone().requires_grad_()
+    exact = copy.deepcopy(ref).double() if dtype == torch.float32 else None
     out, want = ram_forward(fused, h), ref(h_ref)
     assert_close(out, want, dtype, "RAM forward")
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     out.backward(g)
     want.backward(g)
+    if exact is not None:
+        exact(h_ref.detach().double()).backward(g.double())
     assert_close(h.grad, h_ref.grad, dtype, "RAM grad h")
-    compare_modules(fused, ref, dtype, "RAM")
+    compare_modules(fused, ref, dtype, "RAM", exact)
     return fused, ref
 
 
