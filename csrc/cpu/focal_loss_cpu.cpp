@@ -8,6 +8,8 @@
 //   eq. 16 (balanced=true): w₊ = α·y·(1−p)^γ, w₋ = (1−α)(1−y)·p^γ (powers as exp(−γ·sp)),
 //       loss = w₊·sp(−x) + w₋·sp(x),  dloss/dx = w₋·(γ·(1−p)·sp(x) + p) − w₊·(γ·p·sp(−x) + (1−p))
 // Finite for any finite x and γ ≥ 0. fp32 logits with γ = 2 take the powers as products (σ², q²).
+// Hard targets (bool/uint8, or a block of float targets that are all 0 or 1) take p_t and q = 1 − p_t
+// directly as σ(±x) (exact), skipping exp(−b) and the Kahan log of the soft-target path.
 // fp32 logits use the branch-free exp/log below so the element
 // loop vectorises (a clone for AVX2 is picked at load time on x86-64); fp64 uses std::exp/std::log.
 //
@@ -99,7 +101,9 @@ inline double log_(double x) { return std::log(x); }
 // unconditionally (no control flow: the loop around it vectorises).
 // SQUARE: γ = 2 (the official code's and the paper's value), powers taken as products: (1 − p)² = σ(−x)²,
 // p² = σ(x)², q² (two fewer exp/log per element).
-template <typename T, typename Y, bool BALANCED, bool SQUARE>
+// HARD: every target of the block is exactly 0 or 1 (bool/uint8, or float blocks checked so), so
+// p_t = y ? p : 1 − p and q = 1 − p_t = y ? 1 − p : p are exact: no exp(−b) and no Kahan log.
+template <typename T, typename Y, bool BALANCED, bool SQUARE, bool HARD>
 __attribute__((always_inline)) inline void focal_element(const T* __restrict__ x, const Y* __restrict__ y,
                                                          T* __restrict__ loss_out, T* __restrict__ grad_out,
                                                          int64_t i, T alpha, T gamma, T scale, T gamma0) {
@@ -127,16 +131,22 @@ __attribute__((always_inline)) inline void focal_element(const T* __restrict__ x
     grad = w_neg * (gamma * pm * sp_pos + p) - w_pos * (gamma * p * sp_neg + pm);
   } else {
     const T bce = yv * sp_neg + (one - yv) * sp_pos;
-    const T pt = exp_(-bce);
-    // q = 1 − p_t: 1 − p_t where exact enough (p_t ≤ ½), else Kahan's (1 − p_t)·b/(−log p_t).
-    const T d2 = one - pt;
-    const T pt_below_one = pt < one ? pt : half;
-    const T pt_near = pt_below_one > half ? pt_below_one : half;  // p_t ∈ (½, 1), else ½
-    const T log_near = -log_(pt_near);
-    const T neg_log = pt_near == half ? one : log_near;
-    const T kahan = d2 * (bce / neg_log);
-    const T q_near = d2 == zero ? bce : kahan;
-    const T q = pt > half ? q_near : d2;
+    T pt, q;
+    if constexpr (HARD) {
+      pt = yv > half ? p : pm;
+      q = yv > half ? pm : p;
+    } else {
+      pt = exp_(-bce);
+      // q = 1 − p_t: 1 − p_t where exact enough (p_t ≤ ½), else Kahan's (1 − p_t)·b/(−log p_t).
+      const T d2 = one - pt;
+      const T pt_below_one = pt < one ? pt : half;
+      const T pt_near = pt_below_one > half ? pt_below_one : half;  // p_t ∈ (½, 1), else ½
+      const T log_near = -log_(pt_near);
+      const T neg_log = pt_near == half ? one : log_near;
+      const T kahan = d2 * (bce / neg_log);
+      const T q_near = d2 == zero ? bce : kahan;
+      q = pt > half ? q_near : d2;
+    }
     const bool q_pos = q > zero;
     const T q_safe = q_pos ? q : one;
     const T q_pow = SQUARE ? q_safe * q_safe : exp_(gamma * log_(q_safe));
@@ -155,37 +165,41 @@ __attribute__((always_inline)) inline void focal_element(const T* __restrict__ x
 // (sign of x) to `pace`, scratch that nobody reads: a byte-wide access makes GCC's vectoriser take
 // 32 elements per iteration (four interleaved 8-lane chains, as it does for byte targets), which
 // runs the fp32-target loop ~1.8× faster (measured) than 8 elements per iteration.
-template <typename T, typename Y, bool BALANCED, bool SQUARE>
+template <typename T, typename Y, bool BALANCED, bool SQUARE, bool HARD>
 __attribute__((always_inline)) inline void focal_block(const T* __restrict__ x, const Y* __restrict__ y,
                                                        T* __restrict__ loss_out, T* __restrict__ grad_out,
                                                        uint8_t* __restrict__ pace, int64_t n, T alpha, T gamma,
                                                        T scale) {
   const T gamma0 = gamma == T(0) ? T(1) : T(0);  // 0^γ: 1 for γ = 0, else 0
   for (int64_t i = 0; i < n; ++i) {
-    focal_element<T, Y, BALANCED, SQUARE>(x, y, loss_out, grad_out, i, alpha, gamma, scale, gamma0);
+    focal_element<T, Y, BALANCED, SQUARE, HARD>(x, y, loss_out, grad_out, i, alpha, gamma, scale, gamma0);
     if constexpr (std::is_same_v<T, float> && std::is_same_v<Y, float>) pace[i] = x[i] >= T(0);
   }
 }
 
 // One block's element loop, compiled once per instantiation (with clones; the loop vectorises when
 // the instantiation is a function of its own, not when inlined into the block loop below).
-#define MARN_FAST_FOCAL_BLOCK(NAME, T, Y, BALANCED, SQUARE)                                                       \
+#define MARN_FAST_FOCAL_BLOCK(NAME, T, Y, BALANCED, SQUARE, HARD)                                                 \
   MARN_FAST_VECTOR_CLONES void NAME(const T* x, const Y* y, T* loss, T* grad, uint8_t* pace, int64_t n,   \
                                     T alpha, T gamma, T scale) {                                           \
-    focal_block<T, Y, BALANCED, SQUARE>(x, y, loss, grad, pace, n, alpha, gamma, scale);                   \
+    focal_block<T, Y, BALANCED, SQUARE, HARD>(x, y, loss, grad, pace, n, alpha, gamma, scale);             \
   }
-MARN_FAST_FOCAL_BLOCK(block_f32_f32, float, float, false, false)
-MARN_FAST_FOCAL_BLOCK(block_f32_f32_balanced, float, float, true, false)
-MARN_FAST_FOCAL_BLOCK(block_f32_u8, float, uint8_t, false, false)
-MARN_FAST_FOCAL_BLOCK(block_f32_u8_balanced, float, uint8_t, true, false)
-MARN_FAST_FOCAL_BLOCK(block_f32_f32_sq, float, float, false, true)
-MARN_FAST_FOCAL_BLOCK(block_f32_f32_balanced_sq, float, float, true, true)
-MARN_FAST_FOCAL_BLOCK(block_f32_u8_sq, float, uint8_t, false, true)
-MARN_FAST_FOCAL_BLOCK(block_f32_u8_balanced_sq, float, uint8_t, true, true)
-MARN_FAST_FOCAL_BLOCK(block_f64_f64, double, double, false, false)
-MARN_FAST_FOCAL_BLOCK(block_f64_f64_balanced, double, double, true, false)
-MARN_FAST_FOCAL_BLOCK(block_f64_u8, double, uint8_t, false, false)
-MARN_FAST_FOCAL_BLOCK(block_f64_u8_balanced, double, uint8_t, true, false)
+// fp32: the official form has a HARD twin (byte targets always, float blocks when all 0/1); the
+// balanced form needs no p_t, so one version serves both. fp64 (reference/gradcheck) is general.
+MARN_FAST_FOCAL_BLOCK(block_f32_f32, float, float, false, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f32_f32_hard, float, float, false, false, true)
+MARN_FAST_FOCAL_BLOCK(block_f32_f32_balanced, float, float, true, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f32_u8_hard, float, uint8_t, false, false, true)
+MARN_FAST_FOCAL_BLOCK(block_f32_u8_balanced, float, uint8_t, true, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f32_f32_sq, float, float, false, true, false)
+MARN_FAST_FOCAL_BLOCK(block_f32_f32_hard_sq, float, float, false, true, true)
+MARN_FAST_FOCAL_BLOCK(block_f32_f32_balanced_sq, float, float, true, true, false)
+MARN_FAST_FOCAL_BLOCK(block_f32_u8_hard_sq, float, uint8_t, false, true, true)
+MARN_FAST_FOCAL_BLOCK(block_f32_u8_balanced_sq, float, uint8_t, true, true, false)
+MARN_FAST_FOCAL_BLOCK(block_f64_f64, double, double, false, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f64_f64_balanced, double, double, true, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f64_u8, double, uint8_t, false, false, false)
+MARN_FAST_FOCAL_BLOCK(block_f64_u8_balanced, double, uint8_t, true, false, false)
 #undef MARN_FAST_FOCAL_BLOCK
 
 template <typename T>
@@ -211,8 +225,16 @@ struct FocalArgs {
   double alpha, gamma, scale;
 };
 
+// Whether every target of the block is exactly 0 or 1 (a branch-free reduction).
+MARN_FAST_VECTOR_CLONES bool all_hard(const float* __restrict__ y, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (y[i] != 0.0f) & (y[i] != 1.0f);
+  return bad == 0;
+}
+
+// hard: the block function to use instead of `block` when a float block's targets are all 0/1.
 template <typename T, typename Y, typename BlockFn>
-void run_blocks(const FocalArgs& a, int64_t b0, int64_t b1, BlockFn block) {
+void run_blocks(const FocalArgs& a, int64_t b0, int64_t b1, BlockFn block, BlockFn hard = nullptr) {
   std::vector<T> scratch(2 * kBlock);
   std::vector<uint8_t> pace(kBlock);
   const T* x = static_cast<const T*>(a.x);
@@ -222,7 +244,11 @@ void run_blocks(const FocalArgs& a, int64_t b0, int64_t b1, BlockFn block) {
     const int64_t n = std::min(kBlock, a.numel - i0);
     T* loss = a.loss ? static_cast<T*>(a.loss) + i0 : scratch.data();
     T* grad = a.grad ? static_cast<T*>(a.grad) + i0 : scratch.data() + kBlock;
-    block(x + i0, y + i0, loss, grad, pace.data(), n, static_cast<T>(a.alpha), static_cast<T>(a.gamma), static_cast<T>(a.scale));
+    BlockFn fn = block;
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Y, float>) {
+      if (hard != nullptr && all_hard(y + i0, n)) fn = hard;
+    }
+    fn(x + i0, y + i0, loss, grad, pace.data(), n, static_cast<T>(a.alpha), static_cast<T>(a.gamma), static_cast<T>(a.scale));
     if (a.partial) a.partial[b] = block_sum(loss, n);
   }
 }
@@ -230,11 +256,13 @@ void run_blocks(const FocalArgs& a, int64_t b0, int64_t b1, BlockFn block) {
 // fp32 with γ = 2 takes the SQUARE instantiations; fp64 (a reference/gradcheck dtype) always the general one.
 void focal_blocks(bool fp64, bool bytes, bool balanced, const FocalArgs& a, int64_t b0, int64_t b1) {
   if (!fp64 && a.gamma == 2.0) {
-    if (bytes) run_blocks<float, uint8_t>(a, b0, b1, balanced ? block_f32_u8_balanced_sq : block_f32_u8_sq);
-    else run_blocks<float, float>(a, b0, b1, balanced ? block_f32_f32_balanced_sq : block_f32_f32_sq);
+    if (bytes) run_blocks<float, uint8_t>(a, b0, b1, balanced ? block_f32_u8_balanced_sq : block_f32_u8_hard_sq);
+    else if (balanced) run_blocks<float, float>(a, b0, b1, block_f32_f32_balanced_sq);
+    else run_blocks<float, float>(a, b0, b1, block_f32_f32_sq, block_f32_f32_hard_sq);
   } else if (!fp64) {
-    if (bytes) run_blocks<float, uint8_t>(a, b0, b1, balanced ? block_f32_u8_balanced : block_f32_u8);
-    else run_blocks<float, float>(a, b0, b1, balanced ? block_f32_f32_balanced : block_f32_f32);
+    if (bytes) run_blocks<float, uint8_t>(a, b0, b1, balanced ? block_f32_u8_balanced : block_f32_u8_hard);
+    else if (balanced) run_blocks<float, float>(a, b0, b1, block_f32_f32_balanced);
+    else run_blocks<float, float>(a, b0, b1, block_f32_f32, block_f32_f32_hard);
   } else {
     if (bytes) run_blocks<double, uint8_t>(a, b0, b1, balanced ? block_f64_u8_balanced : block_f64_u8);
     else run_blocks<double, double>(a, b0, b1, balanced ? block_f64_f64_balanced : block_f64_f64);
