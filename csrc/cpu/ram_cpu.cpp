@@ -1,11 +1,10 @@
 // CPU kernels of the fused RAM blocks (ATen only; fp32 and fp64).
 //
 // Block: conv1(k=3) → BN1 → tanh → conv2(k=3) → BN2 → epilogue, over channels-last x [B, n, C_in].
-// Each k=3 conv is ONE GEMM: P = X · [W_0; W_1; W_2]^T ([B·n, 3·C_out]) followed by a shift-sum
-// z[t] = P[t−1, 0:C] + P[t, C:2C] + P[t+1, 2C:3C] (zero outside the sequence) that is fused into the
-// pass after it (bias/BN statistics/normalise/tanh/add/multiply). The input gradient of a conv is the
-// same conv with the kernel flipped and transposed; the weight gradient is three GEMMs
-// dW_k = Σ_t dZ[t]^T X[t+k−1]. Row passes run under at::parallel_for over row chunks; per-channel sums
+// Each k=3 conv is oneDNN's convolution run on the channels-last data as it lies (conv3_out); the
+// pass after it fuses bias/BN statistics/normalise/tanh/add/multiply. The input gradient of a conv
+// is the same conv with the kernel flipped and transposed; the weight gradient is three GEMMs
+// dW_k = Σ_t dZ[t]^T X[t+k−1] (csrc/ram_gemm.h). Row passes run under at::parallel_for over row chunks; per-channel sums
 // accumulate in fp64 per chunk and are added in chunk order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,35 +58,28 @@ std::vector<double> for_row_chunks(int64_t rows, int64_t cols, int64_t n_acc, co
   return total;
 }
 
-// z = row r of the conv output from its products P (C channels; sequence position t = r mod n).
-template <typename scalar_t>
-inline void shift_sum_row(const scalar_t* P, int64_t r, int64_t n, int64_t C, scalar_t* z) {
-  const int64_t t = r % n;
-  const scalar_t* mid = P + r * 3 * C + C;
-  for (int64_t o = 0; o < C; ++o) z[o] = mid[o];
-  if (t > 0) {
-    const scalar_t* prev = P + (r - 1) * 3 * C;
-    for (int64_t o = 0; o < C; ++o) z[o] += prev[o];
-  }
-  if (t + 1 < n) {
-    const scalar_t* next = P + (r + 1) * 3 * C + 2 * C;
-    for (int64_t o = 0; o < C; ++o) z[o] += next[o];
-  }
+// The k=3, pad-1 conv of channels-last x [B, n, C_in] with w [C_out, C_in, 3] → z [B·n, C_out].
+// On the CPU oneDNN's convolution beats the one-GEMM form of csrc/ram_gemm.h (its [B·n, 3·C] product
+// plus a shift pass): x is handed to it as the [B, C_in, 1, n] view whose strides are channels-last,
+// so neither input nor output is copied.
+inline at::Tensor conv3_out(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t rows = x.size(0) * x.size(1), c_out = w.size(0);
+  const at::Tensor x4 = x.permute({0, 2, 1}).unsqueeze(2);
+  const at::Tensor w4 = w.unsqueeze(2).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t stride[2] = {1, 1}, padding[2] = {0, 1};
+  return at::conv2d(x4, w4, std::optional<at::Tensor>(), stride, padding).permute({0, 2, 3, 1}).reshape({rows, c_out});
 }
 
-// dx = the conv of dz with flip_transpose(w), written straight from the products.
+// z = row r of the conv output.
+template <typename scalar_t>
+inline void conv_row(const scalar_t* Z, int64_t r, int64_t C, scalar_t* z) {
+  const scalar_t* src = Z + r * C;
+  for (int64_t o = 0; o < C; ++o) z[o] = src[o];
+}
+
+// dx = the conv of dz with flip_transpose(w).
 at::Tensor conv3_input_grad(const at::Tensor& dz, const at::Tensor& w, int64_t B, int64_t n) {
-  const int64_t c_in = w.size(1);
-  at::Tensor dx = at::empty({B, n, c_in}, dz.options());
-  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "ram_conv3_input_grad_cpu", [&] {
-    const at::Tensor P = conv3_products(dz, flip_transpose(w));
-    const scalar_t* p = P.const_data_ptr<scalar_t>();
-    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    for_row_chunks(B * n, c_in, 0, [&](int64_t r0, int64_t r1, double*) {
-      for (int64_t r = r0; r < r1; ++r) shift_sum_row(p, r, n, c_in, out + r * c_in);
-    });
-  });
-  return dx;
+  return conv3_out(dz, flip_transpose(w)).view({B, n, w.size(1)});
 }
 
 // out row = epilogue(v row, other row); v holds the BN2 output.
@@ -149,27 +141,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ram_block_eval_cpu(const at::Tens
   at::Tensor v2 = keep_v2 ? at::empty({d.B, n, co}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ram_block_eval_cpu", [&] {
     {
-      const at::Tensor P = conv3_products(x, w1);
-      const scalar_t *p = P.const_data_ptr<scalar_t>(), *bias = b1.const_data_ptr<scalar_t>();
+      const at::Tensor Z = conv3_out(x, w1);
+      const scalar_t *p = Z.const_data_ptr<scalar_t>(), *bias = b1.const_data_ptr<scalar_t>();
       scalar_t* y = y1.mutable_data_ptr<scalar_t>();
       for_row_chunks(M, cm, 0, [&](int64_t r0, int64_t r1, double*) {
         std::vector<scalar_t> z(cm);
         for (int64_t r = r0; r < r1; ++r) {
-          shift_sum_row(p, r, n, cm, z.data());
+          conv_row(p, r, cm, z.data());
           scalar_t* yr = y + r * cm;
           for (int64_t o = 0; o < cm; ++o) yr[o] = tanh_fast(z[o] + bias[o]);
         }
       });
     }
-    const at::Tensor P = conv3_products(y1, w2);
-    const scalar_t *p = P.const_data_ptr<scalar_t>(), *bias = b2.const_data_ptr<scalar_t>();
+    const at::Tensor Z = conv3_out(y1, w2);
+    const scalar_t *p = Z.const_data_ptr<scalar_t>(), *bias = b2.const_data_ptr<scalar_t>();
     const scalar_t* oth = other_ptr<scalar_t>(other);
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     scalar_t* pv = keep_v2 ? v2.mutable_data_ptr<scalar_t>() : nullptr;
     for_row_chunks(M, co, 0, [&](int64_t r0, int64_t r1, double*) {
       std::vector<scalar_t> z(co);
       for (int64_t r = r0; r < r1; ++r) {
-        shift_sum_row(p, r, n, co, z.data());
+        conv_row(p, r, co, z.data());
         for (int64_t o = 0; o < co; ++o) z[o] += bias[o];
         if (keep_v2) std::copy(z.begin(), z.end(), pv + r * co);
         apply_epilogue(epilogue, z.data(), oth ? oth + r * co : nullptr, po + r * co, co);
@@ -206,14 +198,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     db2 = to_tensor(s2, 0, co, x.options());
     dw2 = conv3_weight_grad(dv2, y1, d.B, n);
-    const at::Tensor P = conv3_products(dv2, flip_transpose(w2));
-    const scalar_t *p = P.const_data_ptr<scalar_t>(), *y = y1.const_data_ptr<scalar_t>();
+    const at::Tensor Z = conv3_out(dv2, flip_transpose(w2));
+    const scalar_t *p = Z.const_data_ptr<scalar_t>(), *y = y1.const_data_ptr<scalar_t>();
     scalar_t* pdv1 = dv1.mutable_data_ptr<scalar_t>();
     const std::vector<double> s1 = for_row_chunks(M, cm, 1, [&](int64_t r0, int64_t r1, double* acc) {
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* dr = pdv1 + r * cm;
         const scalar_t* yr = y + r * cm;
-        shift_sum_row(p, r, n, cm, dr);
+        conv_row(p, r, cm, dr);
         for (int64_t o = 0; o < cm; ++o) {
           dr[o] *= scalar_t(1) - yr[o] * yr[o];
           acc[o] += dr[o];
@@ -228,16 +220,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // ---------------------------------------------------------------- train: BN with batch statistics
-// z = shift-sum of P into `z`; returns (mean, biased var) per channel (two passes over z, fp64 sums).
+// The conv output Z [B·n, C] into `z`; returns (mean, biased var) per channel (two passes, fp64 sums).
 template <typename scalar_t>
-std::pair<std::vector<double>, std::vector<double>> conv_out_and_stats(const at::Tensor& P, at::Tensor& z, int64_t n) {
+std::pair<std::vector<double>, std::vector<double>> conv_out_and_stats(const at::Tensor& Z, at::Tensor& z) {
   const int64_t M = z.size(0) * z.size(1), C = z.size(2);
-  const scalar_t* p = P.const_data_ptr<scalar_t>();
+  const scalar_t* p = Z.const_data_ptr<scalar_t>();
   scalar_t* pz = z.mutable_data_ptr<scalar_t>();
   std::vector<double> mean = for_row_chunks(M, C, 1, [&](int64_t r0, int64_t r1, double* acc) {
     for (int64_t r = r0; r < r1; ++r) {
       scalar_t* zr = pz + r * C;
-      shift_sum_row(p, r, n, C, zr);
+      conv_row(p, r, C, zr);
       for (int64_t o = 0; o < C; ++o) acc[o] += zr[o];
     }
   });
@@ -290,7 +282,7 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ram_block_train_cpu", [&] {
     std::vector<scalar_t> a, c;
     {
-      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_products(x, w1), z1, n);
+      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_out(x, w1), z1);
       mean1 = to_tensor(m, 0, cm, stats_opts);
       var1 = to_tensor(v, 0, cm, stats_opts);
       bn_affine<scalar_t>(m, v, gamma1, beta1, eps1, a, c);
@@ -305,7 +297,7 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
       }
     });
     {
-      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_products(y1, w2), z2, n);
+      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_out(y1, w2), z2);
       mean2 = to_tensor(m, 0, co, stats_opts);
       var2 = to_tensor(v, 0, co, stats_opts);
       bn_affine<scalar_t>(m, v, gamma2, beta2, eps2, a, c);
@@ -427,15 +419,15 @@ ram_block_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
       mu1[o] = static_cast<scalar_t>(m1[o]);
       iv1[o] = static_cast<scalar_t>(is1[o]);
     }
-    const at::Tensor P = conv3_products(dz2, flip_transpose(w2));
-    const scalar_t *p = P.const_data_ptr<scalar_t>(), *py = y1.const_data_ptr<scalar_t>(),
+    const at::Tensor Z = conv3_out(dz2, flip_transpose(w2));
+    const scalar_t *p = Z.const_data_ptr<scalar_t>(), *py = y1.const_data_ptr<scalar_t>(),
                    *pz1 = z1.const_data_ptr<scalar_t>();
     scalar_t* pd1 = dz1.mutable_data_ptr<scalar_t>();
     const std::vector<double> s1 = for_row_chunks(M, cm, 2, [&](int64_t r0, int64_t r1, double* acc) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * cm;
         scalar_t* dr = pd1 + off;
-        shift_sum_row(p, r, n, cm, dr);
+        conv_row(p, r, cm, dr);
         for (int64_t o = 0; o < cm; ++o) {
           dr[o] *= scalar_t(1) - py[off + o] * py[off + o];
           const scalar_t xh = (pz1[off + o] - mu1[o]) * iv1[o];
