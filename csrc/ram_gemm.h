@@ -1,7 +1,9 @@
-// The k=3 conv as GEMMs (ATen only, any device), shared by the CPU and CUDA RAM kernels.
+// The k=3 conv through ATen (any device), shared by the CPU and CUDA RAM kernels.
 // Channels-last activations [B, n, C]; conv weights [C_out, C_in, 3]; z[t] = Σ_k W_k · x[t+k−1].
 #pragma once
 #include <ATen/ATen.h>
+
+#include <optional>
 
 namespace marn_fast {
 namespace ram {
@@ -12,6 +14,19 @@ namespace ram {
 inline at::Tensor conv3_products(const at::Tensor& x, const at::Tensor& w) {
   const int64_t c_out = w.size(0), c_in = w.size(1);
   return at::mm(x.reshape({-1, c_in}), w.permute({2, 0, 1}).reshape({3 * c_out, c_in}).t());
+}
+
+// The k=3, pad-1 conv of channels-last x [B, n, C_in] with w [C_out, C_in, 3] → z [B·n, C_out], through
+// the library's convolution (oneDNN on the CPU, cuDNN on CUDA): x is handed over as the
+// [B, C_in, 1, n] view whose strides are channels-last, so neither input nor output is copied. On
+// the CPU it beats conv3_products plus a shift pass by 1.5× (benchmarks/bench_ram.py); the CUDA
+// kernels still use conv3_products until a GPU run has compared the two there.
+inline at::Tensor conv3_out(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t rows = x.size(0) * x.size(1), c_out = w.size(0);
+  const at::Tensor x4 = x.permute({0, 2, 1}).unsqueeze(2);
+  const at::Tensor w4 = w.unsqueeze(2).contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t stride[2] = {1, 1}, padding[2] = {0, 1};
+  return at::conv2d(x4, w4, std::optional<at::Tensor>(), stride, padding).permute({0, 2, 3, 1}).reshape({rows, c_out});
 }
 
 // The conv whose output is the input gradient: kernel flipped along k, channels swapped.

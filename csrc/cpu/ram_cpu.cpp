@@ -58,18 +58,6 @@ std::vector<double> for_row_chunks(int64_t rows, int64_t cols, int64_t n_acc, co
   return total;
 }
 
-// The k=3, pad-1 conv of channels-last x [B, n, C_in] with w [C_out, C_in, 3] → z [B·n, C_out].
-// On the CPU oneDNN's convolution beats the one-GEMM form of csrc/ram_gemm.h (its [B·n, 3·C] product
-// plus a shift pass): x is handed to it as the [B, C_in, 1, n] view whose strides are channels-last,
-// so neither input nor output is copied.
-inline at::Tensor conv3_out(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t rows = x.size(0) * x.size(1), c_out = w.size(0);
-  const at::Tensor x4 = x.permute({0, 2, 1}).unsqueeze(2);
-  const at::Tensor w4 = w.unsqueeze(2).contiguous(at::MemoryFormat::ChannelsLast);
-  const int64_t stride[2] = {1, 1}, padding[2] = {0, 1};
-  return at::conv2d(x4, w4, std::optional<at::Tensor>(), stride, padding).permute({0, 2, 3, 1}).reshape({rows, c_out});
-}
-
 // z = row r of the conv output.
 template <typename scalar_t>
 inline void conv_row(const scalar_t* Z, int64_t r, int64_t C, scalar_t* z) {
