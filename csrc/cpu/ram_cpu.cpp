@@ -58,13 +58,6 @@ std::vector<double> for_row_chunks(int64_t rows, int64_t cols, int64_t n_acc, co
   return total;
 }
 
-// z = row r of the conv output.
-template <typename scalar_t>
-inline void conv_row(const scalar_t* Z, int64_t r, int64_t C, scalar_t* z) {
-  const scalar_t* src = Z + r * C;
-  for (int64_t o = 0; o < C; ++o) z[o] = src[o];
-}
-
 // dx = the conv of dz with flip_transpose(w).
 at::Tensor conv3_input_grad(const at::Tensor& dz, const at::Tensor& w, int64_t B, int64_t n) {
   return conv3_out(dz, flip_transpose(w)).view({B, n, w.size(1)});
@@ -133,11 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ram_block_eval_cpu(const at::Tens
       const scalar_t *p = Z.const_data_ptr<scalar_t>(), *bias = b1.const_data_ptr<scalar_t>();
       scalar_t* y = y1.mutable_data_ptr<scalar_t>();
       for_row_chunks(M, cm, 0, [&](int64_t r0, int64_t r1, double*) {
-        std::vector<scalar_t> z(cm);
         for (int64_t r = r0; r < r1; ++r) {
-          conv_row(p, r, cm, z.data());
+          const scalar_t* zr = p + r * cm;
           scalar_t* yr = y + r * cm;
-          for (int64_t o = 0; o < cm; ++o) yr[o] = tanh_fast(z[o] + bias[o]);
+          for (int64_t o = 0; o < cm; ++o) yr[o] = tanh_fast(zr[o] + bias[o]);
         }
       });
     }
@@ -149,8 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ram_block_eval_cpu(const at::Tens
     for_row_chunks(M, co, 0, [&](int64_t r0, int64_t r1, double*) {
       std::vector<scalar_t> z(co);
       for (int64_t r = r0; r < r1; ++r) {
-        conv_row(p, r, co, z.data());
-        for (int64_t o = 0; o < co; ++o) z[o] += bias[o];
+        const scalar_t* zr = p + r * co;
+        for (int64_t o = 0; o < co; ++o) z[o] = zr[o] + bias[o];
         if (keep_v2) std::copy(z.begin(), z.end(), pv + r * co);
         apply_epilogue(epilogue, z.data(), oth ? oth + r * co : nullptr, po + r * co, co);
       }
@@ -193,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t r = r0; r < r1; ++r) {
         scalar_t* dr = pdv1 + r * cm;
         const scalar_t* yr = y + r * cm;
-        conv_row(p, r, cm, dr);
+        const scalar_t* zr = p + r * cm;
         for (int64_t o = 0; o < cm; ++o) {
-          dr[o] *= scalar_t(1) - yr[o] * yr[o];
+          dr[o] = zr[o] * (scalar_t(1) - yr[o] * yr[o]);
           acc[o] += dr[o];
         }
       }
@@ -208,16 +200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // ---------------------------------------------------------------- train: BN with batch statistics
-// The conv output Z [B·n, C] into `z`; returns (mean, biased var) per channel (two passes, fp64 sums).
+// Per-channel (mean, biased var) of the conv output z [B, n, C] (two passes, fp64 sums).
 template <typename scalar_t>
-std::pair<std::vector<double>, std::vector<double>> conv_out_and_stats(const at::Tensor& Z, at::Tensor& z) {
+std::pair<std::vector<double>, std::vector<double>> channel_stats(const at::Tensor& z) {
   const int64_t M = z.size(0) * z.size(1), C = z.size(2);
-  const scalar_t* p = Z.const_data_ptr<scalar_t>();
-  scalar_t* pz = z.mutable_data_ptr<scalar_t>();
+  const scalar_t* pz = z.const_data_ptr<scalar_t>();
   std::vector<double> mean = for_row_chunks(M, C, 1, [&](int64_t r0, int64_t r1, double* acc) {
     for (int64_t r = r0; r < r1; ++r) {
-      scalar_t* zr = pz + r * C;
-      conv_row(p, r, C, zr);
+      const scalar_t* zr = pz + r * C;
       for (int64_t o = 0; o < C; ++o) acc[o] += zr[o];
     }
   });
@@ -264,13 +254,13 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   check_train_rows(d.rows(), op);
   const int64_t M = d.rows(), cm = d.c_mid, co = d.c_out, n = d.n;
   const auto stats_opts = x.options().dtype(stats_dtype(x.scalar_type()));
-  at::Tensor z1 = at::empty({d.B, n, cm}, x.options()), y1 = at::empty_like(z1);
-  at::Tensor z2 = at::empty({d.B, n, co}, x.options()), out = at::empty_like(z2);
+  at::Tensor z1 = conv3_out(x, w1).view({d.B, n, cm}), y1 = at::empty_like(z1);
+  at::Tensor z2, out = at::empty({d.B, n, co}, x.options());
   at::Tensor mean1, var1, mean2, var2;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ram_block_train_cpu", [&] {
     std::vector<scalar_t> a, c;
     {
-      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_out(x, w1), z1);
+      const auto [m, v] = channel_stats<scalar_t>(z1);
       mean1 = to_tensor(m, 0, cm, stats_opts);
       var1 = to_tensor(v, 0, cm, stats_opts);
       bn_affine<scalar_t>(m, v, gamma1, beta1, eps1, a, c);
@@ -285,7 +275,8 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
       }
     });
     {
-      const auto [m, v] = conv_out_and_stats<scalar_t>(conv3_out(y1, w2), z2);
+      z2 = conv3_out(y1, w2).view({d.B, n, co});
+      const auto [m, v] = channel_stats<scalar_t>(z2);
       mean2 = to_tensor(m, 0, co, stats_opts);
       var2 = to_tensor(v, 0, co, stats_opts);
       bn_affine<scalar_t>(m, v, gamma2, beta2, eps2, a, c);
@@ -415,9 +406,9 @@ ram_block_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t off = r * cm;
         scalar_t* dr = pd1 + off;
-        conv_row(p, r, cm, dr);
+        const scalar_t* zr = p + off;
         for (int64_t o = 0; o < cm; ++o) {
-          dr[o] *= scalar_t(1) - py[off + o] * py[off + o];
+          dr[o] = zr[o] * (scalar_t(1) - py[off + o] * py[off + o]);
           const scalar_t xh = (pz1[off + o] - mu1[o]) * iv1[o];
           acc[o] += dr[o];
           acc[cm + o] += static_cast<double>(dr[o]) * xh;

@@ -182,6 +182,13 @@ Launch plan(Kernel kernel, int H, Smem smem_of, const char* op) {
   return {};
 }
 
+// Both directions' blocks (2·K) in one cooperative launch on the current stream.
+template <typename Kernel>
+void launch(Kernel kernel, const Launch& l, void** args) {
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(2 * l.blocks_per_dir),
+                                             dim3(kThreads), args, l.smem, at::cuda::getCurrentCUDAStream()));
+}
+
 void check_common(const at::Tensor& lengths, const at::Tensor& w_hh, int64_t B, int64_t T, int64_t H, int64_t steps,
                   const at::Tensor& ref, const char* op) {
   TORCH_CHECK(lengths.device() == ref.device() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
@@ -215,8 +222,7 @@ at::Tensor bigru_persistent_forward_cuda(const at::Tensor& gx, const at::Tensor&
   float* a_buf = hbuf.mutable_data_ptr<float>();
   int b = B, t = T, h = H, units = l.units, bpd = l.blocks_per_dir, st = steps;
   void* args[] = {&a_gx, &a_len, &a_w, &a_b, &a_h, &a_buf, &b, &t, &h, &units, &bpd, &st};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(gru_forward_kernel), dim3(2 * l.blocks_per_dir),
-                                             dim3(kThreads), args, l.smem, at::cuda::getCurrentCUDAStream()));
+  launch(gru_forward_kernel, l, args);
   return hproc;
 }
 
@@ -249,9 +255,7 @@ std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cuda(const at::Tens
   float* a_dgh = dgh.mutable_data_ptr<float>();
   int b = B, t = T, h = H, units = l.units, bpd = l.blocks_per_dir, st = steps;
   void* args[] = {&a_dout, &a_hprev, &a_gx, &a_gh, &a_len, &a_w, &a_dgx, &a_dgh, &b, &t, &h, &units, &bpd, &st};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(gru_backward_kernel),
-                                             dim3(2 * l.blocks_per_dir), dim3(kThreads), args, l.smem,
-                                             at::cuda::getCurrentCUDAStream()));
+  launch(gru_backward_kernel, l, args);
   return {dgx, dgh};
 }
 

@@ -30,7 +30,7 @@ def reverse_within_lengths_index(lengths: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(rev >= 0, rev, t)
 
 
-def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
@@ -79,6 +79,6 @@ def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[to
     valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None])[:, :, None]
     out_fwd = torch.gru(x, h0, forward_w, True, 1, 0.0, False, False, True)[0]
     index = reverse_within_lengths_index(lengths, n)
-    out_rev = torch.gru(_gather_time(x, index), h0, reverse_w, True, 1, 0.0, False, False, True)[0]
-    out = torch.cat([out_fwd, _gather_time(out_rev, index)], dim=2)
+    out_rev = torch.gru(gather_time(x, index), h0, reverse_w, True, 1, 0.0, False, False, True)[0]
+    out = torch.cat([out_fwd, gather_time(out_rev, index)], dim=2)
     return out * valid

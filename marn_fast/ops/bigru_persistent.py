@@ -44,7 +44,7 @@ import torch
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
 from ._extension import cuda_extension_available
-from .bigru import NUM_WEIGHTS, reverse_within_lengths_index
+from .bigru import NUM_WEIGHTS, gather_time, reverse_within_lengths_index
 
 DEFAULT_SLICES = 4
 
@@ -134,14 +134,10 @@ def _kernels(device: torch.device, num_slices: int):
 
 
 # ----------------------------------------------------------------- host side (both devices)
-def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[2]))
-
-
 def _processing_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, n, ·] → [2, B, n, ·]: as is for the forward direction, reversed within each document's
     length for the reverse one (the index is an involution, so this also maps back)."""
-    return torch.stack([x, _gather_time(x, index)])
+    return torch.stack([x, gather_time(x, index)])
 
 
 class _PersistentBiGRU(torch.autograd.Function):
@@ -157,20 +153,20 @@ class _PersistentBiGRU(torch.autograd.Function):
         hproc = forward_kernel(gx, lengths, w_hh.contiguous(), b_hh.contiguous(), steps)
         ctx.save_for_backward(x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh)
         ctx.num_slices, ctx.steps = num_slices, steps
-        return torch.cat([hproc[0], _gather_time(hproc[1], index)], dim=2)
+        return torch.cat([hproc[0], gather_time(hproc[1], index)], dim=2)
 
     @staticmethod
     def backward(ctx, grad):
         x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
         hidden = w_hh.shape[2]
         _, backward_kernel = _kernels(x_proc.device, ctx.num_slices)
-        dout = torch.stack([grad[..., :hidden], _gather_time(grad[..., hidden:], index)]).contiguous()
+        dout = torch.stack([grad[..., :hidden], gather_time(grad[..., hidden:], index)]).contiguous()
         hprev = torch.cat([hproc.new_zeros(2, hproc.shape[1], 1, hidden), hproc[:, :, :-1]], dim=2).contiguous()
         gx = (x_proc @ w_ih.transpose(1, 2)[:, None] + b_ih[:, None, None]).contiguous()  # recomputed, not saved
         gh = (hprev @ w_hh.transpose(1, 2)[:, None] + b_hh[:, None, None]).contiguous()  # every step in one GEMM
         d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh.contiguous(), ctx.steps)
         d_x_proc = d_gx @ w_ih[:, None]
-        dx = d_x_proc[0] + _gather_time(d_x_proc[1], index)
+        dx = d_x_proc[0] + gather_time(d_x_proc[1], index)
         flat = lambda t: t.reshape(2, -1, t.shape[-1])  # noqa: E731
         d_w_ih = flat(d_gx).transpose(1, 2) @ flat(x_proc)
         d_w_hh = flat(d_gh).transpose(1, 2) @ flat(hprev)
