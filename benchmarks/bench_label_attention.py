@@ -1,13 +1,17 @@
 """Benchmark of the label-wise attention: eager reference, torch.compile of the reference, fused op.
 
 Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum w.r.t. O, Q, W, b).
+On the CPU "fused" is what impl="auto" runs there (the C++ forward, PyTorch-chunk backward) and
+"fused-pytorch" (fwd only) the forward through the PyTorch chunks instead, so the two CPU paths
+are compared in one run. CPU documents are all full length (every implementation does the same
+GEMM FLOPs); on the GPU lengths lie between n/2 and n.
 Timings run in this process, interleaved (one run of each implementation per round); each row
 holds the best and the median over rounds and ratio = eager best / implementation best (on a
 shared CPU the best is the least disturbed run). Peak memory:
   CPU  — extra peak RSS of one call, measured in a fresh subprocess per (implementation, mode,
          size, with a fixed glibc mmap threshold: VmHWM is reset through /proc/self/clear_refs
-         after the warm-up, then VmHWM − VmRSS(before the call). The fused path's analytic working set
-         (4 bytes · 2·LABEL_CHUNK · min(TOKEN_CHUNK, n)) is reported beside it.
+         after the warm-up, then VmHWM − VmRSS(before the call). The PyTorch chunks' analytic
+         working set (4 bytes · 2·LABEL_CHUNK · min(TOKEN_CHUNK, n)) is reported beside it.
   CUDA — torch.cuda.max_memory_allocated() − memory_allocated() before the call.
 CUDA part: B=16, n=4,000, C=600, L=8,921 in bf16, sweeps over n (500…32,000) and L (50…70,000),
 TFLOP/s (4·B·n·C·L forward, 12·B·n·C·L more for backward) against a bf16 matmul measured in
@@ -35,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, device_name, device_slug, write_results  # noqa: E402
+from common import device_name, write_results  # noqa: E402
 
 from marn_fast.ops.label_attention import label_attention  # noqa: E402
 from marn_fast.reference.label_attention import label_attention as reference_label_attention  # noqa: E402
@@ -47,12 +51,12 @@ CPU_SIZES = [(4, 2000, 600, 2000), (4, 2000, 600, 9000)]  # (B, n, C, L)
 GPU_MAIN = (16, 4000, 600, 8921)
 GPU_N_SWEEP = [500, 1000, 2000, 4000, 8000, 16000, 32000]
 GPU_L_SWEEP = [50, 500, 2000, 8921, 20000, 70000]
-IMPLS = ("eager", "compiled", "fused")
+IMPLS = ("eager", "compiled", "fused", "fused-pytorch")
 MODES = ("fwd", "fwd+bwd")
 
 
-def make_inputs(size, dtype, device, seed=0):
-    """Random O, Q, W, b and lengths between n/2 and n (document n is full)."""
+def make_inputs(size, dtype, device, seed=0, full_length=False):
+    """Random O, Q, W, b and lengths between n/2 and n (document 0 is full), or all n."""
     batch, n, c, num_labels = size
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(batch, n, c, generator=g)
@@ -61,6 +65,8 @@ def make_inputs(size, dtype, device, seed=0):
     bias = torch.randn(num_labels, generator=g)
     lengths = torch.randint(n // 2 + 1, n + 1, (batch,), generator=g)
     lengths[0] = n
+    if full_length:
+        lengths[:] = n
     grad = torch.randn(batch, num_labels, generator=g)
     to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return [to(t) for t in (features, queries, weights, bias)], lengths.to(device), grad.to(device)
@@ -68,7 +74,8 @@ def make_inputs(size, dtype, device, seed=0):
 
 def make_call(impl, mode, tensors, lengths, grad, compiled_reference):
     fn = {"eager": reference_label_attention, "compiled": compiled_reference,
-          "fused": lambda *t: label_attention(*t)}[impl]
+          "fused": lambda *t: label_attention(*t),
+          "fused-pytorch": lambda o, q, w, b, lengths: ops_module.chunked_forward_torch(o, q, w, lengths)[0] + b}[impl]
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -95,7 +102,7 @@ def _rss_kib(field):
 def peak_child(spec: dict) -> None:
     """Subprocess body: one warm-up call, reset the RSS high-water mark, one measured call."""
     torch.set_num_threads(spec["threads"])
-    tensors, lengths, grad = make_inputs(tuple(spec["size"]), torch.float32, "cpu")
+    tensors, lengths, grad = make_inputs(tuple(spec["size"]), torch.float32, "cpu", full_length=True)
     compiled = torch.compile(reference_label_attention) if spec["impl"] == "compiled" else None
     call = make_call(spec["impl"], spec["mode"], tensors, lengths, grad, compiled)
     call()
@@ -121,10 +128,11 @@ def bench_cpu(args) -> list[dict]:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for size in CPU_SIZES:
-            tensors, lengths, grad = make_inputs(size, torch.float32, "cpu")
+            tensors, lengths, grad = make_inputs(size, torch.float32, "cpu", full_length=True)
             compiled = torch.compile(reference_label_attention) if "compiled" in impls else None
             for mode in MODES:
-                calls = {impl: make_call(impl, mode, tensors, lengths, grad, compiled) for impl in impls}
+                calls = {impl: make_call(impl, mode, tensors, lengths, grad, compiled) for impl in impls
+                         if not (impl == "fused-pytorch" and mode != "fwd")}
                 for call in calls.values():  # warm-up (and compilation)
                     call()
                 times = {impl: [] for impl in impls}
@@ -133,10 +141,10 @@ def bench_cpu(args) -> list[dict]:
                         start = time.perf_counter()
                         call()
                         times[impl].append(time.perf_counter() - start)
-                for impl in impls:
+                for impl in calls:
                     rows.append(_row(size, "float32", threads, impl, mode, times[impl], times["eager"],
                                      measure_peak_cpu(impl, mode, size, threads)))
-                    if impl == "fused":
+                    if impl == "fused-pytorch" or (impl == "fused" and mode != "fwd"):
                         rows[-1]["fused_working_set_bytes"] = (
                             4 * 2 * ops_module.LABEL_CHUNK * min(ops_module.TOKEN_CHUNK, size[1]))
                     print(_fmt(rows[-1]), flush=True)
@@ -157,7 +165,7 @@ def _fmt(row):
     peak = f"{row['peak_bytes'] / 2 ** 20:8.1f} MiB" if row["peak_bytes"] is not None else "     -"
     tflops = f" {row['tflops']:.1f} TFLOP/s" if row.get("tflops") else ""
     return (f"B={row['B']} n={row['n']} C={row['C']} L={row['L']} {row['dtype']} t={row['threads']} "
-            f"{row['impl']:>8} {row['mode']:>7}: {row['time_best_s'] * 1e3:9.1f} ms  {ratio:>6} eager  "
+            f"{row['impl']:>13} {row['mode']:>7}: {row['time_best_s'] * 1e3:9.1f} ms  {ratio:>6} eager  "
             f"peak {peak}{tflops}")
 
 
@@ -186,7 +194,7 @@ def bench_cuda(args) -> tuple[list[dict], dict]:
     del a
     print(f"bf16 matmul ceiling: {matmul_tflops:.1f} TFLOP/s")
     compiled = None if args.no_compile else torch.compile(reference_label_attention)
-    plan = [("main", GPU_MAIN, IMPLS)]
+    plan = [("main", GPU_MAIN, ("eager", "compiled", "fused"))]
     plan += [("n-sweep", GPU_MAIN[:1] + (n,) + GPU_MAIN[2:], ("eager", "fused")) for n in GPU_N_SWEEP]
     plan += [("L-sweep", GPU_MAIN[:3] + (num_labels,), ("eager", "fused")) for num_labels in GPU_L_SWEEP]
     rows = []

@@ -19,6 +19,11 @@ TORCH_LIBRARY(marn_fast, m) {
   m.def("focal_loss_forward(Tensor logits, Tensor targets, float alpha, float gamma, bool balanced, bool reduce, "
         "float scale, bool compute_grad) -> (Tensor, Tensor)");
 
+  // Label-wise attention forward on CPU tensors (see marn_fast/ops/label_attention.py), fp32/fp64:
+  // features [B, n, C], queries and weights [L, C] in the features' dtype, lengths [B] int64 in
+  // [1, n] → (z [B, L], lse [B, L]) in the features' dtype.
+  m.def("label_attention_forward(Tensor features, Tensor queries, Tensor weights, Tensor lengths) -> (Tensor, Tensor)");
+
   // RAM output fusion: O = tanh(U ⊙ H), and its backward (dU, dH).
   m.def("mul_tanh(Tensor u, Tensor h) -> Tensor");
   m.def("mul_tanh_backward(Tensor grad, Tensor u, Tensor h) -> (Tensor, Tensor)");

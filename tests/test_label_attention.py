@@ -1,7 +1,9 @@
 """Fused label-wise attention against the plain-PyTorch reference (computed in float64).
 
 Both paths are tested: impl="triton" (Triton kernels; on the CPU through TRITON_INTERPRET=1, set
-by conftest.py) and impl="torch" (the chunked PyTorch path that impl="auto" runs on CPU tensors).
+by conftest.py) and impl="torch" (the path that impl="auto" runs on CPU tensors: the C++ forward
+for fp32/fp64 when the extension is built, else PyTorch chunks; the backward in PyTorch chunks),
+and the C++ forward and the PyTorch-chunk forward each on their own.
 Tolerances are stated per dtype in TOL and are relative to the largest reference value:
 |actual − expected| ≤ tol · max(1, max|expected|).
 """
@@ -14,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from marn_fast.ops._extension import cpu_extension_available
 from marn_fast.ops.label_attention import label_attention, label_attention_topk, label_attention_with_lse
 from marn_fast.reference.label_attention import label_attention as reference_label_attention
 from marn_fast.reference.label_attention import topk_evidence
@@ -180,9 +183,15 @@ def test_triton_backward_with_document_splits(monkeypatch):
 
 # --- the chunked PyTorch path: chunking exercised, working set bounded -----------------------
 
+def _pytorch_chunks_only(monkeypatch):
+    """The "torch" path's forward through the PyTorch chunks even where the C++ kernel applies."""
+    monkeypatch.setattr(la_module, "_cpu_kernel_applies", lambda features: False)
+
+
 def test_chunked_path_with_small_chunks(monkeypatch):
     """Chunks of 2 documents × 4 labels × 8 tokens: many label chunks, several token chunks per
     document (online softmax across token chunks, some fully padded), partial last chunks."""
+    _pytorch_chunks_only(monkeypatch)
     monkeypatch.setattr(la_module, "DOC_CHUNK", 2)
     monkeypatch.setattr(la_module, "LABEL_CHUNK", 4)
     monkeypatch.setattr(la_module, "TOKEN_CHUNK", 8)
@@ -218,6 +227,7 @@ def test_chunked_path_working_set_is_bounded(monkeypatch):
     the score chunk [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] or an input-sized buffer (dO
     [B, n, C], dQ [L, C]), while the reference allocates [B, L, n] (checked too, so this
     test can fail)."""
+    _pytorch_chunks_only(monkeypatch)
     doc_chunk, label_chunk, token_chunk = 2, 16, 64
     monkeypatch.setattr(la_module, "DOC_CHUNK", doc_chunk)
     monkeypatch.setattr(la_module, "LABEL_CHUNK", label_chunk)
@@ -234,6 +244,84 @@ def test_chunked_path_working_set_is_bounded(monkeypatch):
 
     ref_largest, ref_peak = _allocations(lambda: reference_label_attention(*leaves, lengths).sum().backward())
     assert ref_largest >= 4 * batch * n * num_labels and ref_peak > 10 * peak
+
+
+# --- the C++ CPU forward (torch.ops.marn_fast.label_attention_forward) ---------------------
+# It tiles 256 labels × 256 tokens: the shapes below cross both tile edges (255, 256, 257, 513).
+needs_cpu_kernel = pytest.mark.skipif(DEVICE != "cpu" or not cpu_extension_available(),
+                                      reason="the C++ CPU kernel (marn_fast._C)")
+
+
+def _reference_z_lse(features, queries, weights, lengths):
+    """(z, lse) in float64 from the plain-PyTorch reference: z = logits − bias."""
+    f, q, w = (t.double() for t in (features, queries, weights))
+    z = reference_label_attention(f, q, w, torch.zeros(q.shape[0], dtype=torch.float64), lengths)
+    scores = torch.einsum("lc,btc->blt", q, f)
+    valid = torch.arange(f.shape[1])[None, None, :] < lengths[:, None, None]
+    return z, scores.masked_fill(~valid, float("-inf")).logsumexp(2)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 513, 24, 257), (2, 256, 9, 511), (4, 255, 17, 256), (1, 1, 3, 1)],
+                         ids=lambda s: "B{}-n{}-C{}-L{}".format(*s))
+def test_cpu_kernel_matches_reference(dtype, shape):
+    """z and lse of the C++ kernel and of the PyTorch chunks against the float64 reference, every
+    document a different length, padded tokens holding PAD_VALUE, scores up to ±80."""
+    features, queries, weights, _, lengths = make_inputs(*shape, dtype, seed=sum(shape), score_scale=80.0)
+    expected_z, expected_lse = _reference_z_lse(features, queries, weights, lengths)
+    z, lse = torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths)
+    assert z.dtype == lse.dtype == dtype
+    _assert_close(z, expected_z, TOL[dtype], "C++ z")
+    _assert_close(lse, expected_lse, TOL[dtype], "C++ lse")
+    z_chunks, lse_chunks = la_module.chunked_forward_torch(features, queries, weights, lengths)
+    _assert_close(z_chunks, expected_z, TOL[dtype], "PyTorch chunks z")
+    _assert_close(lse_chunks, expected_lse, TOL[dtype], "PyTorch chunks lse")
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_is_the_torch_forward_on_cpu(monkeypatch):
+    """impl="torch" on fp32 CPU tensors runs the C++ forward (bit-identical to calling it)."""
+    features, queries, weights, bias, lengths = make_inputs(2, 300, 12, 270, torch.float32, seed=12)
+    z, _ = torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths)
+    assert torch.equal(label_attention(features, queries, weights, bias, lengths, impl="torch"), z + bias)
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_working_set_is_bounded():
+    """The C++ forward allocates one S/P tile pair (at most 2 · 256 · 256 values) per thread, not
+    the [n, L] scores the reference allocates (checked too, so this test can fail)."""
+    batch, n, c, num_labels = 1, 3000, 8, 1500
+    features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=13)
+    with torch.no_grad():
+        largest, peak = _allocations(lambda: label_attention(features, queries, weights, bias, lengths))
+        ref_largest, _ = _allocations(lambda: reference_label_attention(features, queries, weights, bias, lengths))
+    tile = 4 * 2 * 256 * 256
+    assert largest <= tile, f"largest allocation {largest} B > one tile pair {tile} B"
+    assert peak <= 4 * tile + 4 * 4 * batch * num_labels
+    assert ref_largest >= 4 * n * num_labels > 10 * peak
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name,change", [
+    ("features", lambda a: (a[0].half(),) + a[1:]),
+    ("queries", lambda a: (a[0], a[1][:, :-1]) + a[2:]),
+    ("weights", lambda a: a[:2] + (a[2][:-1],) + a[3:]),
+    ("lengths", lambda a: a[:3] + (a[3][:-1],)),
+    ("lengths", lambda a: a[:3] + (torch.tensor([0, 5]),)),
+    ("lengths", lambda a: a[:3] + (torch.tensor([5, 10]),)),
+])
+def test_cpu_kernel_bad_input(name, change):
+    """The C++ op names the argument (the Python entry point checks first, with ValueError)."""
+    features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=14)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.marn_fast.label_attention_forward(*change((features, queries, weights, lengths)))
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_opcheck():
+    features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=15)
+    torch.library.opcheck(torch.ops.marn_fast.label_attention_forward, (features, queries, weights, lengths))
 
 
 # --- registration ---------------------------------------------------------------------------

@@ -20,6 +20,13 @@ Paths (`impl`, see `_backend.resolve_impl`):
             [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] whatever n and L, forward and backward
             alike (the backward recomputes it from lse). Tokens past the longest document of a
             chunk are never read. Any device, any float dtype (half inputs computed in fp32).
+            On CPU tensors (fp32, fp64) with the C++ extension built, the forward is instead
+            the C++ kernel `marn_fast::label_attention_forward` (csrc/cpu/label_attention_cpu.cpp):
+            per (document, 256 labels) it walks 256-token tiles, one GEMM per tile and one
+            vectorised online-softmax pass while the tile is in cache (1.2–1.5× the eager
+            forward on 2 cores, where the PyTorch chunks reach 0.5–1.3×:
+            benchmarks/bench_label_attention.py, impl "fused-pytorch"); the backward stays the
+            PyTorch chunks.
   "auto":   "triton" on CUDA when triton is installed and the dtype is not fp64, else "torch".
 Queries and weights are cast to the features' dtype (as autocast would), so the kernels see
 one dtype. Ops are registered with torch.library.custom_op + register_fake + register_autograd
@@ -37,6 +44,7 @@ from torch import Tensor
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_same_device, check_shape, check_tensor
 from ._backend import interpreting, resolve_impl
+from ._extension import cpu_extension_available
 
 # Chunked PyTorch path: documents, labels and tokens per chunk. Its largest intermediate is the
 # score chunk [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] in the compute dtype (16 MiB in fp32).
@@ -47,6 +55,7 @@ DOC_CHUNK = 1
 LABEL_CHUNK = 1024
 TOKEN_CHUNK = 2048
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def check_label_attention_args(features, queries, weights, bias, lengths) -> None:
@@ -58,7 +67,7 @@ def check_label_attention_args(features, queries, weights, bias, lengths) -> Non
         raise ValueError(f"queries: expected [L, C={c}] (C of features {tuple(features.shape)}), "
                          f"got shape {tuple(queries.shape)}")
     check_tensor("weights", weights, ndim=2, dtypes=FLOAT_DTYPES, expected=f"[L={num_labels}, C={c}]")
-    check_shape("weights", weights, (num_labels, c), f"[L, C] (L of queries, C of features)")
+    check_shape("weights", weights, (num_labels, c), "[L, C] (L of queries, C of features)")
     check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, expected=f"[L={num_labels}]")
     check_shape("bias", bias, (num_labels,), "[L] (L of queries)")
     if n == 0 or num_labels == 0 or c == 0:
@@ -184,14 +193,26 @@ def _forward_chunk(features, queries, weights, lengths, chunk, m, total, acc) ->
     m[rows] = m_new
 
 
-@torch.library.custom_op("marn_fast::label_attention_chunked_fwd", mutates_args=())
-def _chunked_fwd(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+def chunked_forward_torch(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    """(z, lse) through plain-PyTorch chunks (any device and float dtype); the "torch" path's
+    forward wherever the C++ kernel does not apply."""
     shape = (features.shape[0], queries.shape[0])
     dtype = _accumulation_dtype(features.dtype)
     m, total, acc = (features.new_empty(shape, dtype=dtype) for _ in range(3))
     for chunk in _chunk_grid(lengths, queries.shape[0]):
         _forward_chunk(features, queries, weights, lengths, chunk, m, total, acc)
     return acc / total, m + total.log()
+
+
+def _cpu_kernel_applies(features: Tensor) -> bool:
+    return features.device.type == "cpu" and features.dtype in CPU_KERNEL_DTYPES and cpu_extension_available()
+
+
+@torch.library.custom_op("marn_fast::label_attention_chunked_fwd", mutates_args=())
+def _chunked_fwd(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    if _cpu_kernel_applies(features):
+        return torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths)
+    return chunked_forward_torch(features, queries, weights, lengths)
 
 
 def _backward_chunk(features, queries, weights, lengths, chunk, grad_z, z, lse,
@@ -254,6 +275,8 @@ def _register(fwd_op, bwd_op) -> None:
 
 _register(_triton_fwd, _triton_bwd)
 _register(_chunked_fwd, _chunked_bwd)
+if cpu_extension_available():
+    torch.library.register_fake("marn_fast::label_attention_forward")(_fake_fwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+// CPU forward of the fused label-wise attention (fp32, fp64): see marn_fast/ops/label_attention.py.
+//
+// features O [B, n, C], queries Q [L, C], weights W [L, C], lengths [B] → z [B, L], lse [B, L]:
+//   s_lt = q_l·o_t,  p_lt = w_l·o_t,  z_l = Σ_t softmax_t(s_l)_t · p_lt,  lse_l = log Σ_t exp(s_lt)
+// over t < lengths[b]. One unit of parallel work is (document, chunk of kLabels labels); it walks the
+// document's valid tokens in tiles of kTokens. Per tile two GEMMs O_tile·Q_cᵀ and O_tile·W_cᵀ give
+// the [tokens, labels] tiles of S and P (they stay in L2), and one pass over them updates the
+// online softmax of each label: column max, rescale of the running sums, then Σ e and Σ e·p with
+// e = exp(s − m), vectorised across labels (rows of the tile are contiguous in the label index).
+// Nothing of size n·L exists; the extra memory is one tile per thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// The tile loops below use selects, not branches, so that they vectorise (see fast_math.h).
+#pragma GCC optimize("no-trapping-math")
+
+#include "fast_math.h"
+
+namespace marn_fast {
+namespace {
+
+constexpr int64_t kLabels = 256;  // labels per work unit
+constexpr int64_t kTokens = 256;  // tokens per GEMM tile (fp32 S and P tiles: 512 KiB, within L2)
+
+// Online-softmax update of `lc` labels' running max m, Σe and Σe·p from the [rows, lc] tiles s and
+// p (row t: the labels' scores and values at token t); mt is scratch of lc.
+template <typename T>
+__attribute__((always_inline)) inline void update_tile(const T* __restrict__ s, const T* __restrict__ p, int64_t rows,
+                                                       int64_t lc, T* __restrict__ m, T* __restrict__ sum,
+                                                       T* __restrict__ acc, T* __restrict__ mt) {
+  for (int64_t l = 0; l < lc; ++l) mt[l] = m[l];
+  for (int64_t t = 0; t < rows; ++t) {
+    const T* st = s + t * lc;
+    for (int64_t l = 0; l < lc; ++l) mt[l] = st[l] > mt[l] ? st[l] : mt[l];
+  }
+  for (int64_t l = 0; l < lc; ++l) {
+    const T scale = exp_(m[l] - mt[l]);  // 0 on the first tile (m = −∞)
+    sum[l] *= scale;
+    acc[l] *= scale;
+    m[l] = mt[l];
+  }
+  for (int64_t t = 0; t < rows; ++t) {
+    const T *st = s + t * lc, *pt = p + t * lc;
+    for (int64_t l = 0; l < lc; ++l) {
+      const T e = exp_(st[l] - m[l]);
+      sum[l] += e;
+      acc[l] += e * pt[l];
+    }
+  }
+}
+
+MARN_FAST_VECTOR_CLONES void update_tile_f32(const float* s, const float* p, int64_t rows, int64_t lc, float* m,
+                                             float* sum, float* acc, float* mt) {
+  update_tile(s, p, rows, lc, m, sum, acc, mt);
+}
+void update_tile_f64(const double* s, const double* p, int64_t rows, int64_t lc, double* m, double* sum,
+                     double* acc, double* mt) {
+  update_tile(s, p, rows, lc, m, sum, acc, mt);
+}
+inline void update(const float* s, const float* p, int64_t rows, int64_t lc, float* m, float* sum, float* acc,
+                   float* mt) {
+  update_tile_f32(s, p, rows, lc, m, sum, acc, mt);
+}
+inline void update(const double* s, const double* p, int64_t rows, int64_t lc, double* m, double* sum,
+                   double* acc, double* mt) {
+  update_tile_f64(s, p, rows, lc, m, sum, acc, mt);
+}
+
+// Work units [u0, u1): unit u is document u / chunks, labels of chunk u % chunks.
+template <typename T>
+void forward_units(const at::Tensor& o, const at::Tensor& q, const at::Tensor& w, const int64_t* lengths, T* z,
+                   T* lse, int64_t u0, int64_t u1) {
+  const int64_t num_labels = q.size(0), chunks = (num_labels + kLabels - 1) / kLabels;
+  const int64_t max_rows = std::min(kTokens, o.size(1)), max_lc = std::min(kLabels, num_labels);
+  at::Tensor buf = at::empty({2 * max_rows * max_lc}, o.options());  // the S tile, then the P tile
+  std::vector<T> state(4 * kLabels);
+  T *m = state.data(), *sum = m + kLabels, *acc = sum + kLabels, *mt = acc + kLabels;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / chunks, l0 = (u % chunks) * kLabels, lc = std::min(kLabels, num_labels - l0);
+    const at::Tensor q_t = q.narrow(0, l0, lc).t(), w_t = w.narrow(0, l0, lc).t(), ob = o[b];  // [C, lc]
+    std::fill(m, m + lc, -std::numeric_limits<T>::infinity());
+    std::fill(sum, sum + lc, T(0));
+    std::fill(acc, acc + lc, T(0));
+    for (int64_t t0 = 0; t0 < lengths[b]; t0 += kTokens) {
+      const int64_t rows = std::min(max_rows, lengths[b] - t0);
+      at::Tensor s = buf.narrow(0, 0, rows * lc).view({rows, lc}), p = buf.narrow(0, rows * lc, rows * lc).view({rows, lc});
+      const at::Tensor o_tile = ob.narrow(0, t0, rows);
+      at::mm_out(s, o_tile, q_t);
+      at::mm_out(p, o_tile, w_t);
+      update(s.const_data_ptr<T>(), p.const_data_ptr<T>(), rows, lc, m, sum, acc, mt);
+    }
+    for (int64_t l = 0; l < lc; ++l) {
+      z[b * num_labels + l0 + l] = acc[l] / sum[l];
+      lse[b * num_labels + l0 + l] = m[l] + std::log(sum[l]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> label_attention_forward_cpu(const at::Tensor& features, const at::Tensor& queries,
+                                                               const at::Tensor& weights, const at::Tensor& lengths) {
+  const char* op = "label_attention_forward";
+  TORCH_CHECK(features.dim() == 3, op, ": features must be [B, n, C], got ", features.dim(), " dimensions");
+  const int64_t batch = features.size(0), n = features.size(1), c = features.size(2);
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble, op,
+              ": features must be float32 or float64, got ", features.scalar_type());
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == c, op, ": queries must be [L, C=", c, "], got ",
+              queries.sizes());
+  const int64_t num_labels = queries.size(0);
+  TORCH_CHECK(weights.sizes() == queries.sizes(), op, ": weights must be [L=", num_labels, ", C=", c, "], got ",
+              weights.sizes());
+  TORCH_CHECK(queries.scalar_type() == features.scalar_type() && weights.scalar_type() == features.scalar_type(),
+              op, ": queries and weights must have the features' dtype ", features.scalar_type(), ", got ",
+              queries.scalar_type(), " and ", weights.scalar_type());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch && lengths.scalar_type() == at::kLong, op,
+              ": lengths must be [B=", batch, "] int64, got ", lengths.sizes(), " ", lengths.scalar_type());
+  for (const auto& [t, name] : {std::pair{&features, "features"}, {&queries, "queries"}, {&weights, "weights"},
+                                {&lengths, "lengths"}}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+  }
+  const at::Tensor len = lengths.contiguous();
+  const int64_t* len_ptr = len.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len_ptr[b] >= 1 && len_ptr[b] <= n, op, ": lengths must lie in [1, n=", n, "], got ", len_ptr[b],
+                " for document ", b);
+  }
+  // Detached: the tile GEMMs write into buffers (out= products refuse inputs that require grad).
+  const at::Tensor o = features.detach().contiguous(), q = queries.detach().contiguous(),
+                   w = weights.detach().contiguous();
+  const int64_t units = batch * ((num_labels + kLabels - 1) / kLabels);
+  at::Tensor z = at::empty({batch, num_labels}, o.options());
+  at::Tensor lse = at::empty({batch, num_labels}, o.options());
+  AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "label_attention_forward_cpu", [&] {
+    scalar_t* z_ptr = z.mutable_data_ptr<scalar_t>();
+    scalar_t* lse_ptr = lse.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      forward_units<scalar_t>(o, q, w, len_ptr, z_ptr, lse_ptr, u0, u1);
+    });
+  });
+  return {z, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(marn_fast, CPU, m) { m.impl("label_attention_forward", &label_attention_forward_cpu); }
+
+}  // namespace marn_fast
