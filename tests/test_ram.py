@@ -135,6 +135,17 @@ def test_ram_matches_reference(dtype, training, b, n):
     run_both(8, b, n, dtype, training)
 
 
+# C = 128 takes both conv paths of the CPU kernels (csrc/cpu/ram_winograd.h): the Winograd F(4, 3)
+# where C_in·C_out ≥ 64·64 (128→64, 64→64, 64→128, 128→128) and oneDNN below (64→32, 32→32,
+# 32→64); lengths around its 4-output tiles (1, 2, 5: partial tiles; 8: whole ones; 4001), with at
+# least 5 values per channel (BatchNorm over 2 values amplifies any conv rounding beyond the tolerance).
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("b,n", [(5, 1), (3, 2), (3, 5), (2, 8), (2, 4001)])
+def test_ram_wide_channels_matches_reference(dtype, training, b, n):
+    run_both(128, b, n, dtype, training, seed=n)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_ram_batch_of_one_length_one_eval_and_no_output_tanh(training):
     if training:

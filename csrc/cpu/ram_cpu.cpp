@@ -1,7 +1,8 @@
 // CPU kernels of the fused RAM blocks (ATen only; fp32 and fp64).
 //
 // Block: conv1(k=3) → BN1 → tanh → conv2(k=3) → BN2 → epilogue, over channels-last x [B, n, C_in].
-// Each k=3 conv is oneDNN's convolution run on the channels-last data as it lies (conv3_out); the
+// Each k=3 conv is a Winograd F(4, 3) for wide channels (ram_winograd.h), else oneDNN's convolution run
+// on the channels-last data as it lies (conv3_out); the
 // pass after it fuses bias/BN statistics/normalise/tanh/add/multiply. The input gradient of a conv
 // is the same conv with the kernel flipped and transposed; the weight gradient is three GEMMs
 // dW_k = Σ_t dZ[t]^T X[t+k−1] (csrc/ram_gemm.h). Row passes run under at::parallel_for over row chunks; per-channel sums
@@ -13,6 +14,7 @@
 
 #include "../ram_common.h"
 #include "../ram_gemm.h"
+#include "ram_winograd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -58,9 +60,14 @@ std::vector<double> for_row_chunks(int64_t rows, int64_t cols, int64_t n_acc, co
   return total;
 }
 
+// The k=3 conv z [B·n, C_out] of channels-last x: Winograd F(4, 3) for wide channels, else oneDNN.
+at::Tensor conv3(const at::Tensor& x, const at::Tensor& w) {
+  return use_winograd(w) ? conv3_winograd(x, w) : conv3_out(x, w);
+}
+
 // dx = the conv of dz with flip_transpose(w).
 at::Tensor conv3_input_grad(const at::Tensor& dz, const at::Tensor& w, int64_t B, int64_t n) {
-  return conv3_out(dz, flip_transpose(w)).view({B, n, w.size(1)});
+  return conv3(dz, flip_transpose(w)).view({B, n, w.size(1)});
 }
 
 // out row = epilogue(v row, other row); v holds the BN2 output.
@@ -122,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ram_block_eval_cpu(const at::Tens
   at::Tensor v2 = keep_v2 ? at::empty({d.B, n, co}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ram_block_eval_cpu", [&] {
     {
-      const at::Tensor Z = conv3_out(x, w1);
+      const at::Tensor Z = conv3(x, w1);
       const scalar_t *p = Z.const_data_ptr<scalar_t>(), *bias = b1.const_data_ptr<scalar_t>();
       scalar_t* y = y1.mutable_data_ptr<scalar_t>();
       for_row_chunks(M, cm, 0, [&](int64_t r0, int64_t r1, double*) {
@@ -133,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ram_block_eval_cpu(const at::Tens
         }
       });
     }
-    const at::Tensor Z = conv3_out(y1, w2);
+    const at::Tensor Z = conv3(y1, w2);
     const scalar_t *p = Z.const_data_ptr<scalar_t>(), *bias = b2.const_data_ptr<scalar_t>();
     const scalar_t* oth = other_ptr<scalar_t>(other);
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
@@ -178,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     db2 = to_tensor(s2, 0, co, x.options());
     dw2 = conv3_weight_grad(dv2, y1, d.B, n);
-    const at::Tensor Z = conv3_out(dv2, flip_transpose(w2));
+    const at::Tensor Z = conv3(dv2, flip_transpose(w2));
     const scalar_t *p = Z.const_data_ptr<scalar_t>(), *y = y1.const_data_ptr<scalar_t>();
     scalar_t* pdv1 = dv1.mutable_data_ptr<scalar_t>();
     const std::vector<double> s1 = for_row_chunks(M, cm, 1, [&](int64_t r0, int64_t r1, double* acc) {
@@ -254,7 +261,7 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   check_train_rows(d.rows(), op);
   const int64_t M = d.rows(), cm = d.c_mid, co = d.c_out, n = d.n;
   const auto stats_opts = x.options().dtype(stats_dtype(x.scalar_type()));
-  at::Tensor z1 = conv3_out(x, w1).view({d.B, n, cm}), y1 = at::empty_like(z1);
+  at::Tensor z1 = conv3(x, w1).view({d.B, n, cm}), y1 = at::empty_like(z1);
   at::Tensor z2, out = at::empty({d.B, n, co}, x.options());
   at::Tensor mean1, var1, mean2, var2;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ram_block_train_cpu", [&] {
@@ -275,7 +282,7 @@ ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
       }
     });
     {
-      z2 = conv3_out(y1, w2).view({d.B, n, co});
+      z2 = conv3(y1, w2).view({d.B, n, co});
       const auto [m, v] = channel_stats<scalar_t>(z2);
       mean2 = to_tensor(m, 0, co, stats_opts);
       var2 = to_tensor(v, 0, co, stats_opts);
@@ -398,7 +405,7 @@ ram_block_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
       mu1[o] = static_cast<scalar_t>(m1[o]);
       iv1[o] = static_cast<scalar_t>(is1[o]);
     }
-    const at::Tensor Z = conv3_out(dz2, flip_transpose(w2));
+    const at::Tensor Z = conv3(dz2, flip_transpose(w2));
     const scalar_t *p = Z.const_data_ptr<scalar_t>(), *py = y1.const_data_ptr<scalar_t>(),
                    *pz1 = z1.const_data_ptr<scalar_t>();
     scalar_t* pd1 = dz1.mutable_data_ptr<scalar_t>();
