@@ -23,10 +23,11 @@ Paths (`impl`, see `_backend.resolve_impl`):
             On CPU tensors (fp32, fp64) with the C++ extension built, the forward is instead
             the C++ kernel `marn_fast::label_attention_forward` (csrc/cpu/label_attention_cpu.cpp):
             per (document, 256 labels) it walks 256-token tiles, one GEMM per tile and one
-            vectorised online-softmax pass while the tile is in cache (1.2–1.5× the eager
-            forward on 2 cores, where the PyTorch chunks reach 0.5–1.3×:
-            benchmarks/bench_label_attention.py, impl "fused-pytorch"); the backward stays the
-            PyTorch chunks.
+            vectorised online-softmax pass while the tile is in cache: 1.12–1.43× the eager
+            forward where the PyTorch chunks reach 0.95–1.17× (B=4, n=2,000, C=600, L=2,000 and
+            9,000, 1 and 2 threads; benchmarks/bench_label_attention.py, impl "fused-pytorch").
+            The backward stays the PyTorch chunks (GEMM-bound: its recompute costs two more
+            GEMMs than eager's backward, so C++ could not make it faster here).
   "auto":   "triton" on CUDA when triton is installed and the dtype is not fp64, else "torch".
 Queries and weights are cast to the features' dtype (as autocast would), so the kernels see
 one dtype. Ops are registered with torch.library.custom_op + register_fake + register_autograd
