@@ -188,9 +188,11 @@ def _train_settings(args):
     train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                         max_epochs=args.epochs, patience=args.patience, metric=metric, seed=args.seed,
                         max_minutes=args.max_minutes, progress=not args.no_progress,
-                        bf16=args.precision == "bf16")
+                        bf16=args.precision == "bf16", bn_recalibrate=args.bn_recalibrate)
     model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
     model_options.update(use_ram=not args.no_ram, no_mtl=args.no_mtl)
+    if args.train_embeddings:
+        model_options["freeze_embeddings"] = False
     return settings, train, model_options
 
 
@@ -303,6 +305,11 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--num-filter-maps", type=int, default=model_default("num_filter_maps"), help="CNN encoders")
     p.add_argument("--filter-size", type=int, default=model_default("filter_size"), help="CNN encoder kernel")
     p.add_argument("--dropout", type=float, default=model_default("dropout"))
+    p.add_argument("--train-embeddings", action="store_true",
+                   help="fine-tune the word2vec embedding (default: frozen, as the official code)")
+    p.add_argument("--bn-recalibrate", action="store_true",
+                   help="after each epoch, recompute the RAM's BatchNorm running statistics over the training "
+                        "data (exact averages, dropout off) before evaluating")
     p.add_argument("--batch-size", type=int, default=_default(DataSettings, "batch_size"))
     p.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"))
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"))

@@ -12,13 +12,15 @@
 # Extra flags go to every `marn-fast train` (e.g. --hidden-size 128 --max-minutes 20).
 #
 # PARTS selects what runs (default: all of them, in this order):
-#   PARTS="w2v main es ablations backends report" scripts/codiesp_experiments.sh DATA OUT
+#   PARTS="w2v main es ablations recipe backends report" scripts/codiesp_experiments.sh DATA OUT
 #   w2v        word2vec matrices for every language and seed into OUT_DIR/w2v-cache (needs gensim);
 #              every later run starts from a copy of them, so a machine without gensim (the GPU
 #              machines) can train once the cache exists (run w2v where gensim is, carry OUT_DIR)
 #   main       en-D: MARN, seeds 0 1 2, baseline in every run                     → OUT/en-D
 #   es         es-D: the Spanish run, evidence P/R/F1 vs random tokens            → OUT/es-D
 #   ablations  en-D without MTL / without RAM / with BCE, seeds 0 1 2             → OUT/en-D-{no-mtl,no-ram,bce}
+#   recipe     en-D with the recipe that makes MARN learn on 500 cases (issue #10: lr 3e-2, BCE,
+#              no RAM, patience 8; lr 1e-3 only learns the code-frequency prior here)  → OUT/en-D-recipe
 #   backends   en-D seed 0 on the reference backend (same seed as main's seed 0) → OUT/en-D-reference
 #   report     marn-fast codiesp-report over every run folder present            → OUT/report.txt
 # SEEDS overrides the seeds (default "0 1 2"; --quick: "0"). CUDA is used when present (the trainer
@@ -38,7 +40,7 @@ if [ "${1:-}" = "--quick" ]; then
     shift
 fi
 EXTRA=("$@")
-PARTS=${PARTS:-"w2v main es ablations backends report"}
+PARTS=${PARTS:-"w2v main es ablations recipe backends report"}
 PY=${PYTHON:-python}
 MARN=("$PY" -m marn_fast)
 if [ $QUICK = 1 ]; then
@@ -104,6 +106,7 @@ if has ablations; then
     train en-D-no-ram en --no-ram --no-baseline
     train en-D-bce en --loss bce --no-baseline
 fi
+has recipe && train en-D-recipe en --no-ram --loss bce --lr 3e-2 --epochs 30 --patience 8 --no-baseline
 if has backends; then
     all_seeds=("${SEED_LIST[@]}")
     SEED_LIST=("${SEED_LIST[0]}")
@@ -112,7 +115,7 @@ if has backends; then
 fi
 if has report; then
     runs=()
-    for name in en-D es-D en-D-no-mtl en-D-no-ram en-D-bce en-D-reference; do
+    for name in en-D es-D en-D-no-mtl en-D-no-ram en-D-bce en-D-recipe en-D-reference; do
         [ -d "$OUT/$name" ] && runs+=("$OUT/$name")
     done
     if [ ${#runs[@]} -gt 0 ]; then

@@ -74,3 +74,48 @@ def test_unknown_flag_exits_non_zero(capsys):
     with pytest.raises(SystemExit) as info:
         main(["demo", "--no-such-flag"])
     assert info.value.code == 2
+
+
+def test_train_embeddings_and_bn_recalibrate_flags_map_to_the_configs(tmp_path):
+    from marn_fast.cli import _train_settings, build_parser
+
+    base = ["train", "--data", "synth", "--data-dir", str(tmp_path / "data"), "--synth-preset", "test",
+            "--out", str(tmp_path / "run")]
+    _, train, options = _train_settings(build_parser().parse_args(base))
+    assert "freeze_embeddings" not in options and train.bn_recalibrate is False  # official defaults kept
+    _, train, options = _train_settings(build_parser().parse_args(base + ["--train-embeddings", "--bn-recalibrate"]))
+    assert options["freeze_embeddings"] is False and train.bn_recalibrate is True
+
+
+def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):
+    import torch
+
+    from marn_fast import MARN, MARNConfig
+    from marn_fast.training import TrainConfig, Trainer
+    from marn_fast.data.batching import Batch
+
+    torch.manual_seed(0)
+    model = MARN(MARNConfig(vocab_size=20, num_icd=3, hidden_size=4, dropout=0.5), backend="reference")
+    batches = [Batch(torch.randint(2, 20, (2, n)), torch.tensor([n, n]), torch.zeros(2, 3), None, ["a", "b"])
+               for n in (5, 7)]
+    trainer = Trainer(model, TrainConfig(bn_recalibrate=True), tmp_path, {}, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert trainer.recalibrate_batchnorm(batches) == 10  # 5 RAM blocks x 2 BatchNorms
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # parameters untouched
+    bn = model.ram.down1[1]
+    assert bn.momentum == 0.1 and int(bn.num_batches_tracked) == 2
+    recalibrated = bn.running_mean.clone()
+    # the exact average of the two batches' statistics of the layer's input (dropout off)
+    seen = []
+    hook = model.ram.down1[0].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        for b in batches:
+            model(b.tokens, b.lengths)
+    hook.remove()
+    means = torch.stack([o.mean(dim=(0, 2)) for o in seen])
+    assert torch.allclose(recalibrated, means.mean(0), atol=1e-6)

@@ -42,6 +42,11 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA; ignored on the CPU
     max_minutes: Optional[float] = None  # stop starting new epochs after this wall time
     progress: bool = True
+    # After each training epoch, recompute every BatchNorm's running statistics as the exact
+    # average over one pass of the training data (dropout off, no gradients): eval-mode
+    # BatchNorm then sees the statistics of the current weights instead of a momentum-lagged
+    # average (which, at high learning rates on small data, made eval-mode outputs unstable).
+    bn_recalibrate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "grad_clip"):
@@ -229,6 +234,35 @@ class Trainer:
             bar.set_postfix(loss=f"{total / docs:.4f}", docs_s=f"{docs / (time.perf_counter() - start):.1f}")
         return total / max(docs, 1)
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, loader) -> int:
+        """Reset every BatchNorm's running mean/var and refill them with the cumulative average
+        (momentum None) of the batch statistics over one pass of `loader`, in train mode with
+        dropout off and no gradients. Parameters do not change. Returns the BatchNorm layers reset
+        (0: nothing to do, no pass made)."""
+        core = _unwrap(self.wrapped)
+        norms = [m for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return 0
+        was_training = core.training
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        core.train()
+        dropouts = [m for m in core.modules() if isinstance(m, torch.nn.Dropout)]
+        for m in dropouts:
+            m.eval()
+        try:
+            for batch in loader:
+                with _autocast(self.device, self.config.bf16):
+                    core(batch.tokens.to(self.device), batch.lengths.to(self.device))
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+            core.train(was_training)
+        return len(norms)
+
     def fit(self, train_loader, dev_loader, resume: bool = False) -> TrainState:
         cfg = self.config
         if resume:
@@ -239,6 +273,8 @@ class Trainer:
         for epoch in range(self.state.epoch + 1, cfg.max_epochs):
             epoch_start = time.perf_counter()
             train_loss = self.train_epoch(train_loader, epoch)
+            if cfg.bn_recalibrate:
+                self.recalibrate_batchnorm(train_loader)
             train_seconds = time.perf_counter() - epoch_start
             dev = evaluate_result(predict_loader(self.wrapped, dev_loader, self.device, cfg.bf16), cfg.threshold)
             if cfg.metric not in dev:
