@@ -19,8 +19,9 @@
 #   main       en-D: MARN, seeds 0 1 2, baseline in every run                     → OUT/en-D
 #   es         es-D: the Spanish run, evidence P/R/F1 vs random tokens            → OUT/es-D
 #   ablations  en-D without MTL / without RAM / with BCE, seeds 0 1 2             → OUT/en-D-{no-mtl,no-ram,bce}
-#   recipe     en-D with the recipe that makes MARN learn on 500 cases (issue #10: lr 3e-2, BCE,
-#              no RAM, patience 8; lr 1e-3 only learns the code-frequency prior here)  → OUT/en-D-recipe
+#   recipe     en-D and es-D with the setting that learned best on 500 cases (issue #10: no RAM,
+#              focal, lr 3e-2, patience 8; lr 1e-3 only learns the code-frequency prior here)
+#                                                                  → OUT/en-D-recipe, OUT/es-D-recipe
 #   backends   en-D seed 0 on the reference backend (same seed as main's seed 0) → OUT/en-D-reference
 #   report     marn-fast codiesp-report over every run folder present            → OUT/report.txt
 # SEEDS overrides the seeds (default "0 1 2"; --quick: "0"). CUDA is used when present (the trainer
@@ -106,7 +107,10 @@ if has ablations; then
     train en-D-no-ram en --no-ram --no-baseline
     train en-D-bce en --loss bce --no-baseline
 fi
-has recipe && train en-D-recipe en --no-ram --loss bce --lr 3e-2 --epochs 30 --patience 8 --no-baseline
+if has recipe; then
+    train en-D-recipe en --no-ram --lr 3e-2 --epochs 30 --patience 8 --no-baseline
+    train es-D-recipe es --no-ram --lr 3e-2 --epochs 30 --patience 8 --no-baseline
+fi
 if has backends; then
     all_seeds=("${SEED_LIST[@]}")
     SEED_LIST=("${SEED_LIST[0]}")
@@ -115,7 +119,7 @@ if has backends; then
 fi
 if has report; then
     runs=()
-    for name in en-D es-D en-D-no-mtl en-D-no-ram en-D-bce en-D-recipe en-D-reference; do
+    for name in en-D es-D en-D-no-mtl en-D-no-ram en-D-bce en-D-recipe es-D-recipe en-D-reference; do
         [ -d "$OUT/$name" ] && runs+=("$OUT/$name")
     done
     if [ ${#runs[@]} -gt 0 ]; then

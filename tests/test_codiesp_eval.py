@@ -140,3 +140,22 @@ def test_training_smoke_on_40_cases(codiesp_dir, tmp_path):
     table = summarize_runs(collect_runs([out]))
     assert "CodiEsp-D MAP" in table and "run" in table.splitlines()[0]
     assert main(["codiesp-report", str(out), "--out", str(tmp_path / "r.json")]) == 0
+
+
+def test_summarize_runs_columns_stay_apart_with_spreads():
+    """Mean ± spread cells (the widest the table prints) keep their columns: every row as long as
+    the header, and cells separated by blanks (a squeezed '-' once read as a negative time)."""
+    def run(group, value, seconds, evidence=True):
+        cs = {"marn": {"map": {"CodiEsp-D": value}}, "baseline": {"map": {"CodiEsp-D": 0.291}}}
+        if evidence:
+            cs["evidence"] = {"predicted_codes": {"attention": {"f1": value / 2}, "random": {"f1": value / 20}}}
+        return {"group": group, "report": {"codiesp": cs}, "seconds": seconds}
+
+    runs = [run("with-evidence", v, s) for v, s in ((0.1, 500.0), (0.12, 560.0), (0.15, 610.0))]
+    runs += [run("no-evidence", v, s, evidence=False) for v, s in ((0.158, 400.0), (0.162, 480.0))]
+    lines = summarize_runs(runs).splitlines()
+    header, rows = lines[0], lines[1:3]
+    assert all(len(row) == len(header) for row in rows)
+    no_evidence = rows[1]
+    assert " - " in no_evidence and "-" not in no_evidence.split(" - ")[1]  # the time is not "-7.333"
+    assert "7.333 ± 0.943" in no_evidence and "0.160 ± 0.003" in no_evidence

@@ -276,10 +276,8 @@ def codiesp_report(exp, model, dev, test, threshold: float, device: torch.device
     if [d.id for d in test_docs] != list(test.ids):
         order = {doc_id: i for i, doc_id in enumerate(test.ids)}
         test_scores = test.icd_scores[[order[d.id] for d in test_docs]]
-        order = {doc_id: i for i, doc_id in enumerate(dev.ids)}
-        dev_scores = dev.icd_scores[[order[d.id] for d in dev_docs]]
     else:
-        test_scores, dev_scores = test.icd_scores, dev.icd_scores
+        test_scores = test.icd_scores
     gold = [d.labels for d in test_docs]
     out = {"language": settings.language, "codes": settings.codes, "aux": settings.aux if exp.mapper else "none",
            "label_space": len(labels), "threshold": threshold,
@@ -399,7 +397,7 @@ def summarize_runs(runs: list[dict]) -> str:
         groups.setdefault(run["group"], []).append(run)
     tasks = sorted({t for run in runs for t in run["report"]["codiesp"]["marn"]["map"]})
     header = (f"{'run':<24}{'n':>3}" + "".join(f"{t + ' MAP':>20}" for t in tasks)
-              + f"{'baseline MAP':>20}{'evidence F1 att/rand':>24}{'minutes':>10}")
+              + f"{'baseline MAP':>20}{'evidence F1 att/rand':>32}{'minutes':>16}")
     lines = [header]
     for name, group in groups.items():
         cs = [run["report"]["codiesp"] for run in group]
@@ -408,10 +406,10 @@ def summarize_runs(runs: list[dict]) -> str:
         base = [np.mean(list(c["baseline"]["map"].values())) for c in cs if "baseline" in c]
         row += f"{_mean_spread(base):>20}"
         ev = [c["evidence"]["predicted_codes"] for c in cs if "evidence" in c]
-        row += (f"{_mean_spread([e['attention']['f1'] for e in ev]) + ' / ' + _mean_spread([e['random']['f1'] for e in ev]):>24}"
-                if ev else f"{'-':>24}")
+        row += (f"{_mean_spread([e['attention']['f1'] for e in ev]) + ' / ' + _mean_spread([e['random']['f1'] for e in ev]):>32}"
+                if ev else f"{'-':>32}")
         secs = [run["seconds"] / 60 for run in group if run["seconds"]]
-        row += f"{_mean_spread(secs):>10}"
+        row += f"{_mean_spread(secs):>16}"
         lines.append(row)
     lines += clef_lines(tasks)
     return "\n".join(lines)
