@@ -335,8 +335,8 @@ def _add_training_options(p, demo: bool) -> None:
 
 
 DEMO_HIDDEN = 64
-DEMO_EPOCHS = 30
-DEMO_MINUTES = 4.0
+DEMO_EPOCHS = 16
+DEMO_MINUTES = 15.0
 
 
 def _add_train_commands(sub) -> None:
