@@ -238,7 +238,8 @@ class Trainer:
     def recalibrate_batchnorm(self, loader) -> int:
         """Reset every BatchNorm's running mean/var and refill them with the cumulative average
         (momentum None) of the batch statistics over one pass of `loader`, in train mode with
-        dropout off and no gradients. Parameters do not change. Returns the BatchNorm layers reset
+        dropout off and no gradients. Only `encode` runs (the BatchNorms are in the encoder and the
+        RAM; the label-wise attention heads have none). Parameters do not change. Returns the BatchNorm layers reset
         (0: nothing to do, no pass made)."""
         core = _unwrap(self.wrapped)
         norms = [m for m in core.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -256,7 +257,7 @@ class Trainer:
         try:
             for batch in loader:
                 with _autocast(self.device, self.config.bf16):
-                    core(batch.tokens.to(self.device), batch.lengths.to(self.device))
+                    core.encode(batch.tokens.to(self.device), batch.lengths.to(self.device))
         finally:
             for m, momentum in zip(norms, momenta):
                 m.momentum = momentum
