@@ -183,9 +183,11 @@ def _train_settings(args):
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
                             batch_size=args.batch_size, seed=args.seed,
                             source="codiesp" if args.data == "codiesp" else "caml", language=args.language,
-                            codes=args.codes, aux=args.aux, procedure_aux=args.procedure_aux)
+                            codes=args.codes, aux=args.aux, procedure_aux=args.procedure_aux,
+                            min_doc_freq=args.min_doc_freq, word2vec_epochs=args.word2vec_epochs)
     metric = args.metric or ("map" if args.data == "codiesp" else _default(TrainConfig, "metric"))
-    train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+    train = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, decay_matrices_only=args.decay_matrices_only,
+                        grad_clip=args.grad_clip,
                         max_epochs=args.epochs, patience=args.patience, metric=metric, seed=args.seed,
                         max_minutes=args.max_minutes, progress=not args.no_progress,
                         bf16=args.precision == "bf16", bn_recalibrate=args.bn_recalibrate)
@@ -286,6 +288,10 @@ def _add_training_options(p, demo: bool) -> None:
                    help="codiesp: auxiliary labels of diagnoses (HCUP CCSR, ICD-10 chapter, 3-character category)")
     p.add_argument("--procedure-aux", choices=("prefix", "none"), default=_default(DataSettings, "procedure_aux"),
                    help="codiesp: auxiliary labels of procedures (3-character PCS prefix)")
+    p.add_argument("--min-doc-freq", type=int, default=_default(DataSettings, "min_doc_freq"),
+                   help="words in fewer notes than this become UNK")
+    p.add_argument("--word2vec-epochs", type=int, default=_default(DataSettings, "word2vec_epochs"),
+                   help="passes of CBOW word2vec over the training notes (codiesp: and the background cases)")
     p.add_argument("--no-baseline", action="store_true",
                    help="codiesp: skip the TF-IDF + logistic-regression baseline of the report")
     p.add_argument("--evidence-k", type=int, default=3,
@@ -313,6 +319,9 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--batch-size", type=int, default=_default(DataSettings, "batch_size"))
     p.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"))
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"))
+    p.add_argument("--decay-matrices-only", action="store_true",
+                   help="weight decay on weight matrices and conv kernels only, not on biases and BatchNorm "
+                        "scales/shifts (default: on every parameter, as torch's AdamW)")
     p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
     p.add_argument("--epochs", type=int, default=DEMO_EPOCHS if demo else _default(TrainConfig, "max_epochs"))
     p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))

@@ -76,15 +76,25 @@ def test_unknown_flag_exits_non_zero(capsys):
     assert info.value.code == 2
 
 
-def test_train_embeddings_and_bn_recalibrate_flags_map_to_the_configs(tmp_path):
+def test_training_flags_map_to_the_configs(tmp_path):
     from marn_fast.cli import _train_settings, build_parser
+    from marn_fast.data import MIN_DOC_FREQ
+    from marn_fast.data.embeddings import WORD2VEC_DEFAULTS
 
     base = ["train", "--data", "synth", "--data-dir", str(tmp_path / "data"), "--synth-preset", "test",
             "--out", str(tmp_path / "run")]
-    _, train, options = _train_settings(build_parser().parse_args(base))
+    settings, train, options = _train_settings(build_parser().parse_args(base))
     assert "freeze_embeddings" not in options and train.bn_recalibrate is False  # official defaults kept
-    _, train, options = _train_settings(build_parser().parse_args(base + ["--train-embeddings", "--bn-recalibrate"]))
-    assert options["freeze_embeddings"] is False and train.bn_recalibrate is True
+    assert settings.min_doc_freq == MIN_DOC_FREQ
+    assert _train_settings(build_parser().parse_args(base + ["--min-doc-freq", "2"]))[0].min_doc_freq == 2
+    assert settings.word2vec_epochs == WORD2VEC_DEFAULTS["epochs"]
+    assert _train_settings(build_parser().parse_args(base + ["--word2vec-epochs", "30"]))[0].word2vec_epochs == 30
+    with pytest.raises(ValueError, match="min_doc_freq"):
+        _train_settings(build_parser().parse_args(base + ["--min-doc-freq", "0"]))
+    assert train.decay_matrices_only is False
+    _, train, options = _train_settings(build_parser().parse_args(base + ["--train-embeddings", "--bn-recalibrate",
+                                                                          "--decay-matrices-only"]))
+    assert options["freeze_embeddings"] is False and train.bn_recalibrate is True and train.decay_matrices_only
 
 
 def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):

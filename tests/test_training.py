@@ -60,6 +60,35 @@ def test_early_stopping_stops_after_patience(experiment, tmp_path):
     assert state.best_epoch == 0 and len(state.history) == 3
 
 
+@pytest.mark.parametrize("matrices_only", [False, True])
+def test_weight_decay_groups(experiment, tmp_path, matrices_only):
+    """One AdamW step with zero gradients is pure decoupled decay, p <- p (1 - lr wd): every
+    parameter shrinks by default; with decay_matrices_only, biases and BatchNorm affines keep
+    their values (random non-zero ones here) while matrices and conv kernels shrink."""
+    lr, wd = 0.1, 0.5
+    model = make_model(experiment)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.uniform_(0.5, 1.5)
+    config = TrainConfig(lr=lr, weight_decay=wd, decay_matrices_only=matrices_only, progress=False)
+    trainer = Trainer(model, config, tmp_path, experiment.metadata())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = None if not p.requires_grad else torch.zeros_like(p)
+    trainer.optimizer.step()
+    norm_affines = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d) for k in ("weight", "bias")}
+    assert norm_affines  # the RAM's BatchNorms are there to be checked
+    for name, p in model.named_parameters():
+        if name not in before:
+            continue
+        kept = matrices_only and p.dim() < 2
+        expected = before[name] if kept else before[name] * (1 - lr * wd)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0, msg=name)
+        if name in norm_affines:
+            assert kept == matrices_only
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(experiment, tmp_path):
     full, _ = fit(experiment, tmp_path / "full", max_epochs=3)
     fit(experiment, tmp_path / "cut", max_epochs=2)

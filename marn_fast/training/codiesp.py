@@ -264,7 +264,7 @@ def evidence_report(model, dataset, documents, labels: Sequence[str], gold: Sequ
 
 
 # ----------------------------------------------------------------------------- the run's report
-def codiesp_report(exp, model, dev, test, threshold: float, device: torch.device, baseline: bool = True,
+def codiesp_report(exp, model, test, threshold: float, device: torch.device, baseline: bool = True,
                    evidence_k: int = DEFAULT_EVIDENCE_K, log: Optional[Callable[[str], None]] = None) -> dict:
     """CodiEsp MAP of the run's test predictions, the baseline's (same split, same label space),
     and the attention evidence scores (Spanish text only: the gold offsets index it)."""

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..data import (DEFAULT_MAX_LENGTH, MIN_DOC_FREQ, BucketBatchSampler, CCSMapper, CodingDataset, LabelSpace,
                     Vocabulary, build_ccs_label_space, build_icd_label_space, load_caml_splits, train_word2vec)
+from ..data.embeddings import WORD2VEC_DEFAULTS
 from ..data.labels import TOP50_SOURCES, code_counts
 
 CCS_CHOICES = ("merged", "prefixed", "none")
@@ -36,7 +37,7 @@ class DataSettings:
     min_doc_freq: int = MIN_DOC_FREQ
     batch_size: int = 16
     eval_batch_size: int = 32
-    word2vec_epochs: int = 5
+    word2vec_epochs: int = WORD2VEC_DEFAULTS["epochs"]
     seed: int = 0
     # source "codiesp": a CodiEsp release folder (marn_fast.data.codiesp); setting/top50/hcup_dir
     # are CAML-only, and the auxiliary labels come from `aux`/`procedure_aux` (off when ccs is "none").
@@ -53,6 +54,10 @@ class DataSettings:
             raise ValueError(f"top50: expected one of {TOP50_SOURCES}, got {self.top50!r}")
         if self.ccs not in CCS_CHOICES:
             raise ValueError(f"ccs: expected one of {CCS_CHOICES}, got {self.ccs!r}")
+        if self.word2vec_epochs < 1:
+            raise ValueError(f"word2vec_epochs: expected >= 1, got {self.word2vec_epochs}")
+        if self.min_doc_freq < 1:
+            raise ValueError(f"min_doc_freq: expected >= 1 (notes a word must occur in), got {self.min_doc_freq}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}, {self.eval_batch_size}")
         if self.source not in DATA_SOURCES:

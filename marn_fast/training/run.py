@@ -89,7 +89,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     if settings.source == "codiesp":
         from .codiesp import codiesp_report
 
-        report["codiesp"] = codiesp_report(exp, trainer.model, dev, test, threshold, trainer.device, log=log,
+        report["codiesp"] = codiesp_report(exp, trainer.model, test, threshold, trainer.device, log=log,
                                            **(codiesp_options or {}))
         report["seconds"] = time.perf_counter() - started
     write_json(out_dir / METRICS_FILE, report)

@@ -33,6 +33,9 @@ class TrainConfig:
 
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # Decay only weight matrices and conv kernels (parameters with 2+ dimensions), not biases or
+    # BatchNorm scales and shifts: decaying a BatchNorm scale shrinks the RAM's output towards 0.
+    decay_matrices_only: bool = False
     grad_clip: float = 1.0
     max_epochs: int = 50
     patience: int = 10
@@ -159,6 +162,16 @@ def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -
     return out
 
 
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """The trainable parameters as AdamW groups: one group at `config.weight_decay`, or with
+    `decay_matrices_only` the 2+-dimensional ones at it and the rest (biases, norm affines) at 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not config.decay_matrices_only:
+        return [{"params": params, "weight_decay": config.weight_decay}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 class Trainer:
     """Trains a MARN (reference or fused) on loaders of `Batch` objects.
 
@@ -174,8 +187,7 @@ class Trainer:
         self.metadata = metadata
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config), lr=config.lr)
         rank, size = world()
         self.ddp = size > 1
         self.wrapped = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
