@@ -27,8 +27,6 @@ torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
