@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import os
-import platform
-import re
 import statistics
 import tempfile
 import time
@@ -16,25 +14,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from marn_fast.ops.dispatch import device_name, device_slug  # noqa: F401  (re-exported for the benchmarks)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def device_name(device: torch.device | str | None = None) -> str:
-    """'NVIDIA H100 80GB HBM3' on CUDA; the CPU model name (from /proc/cpuinfo) on the CPU."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def device_slug(device: torch.device | str | None = None) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")[:60]
 
 
 def environment(device: torch.device | str | None = None) -> dict:

@@ -1,0 +1,448 @@
+"""Measured dispatch: which implementation of an op runs, chosen by timing at the user's shapes.
+
+An op with several implementations ("candidates": the plain-PyTorch reference, a C++ CPU kernel,
+chunked PyTorch, GEMM-first, fused Triton, the CUDA extension, ...) asks `choose` which one to
+run. The answer is decided once per key
+
+    (op, device, dtype, mode, shape bucket)
+        device  the GPU's name, or the CPU's model name with torch's thread count
+        mode    "train" when a gradient will flow through the op, else "infer"
+        bucket  each size the op names, rounded up to a power of two
+
+and is then fixed for the process (a model never switches paths mid-training). A key resolves
+to the first of:
+  1. a forced impl: MARN_FAST_IMPL="label_attention=gemm,ram=vendor_conv" (per op), or one name
+     for every op that has it (MARN_FAST_IMPL=reference);
+  2. this process's earlier answer;
+  3. the user's cache file: MARN_FAST_DISPATCH_CACHE, else
+     $XDG_CACHE_HOME/marn_fast/dispatch/<device-slug>.json (~/.cache when XDG_CACHE_HOME is unset);
+  4. the table shipped with the package for this device (`marn_fast/ops/dispatch_tables/`,
+     written by `marn-fast tune` on the machines the project measured);
+  5. a measurement, when MARN_FAST_DISPATCH=tune (the default): every candidate runs on copies
+     of this first input (forward, plus backward with a fixed random upstream gradient when
+     training): one warm-up call (it includes any compilation and gives the outputs that are
+     checked against the reference's), then interleaved timed rounds; the fastest by the median
+     among those that passed the check wins and is written to the cache file (atomically);
+  6. the op's static default (what `MARN(backend="fused")` runs).
+MARN_FAST_DISPATCH=table skips 5; MARN_FAST_DISPATCH=off skips 3–5 (no file is read).
+Nothing is measured under torch.compile (steps 1, 2 and 6 only): resolve the keys with one eager
+call (or `marn-fast tune`) before compiling, and the compiled graph uses the same choice.
+
+Every answer is recorded (`choices()`) with where it came from, for run manifests and
+`marn-fast info`. This module knows no op's math: each op passes its candidate names, its
+static default and a factory of the trial that runs one candidate on copies of its inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+ENV_MODE = "MARN_FAST_DISPATCH"
+ENV_FORCE = "MARN_FAST_IMPL"
+ENV_CACHE = "MARN_FAST_DISPATCH_CACHE"
+MODES = ("tune", "table", "off")
+REFERENCE = "reference"
+TABLES_DIR = Path(__file__).resolve().parent / "dispatch_tables"
+# Timing: after one warm-up call per candidate, up to ROUNDS interleaved rounds, fewer when the
+# candidates together have already used TIME_BUDGET_S; a candidate whose warm-up took SLOW_FACTOR
+# times the fastest warm-up (and over SLOW_FLOOR_S) is dropped before the rounds.
+ROUNDS = 3
+TIME_BUDGET_S = 3.0
+SLOW_FACTOR = 4.0
+SLOW_FLOOR_S = 0.02
+# Largest relative difference max|x − ref| / max(max|ref|, 1e-6) a candidate may show against
+# the reference on the first input (a sanity guard: the parity tests hold the real tolerances;
+# fp32 allows TF32 GEMMs on GPUs).
+CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 6e-2, torch.float16: 3e-2}
+
+Trial = Callable[[str], Sequence[torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------------ devices
+def device_name(device: torch.device | str | None = None) -> str:
+    """'NVIDIA H100 80GB HBM3' on CUDA; 'CPU <model name> x<cores>' on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} x{os.cpu_count()}"
+
+
+def device_slug(device: torch.device | str | None = None) -> str:
+    """device_name as a file name: lower case, runs of other characters as '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")[:60]
+
+
+_DEVICE_KEYS: Dict[Tuple[str, int], str] = {}
+
+
+def _device_key(device: torch.device) -> str:
+    """The key's device: the GPU's name, or the CPU's name and torch's thread count (timings
+    on the CPU depend on it)."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    memo = (str(device), threads)
+    if memo not in _DEVICE_KEYS:
+        name = device_name(device)
+        _DEVICE_KEYS[memo] = f"{name}, {threads} threads" if device.type == "cpu" else name
+    return _DEVICE_KEYS[memo]
+
+
+# ------------------------------------------------------------------------------------------ keys
+def bucket(size: int) -> int:
+    """The power of two at or above size (sizes ≤ 1 stay as they are)."""
+    return size if size <= 1 else 1 << (int(size) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Key:
+    op: str
+    device: str
+    dtype: str
+    mode: str
+    sizes: Tuple[Tuple[str, int], ...]
+
+    def text(self) -> str:
+        sizes = ",".join(f"{name}={value}" for name, value in self.sizes)
+        return f"{self.op}|{self.device}|{self.dtype}|{self.mode}|{sizes}"
+
+
+def make_key(op: str, device: torch.device, dtype: torch.dtype, train: bool, sizes: Mapping[str, int]) -> Key:
+    """The key of a call: sizes are bucketed here (pass the exact sizes)."""
+    return Key(op, _device_key(device), str(dtype).replace("torch.", ""), "train" if train else "infer",
+               tuple((name, bucket(int(value))) for name, value in sizes.items()))
+
+
+@dataclass
+class Choice:
+    """One resolved key: the impl, where it came from, and the timings when measured."""
+
+    impl: str
+    source: str                     # forced | cache | table | measured | default | only
+    ms: Dict[str, float] = field(default_factory=dict)
+    rejected: Dict[str, str] = field(default_factory=dict)
+
+    def entry(self) -> dict:
+        return {"impl": self.impl, "ms": {k: round(v, 4) for k, v in self.ms.items()}, "rejected": self.rejected}
+
+
+# ------------------------------------------------------------------------------------------ settings
+def mode() -> str:
+    value = os.environ.get(ENV_MODE, "tune").strip().lower() or "tune"
+    if value not in MODES:
+        raise ValueError(f"{ENV_MODE}: expected one of {MODES}, got {value!r}")
+    return value
+
+
+def forced(op: str, candidates: Sequence[str]) -> Optional[str]:
+    """The impl MARN_FAST_IMPL forces for op, or None. A per-op entry ("op=impl") must name one of
+    the op's available candidates; a bare name applies to every op that has it."""
+    spec = os.environ.get(ENV_FORCE, "").strip()
+    if not spec:
+        return None
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        if "=" in item:
+            name, impl = (s.strip() for s in item.split("=", 1))
+            if name == op:
+                if impl not in candidates:
+                    raise ValueError(f"{ENV_FORCE}: {op}={impl} is not available for this call; "
+                                     f"available: {', '.join(candidates)}")
+                return impl
+        elif item in candidates:
+            return item
+    return None
+
+
+def cache_path(device: torch.device) -> Path:
+    """The user's cache file for this device (MARN_FAST_DISPATCH_CACHE overrides)."""
+    override = os.environ.get(ENV_CACHE, "").strip()
+    if override:
+        return Path(override).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "marn_fast" / "dispatch" / f"{device_slug(device)}.json"
+
+
+def table_path(device: torch.device) -> Path:
+    return TABLES_DIR / f"{device_slug(device)}.json"
+
+
+# ------------------------------------------------------------------------------------------ state
+_LOCK = threading.RLock()
+_CHOICES: Dict[Key, Choice] = {}
+_FILES: Dict[Path, Dict[str, dict]] = {}
+_IGNORE_FILES = False
+
+
+def _read_entries(path: Path) -> Dict[str, dict]:
+    """The entries of a table/cache file ({} when absent; a warning, not an error, when unreadable)."""
+    if path not in _FILES:
+        entries: Dict[str, dict] = {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = {k: v for k, v in data.get("entries", {}).items() if isinstance(v, dict) and "impl" in v}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            warnings.warn(f"marn_fast dispatch: ignoring unreadable table {path} ({exc})", RuntimeWarning, stacklevel=3)
+        _FILES[path] = entries
+    return _FILES[path]
+
+
+def write_table(path: Path, device: str, entries: Mapping[str, dict]) -> None:
+    """Merge entries into the JSON table at path, atomically (temporary file, then os.replace)."""
+    path = Path(path)
+    merged = dict(_read_entries(path))
+    merged.update(entries)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"device": device, "entries": dict(sorted(merged.items()))}, indent=1) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _FILES[path] = merged
+
+
+def reset() -> None:
+    """Forget this process's answers and the files read (tests; a new cache file)."""
+    with _LOCK:
+        _CHOICES.clear()
+        _FILES.clear()
+
+
+def choices() -> List[dict]:
+    """Every key resolved in this process: key (its text in table files), op, device, dtype, mode,
+    sizes, impl, source, ms (per candidate, when measured) and rejected candidates."""
+    with _LOCK:
+        return [{"key": k.text(), "op": k.op, "device": k.device, "dtype": k.dtype, "mode": k.mode,
+                 "sizes": dict(k.sizes), "impl": c.impl, "source": c.source, "ms": dict(c.ms),
+                 "rejected": dict(c.rejected)} for k, c in _CHOICES.items()]
+
+
+@contextlib.contextmanager
+def fresh_measurements():
+    """Within the block, keys not yet resolved in this process are measured (when
+    MARN_FAST_DISPATCH allows) without reading the cache file or the shipped tables: what
+    `marn-fast tune --fresh` uses to write a new table."""
+    global _IGNORE_FILES
+    with _LOCK:
+        previous, _IGNORE_FILES = _IGNORE_FILES, True
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _IGNORE_FILES = previous
+
+
+# ------------------------------------------------------------------------------------------ choosing
+def choose(op: str, *, device: torch.device, dtype: torch.dtype, train: bool, sizes: Mapping[str, int],
+           candidates: Sequence[str], default: str, trial: Callable[[], Trial]) -> str:
+    """The impl to run for this call (see the module docstring).
+
+    candidates: the impls available for these inputs (the reference among them where it can run);
+    default: the static choice; trial(): a function impl → the tensors to compare (the forward
+    outputs, then the gradients when training), run on copies of this call's inputs, built only
+    when a measurement is needed.
+    """
+    if torch.compiler.is_compiling():
+        return _resolved(op, device, dtype, train, tuple(sizes.items()), tuple(candidates), default)
+    if default not in candidates:
+        raise ValueError(f"{op}: default impl {default!r} is not among the candidates {tuple(candidates)}")
+    key = make_key(op, device, dtype, train, sizes)
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit.impl
+    forced_impl = forced(op, candidates)
+    if forced_impl is not None:
+        return _record(key, Choice(forced_impl, "forced"))
+    if len(candidates) == 1:
+        return _record(key, Choice(candidates[0], "only"))
+    setting = mode()
+    if setting != "off" and not _IGNORE_FILES:
+        for source, path in (("cache", cache_path(device)), ("table", table_path(device))):
+            entry = _read_entries(path).get(key.text())
+            if entry is not None and entry["impl"] in candidates:
+                return _record(key, Choice(entry["impl"], source, dict(entry.get("ms", {}))))
+    if setting != "tune":
+        return _record(key, Choice(default, "default"))
+    with _LOCK:
+        if key in _CHOICES:  # another thread measured it meanwhile
+            return _CHOICES[key].impl
+        choice = measure(op, candidates, default, trial(), device, dtype)
+        _record(key, choice)
+        try:
+            write_table(cache_path(device), key.device, {key.text(): choice.entry()})
+        except OSError as exc:
+            warnings.warn(f"marn_fast dispatch: could not write the cache {cache_path(device)} ({exc}); "
+                          "the choice holds for this process only", RuntimeWarning, stacklevel=2)
+        return choice.impl
+
+
+@torch.compiler.assume_constant_result
+def _resolved(op: str, device: torch.device, dtype: torch.dtype, train: bool, sizes: Tuple[Tuple[str, int], ...],
+              candidates: Tuple[str, ...], default: str) -> str:
+    """The choice under torch.compile, run once at trace time and baked into the graph as a
+    constant: this process's earlier answer, a forced impl, else the static default."""
+    key = make_key(op, device, dtype, train, dict(sizes))
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit.impl
+    forced_impl = forced(op, candidates)
+    return _record(key, Choice(forced_impl, "forced") if forced_impl else Choice(default, "default"))
+
+
+def _record(key: Key, choice: Choice) -> str:
+    with _LOCK:
+        _CHOICES.setdefault(key, choice)
+        return _CHOICES[key].impl
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Trial, impl: str, device: torch.device) -> Tuple[float, Sequence[torch.Tensor]]:
+    _sync(device)
+    start = time.perf_counter()
+    out = run(impl)
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def relative_difference(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """max over the tensor pairs of max|x − ref| / max(max|ref|, 1e-6); inf on a shape mismatch or
+    a non-finite value where the reference is finite."""
+    if len(outputs) != len(reference):
+        return math.inf
+    worst = 0.0
+    for x, ref in zip(outputs, reference):
+        if x is None or ref is None:
+            if x is not ref:
+                return math.inf
+            continue
+        if x.shape != ref.shape:
+            return math.inf
+        x, ref = x.detach().double(), ref.detach().double()
+        if not torch.equal(torch.isfinite(x), torch.isfinite(ref)):
+            return math.inf
+        finite = torch.isfinite(ref)
+        if finite.any():
+            scale = max(ref[finite].abs().max().item(), 1e-6)
+            worst = max(worst, ((x - ref)[finite].abs().max().item()) / scale)
+    return worst
+
+
+def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device: torch.device,
+            dtype: torch.dtype) -> Choice:
+    """Time the candidates on one trial (see the module docstring) → the Choice."""
+    tolerance = CHECK_TOLERANCE.get(dtype, 1e-2)
+    order = [REFERENCE] if REFERENCE in candidates else []
+    order += [default] if default != REFERENCE else []
+    order += [c for c in candidates if c not in order]
+    warm: Dict[str, float] = {}
+    rejected: Dict[str, str] = {}
+    oracle: Optional[Sequence[torch.Tensor]] = None
+    oracle_name = None
+    for impl in order:
+        try:
+            seconds, out = _timed(run, impl, device)
+        except Exception as exc:  # a failing candidate must not end the user's run: reject it
+            rejected[impl] = ("out of memory" if _out_of_memory(exc) else f"{type(exc).__name__}: {exc}")[:200]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if oracle is None:  # the reference when it runs, else the static default, checks the rest
+            oracle, oracle_name = [t.detach() if t is not None else None for t in out], impl
+        else:
+            diff = relative_difference(out, oracle)
+            if not diff <= tolerance:
+                rejected[impl] = f"differs from {oracle_name} by {diff:.3g} (> {tolerance:g})"
+                continue
+        warm[impl] = seconds
+        del out
+    if not warm:
+        warnings.warn(f"marn_fast dispatch: no candidate of {op} ran ({rejected}); using {default!r}",
+                      RuntimeWarning, stacklevel=3)
+        return Choice(default, "default", {}, rejected)
+    for impl, why in rejected.items():
+        if not why.startswith("out of memory"):
+            warnings.warn(f"marn_fast dispatch: {op} candidate {impl!r} rejected: {why}", RuntimeWarning, stacklevel=3)
+    fastest = min(warm.values())
+    contenders = [i for i, s in warm.items() if s <= max(SLOW_FACTOR * fastest, SLOW_FLOOR_S)]
+    times: Dict[str, List[float]] = {i: [] for i in contenders}
+    spent = 0.0
+    for _ in range(ROUNDS if len(contenders) > 1 else 0):
+        for impl in contenders:
+            seconds, out = _timed(run, impl, device)
+            del out
+            times[impl].append(seconds)
+            spent += seconds
+        if spent > TIME_BUDGET_S:
+            break
+    ms = {i: 1e3 * (statistics.median(times[i]) if times.get(i) else s) for i, s in warm.items()}
+    best = min(contenders, key=lambda i: ms[i])
+    return Choice(best, "measured", ms, rejected)
+
+
+# ------------------------------------------------------------------------------------------ trials
+def autograd_trial(call: Callable[..., object], inputs: Sequence[Optional[torch.Tensor]], train: bool,
+                   params: Sequence[torch.Tensor] = (), seed: int = 0) -> Trial:
+    """A trial for an op taking tensors: impl → [outputs..., gradients...].
+
+    call(impl, *tensors) runs the op with copies of `inputs` (None stays None). When training,
+    the copies of inputs that require grad are leaves that require grad, and the gradients of
+    Σ_outputs ⟨output, G⟩ (G fixed N(0, 1) per output, drawn once) with respect to them and to
+    `params` (tensors the call reads by itself, e.g. a module's parameters) follow the outputs.
+    """
+    copies = [None if t is None else t.detach().clone().requires_grad_(train and t.requires_grad
+                                                                       and t.is_floating_point())
+              for t in inputs]
+    leaves = [t for t in copies if t is not None and t.requires_grad] + [p for p in params if p.requires_grad]
+    upstream: Dict[int, torch.Tensor] = {}
+
+    def run(impl: str) -> Sequence[torch.Tensor]:
+        with torch.set_grad_enabled(train):
+            out = call(impl, *copies)
+        outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)]
+        if not (train and leaves):
+            return [o.detach() for o in outs]
+        differentiable = [(i, o) for i, o in enumerate(outs) if o.requires_grad]
+        for i, o in differentiable:
+            if i not in upstream:
+                g = torch.Generator().manual_seed(seed + i)
+                upstream[i] = torch.randn(o.shape, generator=g, dtype=torch.float32).to(o.device, o.dtype)
+        grads = torch.autograd.grad([o for _, o in differentiable], leaves,
+                                    [upstream[i] for i, _ in differentiable], allow_unused=True)
+        return [o.detach() for o in outs] + list(grads)
+
+    return run
