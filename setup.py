@@ -20,6 +20,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 OPENMP = ["-fopenmp"] if os.environ.get("MARN_FAST_OPENMP", "1").strip() != "0" else []
 CXX_FLAGS = ["-O3", "-g0"] + OPENMP
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# The extensions share torch's libstdc++.so.6 and never carry a private copy (CMakeLists.txt uses
+# the same flags). A compiler that links libstdc++ statically (some g++ wrappers add
+# -static-libstdc++) otherwise gives the extension its own locale code while the loader binds the
+# GNU-unique facet ids (std::num_put<char>::id) to the shared library: formatting a number in a
+# TORCH_CHECK message then reads the wrong facet (numbers vanish with g++ 12, SIGSEGV with g++ 13;
+# tests/test_build.py). Linking -lstdc++ dynamically before the compiler's own libraries resolves
+# every std:: symbol from libstdc++.so.6; --exclude-libs,ALL keeps whatever still comes from a
+# static archive out of the dynamic symbol table.
+LINK_FLAGS = (["-Wl,--exclude-libs,ALL", "-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
+              if sys.platform.startswith("linux") else [])
 
 
 def _sources(pattern):
@@ -54,16 +64,17 @@ def extensions():
     exts = [cpp_extension.CppExtension(
         "marn_fast._C", cpu_sources,
         define_macros=[("MARN_FAST_PYTHON_MODULE", None)],
-        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP)]
+        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP + LINK_FLAGS)]
     if _want_cuda(torch, cpp_extension):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
         exts.append(cpp_extension.CUDAExtension(
             "marn_fast._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
             include_dirs=_cuda_include_dirs(),
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=OPENMP))
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=OPENMP + LINK_FLAGS))
     return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
-ext_modules, build_ext = extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import LINK_FLAGS
+    ext_modules, build_ext = extensions()
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
