@@ -334,10 +334,13 @@ def test_ram_cuda_matches_reference(dtype, training, b, n):
     if dtype == torch.bfloat16:
         # bf16 storage through ten convolutions and five BatchNorms: the error against an fp32
         # run (on the same bf16-rounded parameters and input) is the format's, so the fused path
-        # is held to the eager bf16 module's own error on the same input: at most three times it,
-        # plus 1e-2 of the largest value (an absolute floor for tiny n). Measured on an H200 at
-        # n=4001 (train): forward within eager's error; the worst weight gradient 0.041 against
-        # eager's 0.014 (the fused backward stores its intermediate gradients in bf16).
+        # is held to the eager bf16 module's own error on the same input. Parameter gradients:
+        # that error plus one bf16 step of the largest value (2^-8, for entries where eager's
+        # error is near zero); the weight gradients accumulate in fp32 across documents like
+        # cuDNN's (csrc/ram_gemm.h). Forward, grad h and buffers: at most three times it plus
+        # 1e-2 (the fused path rounds each conv tap's product to bf16 before the shift-sum).
+        # Measured on an H200 at n=4001 (train) before the fp32 accumulation: forward within
+        # eager's error; the worst weight gradient 0.041 against eager's 0.014.
         fused, ref = make_pair(RAM(16), torch.float32, "cuda")
         fused = fused.to(torch.bfloat16)
         eager, ref = copy.deepcopy(fused), copy.deepcopy(fused).float()
@@ -357,7 +360,8 @@ def test_ram_cuda_matches_reference(dtype, training, b, n):
         for i, what in enumerate(names):
             want = runs["ref"][i]
             err, eager_err = rel_err(runs["fused"][i], want), rel_err(runs["eager"][i], want)
-            assert err <= 3 * eager_err + 1e-2, f"bf16 {what}: error {err:.3g}, eager bf16 {eager_err:.3g}"
+            bound = eager_err + 2 ** -8 if what.startswith("grad ") and what != "grad h" else 3 * eager_err + 1e-2
+            assert err <= bound, f"bf16 {what}: error {err:.3g}, eager bf16 {eager_err:.3g}, bound {bound:.3g}"
     else:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _no_tf32():
             run_both(16, b, n, dtype, training, device="cuda")

@@ -64,6 +64,8 @@ std::tuple<at::Tensor, at::Tensor> mul_tanh_backward_cuda(const at::Tensor& grad
   check_same_layout(u_in, "u", h_in, "h", "marn_fast::mul_tanh_backward");
   TORCH_CHECK(grad_in.sizes() == u_in.sizes(), "marn_fast::mul_tanh_backward: grad must have u's shape ",
               u_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.device() == u_in.device(), "marn_fast::mul_tanh_backward: grad must be on u's device ",
+              u_in.device(), ", got ", grad_in.device());
   const c10::cuda::CUDAGuard guard(u_in.device());
   const at::Tensor g = grad_in.to(u_in.scalar_type()).contiguous();
   const at::Tensor u = u_in.contiguous();
