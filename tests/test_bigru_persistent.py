@@ -5,11 +5,15 @@ Tolerances: float64 1e-10 (only the summation order differs: W_hh in blocks, G_h
 backward); float32 2e-5 relative to the largest value (fp32 state through up to 40 steps);
 bf16 inputs (computed in fp32 from the bf16 values, output rounded to bf16) 1e-2.
 """
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from marn_fast.ops.bigru_persistent import _gate_rows, _slices, persistent_bigru
+from marn_fast.ops import bigru_persistent
+from marn_fast.ops.bigru import available_impls, packed_bigru
+from marn_fast.ops.bigru_persistent import _gate_rows, _slices, fallback_reason, launch_plan, persistent_bigru
 from marn_fast.reference import packed_bigru as reference_bigru
 
 
@@ -153,3 +157,106 @@ def test_ops_bigru_routes_persistent_and_rejects_unknown_impl():
                                persistent_bigru(x, lengths, gru._flat_weights), atol=0, rtol=0)
     with pytest.raises(ValueError, match="impl"):
         ops.bigru(x, lengths, gru._flat_weights, impl="cudnn")
+
+
+# ----------------------------------------------------------------- fall-back to cuDNN's packed path
+@pytest.fixture
+def limits(monkeypatch):
+    """Forces the launch limits (on the CPU too) and forgets earlier warnings."""
+    monkeypatch.setattr(bigru_persistent, "_WARNED", set())
+
+    def force(sms, smem, cooperative=1):
+        monkeypatch.setenv(bigru_persistent.LIMITS_ENV, f"sms={sms},smem={smem},cooperative={cooperative}")
+    return force
+
+
+def test_launch_plan_on_an_h100_or_h200():
+    # 132 SMs, 227 KiB per block: 5 units per block, 60 blocks per direction; the backward kernel's
+    # dG_h (B·3h floats) stops fitting at B = 55 for h = 300.
+    plan = launch_plan(16, 300, 132)
+    assert (plan.units, plan.blocks_per_dir) == (5, 60)
+    assert plan.forward_smem == 4 * (3 * 5 * 300 + 16 * 300 + 9 * 16 * 5)
+    assert plan.backward_smem == 4 * (3 * 300 * 5 + 3 * 16 * 300 + 18 * 16 * 5)
+    assert launch_plan(54, 300, 132).backward_smem <= 232448 < launch_plan(55, 300, 132).backward_smem
+    assert all(launch_plan(b, h, sms).blocks_per_dir * 2 <= sms for b in (1, 16) for h in (1, 7, 300, 1024)
+               for sms in (2, 3, 80, 132))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_falls_back_to_packed_with_one_warning_naming_the_reason(limits, train):
+    gru, x, lengths = _case(4, 12, 5, 8, seed=21, lengths=[12, 3, 7, 1])
+    plan = launch_plan(4, 8, 8)
+    limits(sms=8, smem=plan.forward_smem - 1)
+    with torch.set_grad_enabled(train):
+        with pytest.warns(RuntimeWarning, match=rf"forward kernel needs {plan.forward_smem:,} bytes .*B=4, h=8"):
+            got = persistent_bigru(x, lengths, gru._flat_weights)
+        want = packed_bigru(x, lengths, gru._flat_weights)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)  # it is the packed result
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per reason
+            persistent_bigru(x, lengths, gru._flat_weights)
+    if train:
+        grad = torch.randn_like(want)
+        for g, w in zip(torch.autograd.grad(got, [x, *gru.parameters()], grad),
+                        torch.autograd.grad(want, [x, *gru.parameters()], grad)):
+            torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_backward_limit_applies_only_when_a_gradient_can_flow(limits):
+    gru, x, lengths = _case(3, 9, 4, 6, seed=22, lengths=[9, 5, 2])
+    plan = launch_plan(3, 6, 16)
+    limits(sms=16, smem=plan.backward_smem - 1)
+    assert plan.forward_smem < plan.backward_smem
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():  # forward only: the kernel fits, the twin runs
+            twin = persistent_bigru(x, lengths, gru._flat_weights)
+    with pytest.warns(RuntimeWarning, match="backward kernel needs"):
+        fallback = persistent_bigru(x, lengths, gru._flat_weights)
+    torch.testing.assert_close(fallback, packed_bigru(x, lengths, gru._flat_weights), atol=0, rtol=0)
+    _close(twin, fallback.detach(), 1e-10)
+
+
+@pytest.mark.parametrize("sms,cooperative,match", [(1, 1, "at least 2 SMs .*this GPU has 1"),
+                                                    (132, 0, "cooperative launches")])
+def test_falls_back_without_enough_sms_or_cooperative_launch(limits, sms, cooperative, match):
+    gru, x, lengths = _case(2, 5, 3, 4, seed=23)
+    limits(sms=sms, smem=10 ** 9, cooperative=cooperative)
+    with pytest.warns(RuntimeWarning, match=match):
+        persistent_bigru(x, lengths, gru._flat_weights)
+    assert fallback_reason(x, gru._flat_weights, backward=False) is not None
+
+
+def test_fallback_reason_names_the_first_kernel_that_does_not_fit(limits):
+    gru, x, lengths = _case(2, 5, 3, 4, seed=24)
+    assert fallback_reason(x, gru._flat_weights, backward=True) is None  # CPU: no limits unless forced
+    assert "persistent" in available_impls(x, lengths, gru._flat_weights)  # the twin always runs on the CPU
+    limits(sms=2, smem=10)
+    assert fallback_reason(x, gru._flat_weights, backward=True).startswith("its forward kernel needs")
+
+
+def test_bad_limits_variable(monkeypatch):
+    monkeypatch.setenv(bigru_persistent.LIMITS_ENV, "sms=8")
+    gru, x, lengths = _case(2, 5, 3, 4, seed=25)
+    with pytest.raises(ValueError, match=bigru_persistent.LIMITS_ENV):
+        persistent_bigru(x, lengths, gru._flat_weights)
+
+
+@requires_cuda
+def test_cuda_fallback_decision_matches_the_kernels_own_check():
+    # The largest batch the Python plan admits runs the backward kernel; one more is refused by
+    # the kernel's own check (so the Python mirror of its shared-memory formula is exact).
+    props = torch.cuda.get_device_properties(0)
+    sms, optin = props.multi_processor_count, props.shared_memory_per_block_optin
+    hidden = 300
+    fits = max(b for b in range(1, 400) if launch_plan(b, hidden, sms).backward_smem <= optin)
+    for batch, ok in ((fits, True), (fits + 1, False)):
+        z = lambda *shape: torch.randn(*shape, device="cuda")  # noqa: E731
+        args = (z(2, batch, 2, hidden), z(2, batch, 2, hidden), z(2, batch, 2, 3 * hidden), z(2, batch, 2, 3 * hidden),
+                torch.full((batch,), 2, device="cuda", dtype=torch.int64), z(2, 3 * hidden, hidden), 2)
+        if ok:
+            torch.ops.marn_fast.bigru_persistent_backward(*args)
+            torch.cuda.synchronize()
+        else:
+            with pytest.raises(RuntimeError, match="bytes of shared memory"):
+                torch.ops.marn_fast.bigru_persistent_backward(*args)

@@ -6,13 +6,17 @@
 // the reverse one (already in processing order: step s of document b). Block k owns hidden units
 // [k·U, (k+1)·U): forward keeps the three gate rows of W_hh for them on chip ([3U, h]), backward the
 // columns ([3h, U]), for the whole sequence. Each step reads the full previous state (forward: h_{s−1};
-// backward: dG_h of step s+1) from global memory (it stays in L2), computes its units and writes
-// them; one grid-wide barrier per step. fp32 state and accumulation; inputs are fp32 (the host
-// upcasts bf16/fp16).
+// backward: dG_h of step s+1) from global memory (L2: __ldcg, never a stale L1 line), computes its
+// units and writes them. The two directions exchange nothing, so each has its own barrier per step
+// (a counter in global memory; the cooperative launch guarantees that all 2K blocks are resident).
+// Step s+1's per-unit inputs are copied to shared memory asynchronously before the barrier, off the
+// critical path. One block per SM (each asks for more than half an SM's shared memory). fp32 state
+// and accumulation; inputs are fp32 (the host upcasts bf16/fp16).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cooperative_groups.h>
+#include <cuda/atomic>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -22,10 +26,10 @@
 namespace marn_fast {
 namespace {
 
-namespace cg = cooperative_groups;
-
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+// Per-unit inputs of one backward step: dout, hprev, gx (r, z, n), gh (r, z, n).
+constexpr int kBackwardInputs = 8;
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -34,31 +38,77 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Barrier of one direction's blocks. `counter` only grows: every block adds 1 per barrier, so the
+// i-th barrier (i = 1, 2, ...) is passed once it reaches target = i·blocks_per_dir (no reset, no
+// sense flag). The leading __syncthreads orders the block's writes before thread 0's release; thread
+// 0's acquire plus the trailing __syncthreads order the other blocks' writes before every thread's
+// next read (the pattern of cooperative_groups' grid.sync, per direction).
+__device__ __forceinline__ void direction_barrier(unsigned int* counter, unsigned int target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    cuda::atomic_ref<unsigned int, cuda::thread_scope_device> count(*counter);
+    count.fetch_add(1u, cuda::memory_order_release);
+    while (count.load(cuda::memory_order_acquire) < target) {
+    }
+  }
+  __syncthreads();
+}
+
+// Copies `count` floats from global src to shared dst (both 16-byte aligned when vec), through L2.
+__device__ __forceinline__ void copy_from_l2(float* dst, const float* src, int count, bool vec, int first, int step) {
+  if (vec) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    for (int i = first; i < count / 4; i += step) d4[i] = __ldcg(s4 + i);
+  } else {
+    for (int i = first; i < count; i += step) dst[i] = __ldcg(src + i);
+  }
+}
+
 // gx [2, B, T, 3h] (x·W_ihᵀ + b_ih), lengths [B], w_hh [2, 3h, h], b_hh [2, 3h] → hproc [2, B, T, h]
-// (zero-filled by the caller; written at s < lengths[b]). hbuf [2 dirs, 2 parities, B, h].
-__global__ void __launch_bounds__(kThreads) gru_forward_kernel(
+// (zero-filled by the caller; written at s < lengths[b]). hbuf [2 dirs, 2 parities, B, h]: the state
+// exchanged between a direction's blocks, double-buffered (step s reads parity (s+1)%2, writes s%2).
+// counters [2]: zero, one per direction.
+__global__ void __launch_bounds__(kThreads, 1) gru_forward_kernel(
     const float* __restrict__ gx, const int64_t* __restrict__ lengths, const float* __restrict__ w_hh,
-    const float* __restrict__ b_hh, float* __restrict__ hproc, float* __restrict__ hbuf, int B, int T, int H,
-    int units, int blocks_per_dir, int steps) {
-  extern __shared__ float smem[];
+    const float* __restrict__ b_hh, float* __restrict__ hproc, float* __restrict__ hbuf,
+    unsigned int* __restrict__ counters, int B, int T, int H, int units, int blocks_per_dir, int steps) {
+  extern __shared__ __align__(16) float smem[];
   const int dir = blockIdx.x / blocks_per_dir;
   const int u0 = (blockIdx.x % blocks_per_dir) * units;
-  const int nu = max(0, min(H, u0 + units) - u0);
+  const int nu = min(H, u0 + units) - u0;  // ≥ 1: blocks_per_dir = ⌈H / units⌉
   const int rows = 3 * nu;
-  float* w = smem;                // [rows, H]: row r is gate r / nu of unit u0 + r % nu
-  float* hp = w + 3 * units * H;  // [B, H]: h_{s−1}
-  float* gh = hp + B * H;         // [B, rows]: h_{s−1}·W_hhᵀ for this block's rows
+  const bool vec = H % 4 == 0;     // 16-byte rows of hbuf and of hp
+  float* w = smem;                 // [rows, H]: row r is gate r / nu of unit u0 + r % nu
+  float* hp = w + 3 * units * H;   // [B, H]: h_{s−1}
+  float* gh = hp + B * H;          // [B, rows]: h_{s−1}·W_hhᵀ for this block's rows
+  float* gxs = gh + B * 3 * units;  // [2 parities][B, 3, units]: step s's gx for this block's units
   const float* W = w_hh + (int64_t)dir * 3 * H * H;
   const float* bias = b_hh + (int64_t)dir * 3 * H;
   for (int i = threadIdx.x; i < rows * H; i += kThreads) {
     const int r = i / H;
     w[i] = W[(int64_t)((r / nu) * H + u0 + r % nu) * H + i % H];
   }
-  cg::grid_group grid = cg::this_grid();
+  // Issues the asynchronous copy of step s's gx values of this block's units into gxs[s % 2].
+  auto prefetch = [&](int s) {
+    float* dst = gxs + (s & 1) * B * 3 * units;
+    for (int p = threadIdx.x; p < B * rows; p += kThreads) {
+      const int b = p / rows, q = p % rows, gate = q / nu, j = q % nu;
+      const float* src = gx + (((int64_t)dir * B + b) * T + s) * 3 * H + gate * H + u0 + j;
+      __pipeline_memcpy_async(dst + (b * 3 + gate) * units + j, src, sizeof(float));
+    }
+    __pipeline_commit();
+  };
+  unsigned int* counter = counters + dir;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (steps > 0) prefetch(0);
   for (int s = 0; s < steps; ++s) {
-    const float* prev = hbuf + (int64_t)(dir * 2 + (s + 1) % 2) * B * H;
-    for (int i = threadIdx.x; i < B * H; i += kThreads) hp[i] = s == 0 ? 0.f : prev[i];
+    if (s == 0) {
+      for (int i = threadIdx.x; i < B * H; i += kThreads) hp[i] = 0.f;
+    } else {
+      copy_from_l2(hp, hbuf + (int64_t)(dir * 2 + (s + 1) % 2) * B * H, B * H, vec, threadIdx.x, kThreads);
+    }
+    __pipeline_wait_prior(0);  // this thread's part of step s's gx
     __syncthreads();
     for (int p = warp; p < B * rows; p += kWarps) {
       const int b = p / rows, r = p % rows;
@@ -68,52 +118,76 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(
       if (lane == 0) gh[p] = acc;
     }
     __syncthreads();
+    const float* g3 = gxs + (s & 1) * B * 3 * units;
     float* next = hbuf + (int64_t)(dir * 2 + s % 2) * B * H;
     for (int p = threadIdx.x; p < B * nu; p += kThreads) {
       const int b = p / nu, j = p % nu, unit = u0 + j;
       float h = hp[b * H + unit];
       if (s < lengths[b]) {
-        const int64_t row = ((int64_t)dir * B + b) * T + s;
-        const float* g = gx + row * 3 * H;
+        const float* g = g3 + b * 3 * units + j;
         const float* a = gh + b * rows;
-        const float r = sigmoid(g[unit] + a[j] + bias[unit]);
-        const float z = sigmoid(g[H + unit] + a[nu + j] + bias[H + unit]);
-        const float c = tanhf(g[2 * H + unit] + r * (a[2 * nu + j] + bias[2 * H + unit]));
+        const float r = sigmoid(g[0] + a[j] + bias[unit]);
+        const float z = sigmoid(g[units] + a[nu + j] + bias[H + unit]);
+        const float c = tanhf(g[2 * units] + r * (a[2 * nu + j] + bias[2 * H + unit]));
         h = (1.f - z) * c + z * h;
-        hproc[row * H + unit] = h;
+        hproc[(((int64_t)dir * B + b) * T + s) * H + unit] = h;
       }
       next[b * H + unit] = h;
     }
-    grid.sync();
+    if (s + 1 < steps) {
+      prefetch(s + 1);  // gxs[(s+1) % 2] was last read in step s − 1, before the last barrier
+      direction_barrier(counter, static_cast<unsigned int>(s + 1) * blocks_per_dir);
+    }
   }
 }
 
 // dout, hprev [2, B, T, h]; gx, gh [2, B, T, 3h] (gh = h_{s−1}·W_hhᵀ + b_hh); lengths; w_hh [2, 3h, h]
-// → dgx, dgh [2, B, T, 3h] (zero-filled by the caller; written at s < lengths[b]).
-__global__ void __launch_bounds__(kThreads) gru_backward_kernel(
+// → dgx, dgh [2, B, T, 3h] (zero-filled by the caller; written at s < lengths[b]). dgh also carries
+// dG_h of step s+1 between a direction's blocks. counters [2]: zero, one per direction.
+__global__ void __launch_bounds__(kThreads, 1) gru_backward_kernel(
     const float* __restrict__ dout, const float* __restrict__ hprev, const float* __restrict__ gx,
     const float* __restrict__ gh, const int64_t* __restrict__ lengths, const float* __restrict__ w_hh,
-    float* __restrict__ dgx, float* __restrict__ dgh, int B, int T, int H, int units, int blocks_per_dir,
-    int steps) {
-  extern __shared__ float smem[];
+    float* __restrict__ dgx, float* __restrict__ dgh, unsigned int* __restrict__ counters, int B, int T, int H,
+    int units, int blocks_per_dir, int steps) {
+  extern __shared__ __align__(16) float smem[];
   const int dir = blockIdx.x / blocks_per_dir;
   const int u0 = (blockIdx.x % blocks_per_dir) * units;
-  const int nu = max(0, min(H, u0 + units) - u0);
+  const int nu = min(H, u0 + units) - u0;  // ≥ 1
   const int H3 = 3 * H;
+  const bool vec = H % 4 == 0;     // 16-byte rows of dgh and of dg
   float* wc = smem;                // [3h, units]: column u0 + j of W_hh
   float* dg = wc + H3 * units;     // [B, 3h]: dG_h of step s + 1
   float* carry = dg + B * H3;      // [B, units]: g·z of step s + 1
   float* dh = carry + B * units;   // [B, units]: dh of step s (from s + 1)
+  float* pf = dh + B * units;      // [2 parities][B, kBackwardInputs, units]: step s's per-unit inputs
   const float* W = w_hh + (int64_t)dir * H3 * H;
   for (int i = threadIdx.x; i < H3 * nu; i += kThreads) wc[(i / nu) * units + i % nu] = W[(int64_t)(i / nu) * H + u0 + i % nu];
   for (int i = threadIdx.x; i < B * units; i += kThreads) carry[i] = 0.f;
-  cg::grid_group grid = cg::this_grid();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int s = steps - 1; s >= 0; --s) {
-    for (int i = threadIdx.x; i < B * H3; i += kThreads) {
-      const int b = i / H3;
-      dg[i] = s + 1 < steps ? dgh[(((int64_t)dir * B + b) * T + s + 1) * H3 + i % H3] : 0.f;
+  // Issues the asynchronous copy of step s's per-unit inputs of this block's units into pf[s % 2].
+  auto prefetch = [&](int s) {
+    float* dst = pf + (s & 1) * B * kBackwardInputs * units;
+    for (int p = threadIdx.x; p < B * kBackwardInputs * nu; p += kThreads) {
+      const int b = p / (kBackwardInputs * nu), q = p % (kBackwardInputs * nu), k = q / nu, j = q % nu;
+      const int64_t row = ((int64_t)dir * B + b) * T + s;
+      const float* src = k == 0 ? dout + row * H : k == 1 ? hprev + row * H
+                       : k < 5  ? gx + row * H3 + (k - 2) * H : gh + row * H3 + (k - 5) * H;
+      __pipeline_memcpy_async(dst + (b * kBackwardInputs + k) * units + j, src + u0 + j, sizeof(float));
     }
+    __pipeline_commit();
+  };
+  unsigned int* counter = counters + dir;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (steps > 0) prefetch(steps - 1);
+  for (int s = steps - 1; s >= 0; --s) {
+    if (s + 1 == steps) {
+      for (int i = threadIdx.x; i < B * H3; i += kThreads) dg[i] = 0.f;
+    } else {
+      // 2-D: one warp per document row, lanes along the row's 3h values (float4 when h % 4 == 0).
+      for (int b = warp; b < B; b += kWarps) {
+        copy_from_l2(dg + b * H3, dgh + (((int64_t)dir * B + b) * T + s + 1) * H3, H3, vec, lane, 32);
+      }
+    }
+    __pipeline_wait_prior(0);  // this thread's part of step s's inputs
     __syncthreads();
     for (int p = warp; p < B * nu; p += kWarps) {
       const int b = p / nu, j = p % nu;
@@ -123,20 +197,20 @@ __global__ void __launch_bounds__(kThreads) gru_backward_kernel(
       if (lane == 0) dh[b * units + j] = acc + carry[b * units + j];
     }
     __syncthreads();
+    const float* in = pf + (s & 1) * B * kBackwardInputs * units;
     for (int p = threadIdx.x; p < B * nu; p += kThreads) {
       const int b = p / nu, j = p % nu, unit = u0 + j;
       float next_carry = 0.f;
       if (s < lengths[b]) {
+        const float* v = in + b * kBackwardInputs * units + j;  // v[k·units]: input k of this unit
         const int64_t row = ((int64_t)dir * B + b) * T + s;
-        const float* x3 = gx + row * H3;
-        const float* h3 = gh + row * H3;
-        const float g = dout[row * H + unit] + dh[b * units + j];
-        const float r = sigmoid(x3[unit] + h3[unit]);
-        const float z = sigmoid(x3[H + unit] + h3[H + unit]);
-        const float hn = h3[2 * H + unit];
-        const float c = tanhf(x3[2 * H + unit] + r * hn);
+        const float g = v[0] + dh[b * units + j];
+        const float r = sigmoid(v[2 * units] + v[5 * units]);
+        const float z = sigmoid(v[3 * units] + v[6 * units]);
+        const float hn = v[7 * units];
+        const float c = tanhf(v[4 * units] + r * hn);
         const float da_n = g * (1.f - z) * (1.f - c * c);
-        const float da_z = g * (hprev[row * H + unit] - c) * z * (1.f - z);
+        const float da_z = g * (v[units] - c) * z * (1.f - z);
         const float da_r = da_n * hn * r * (1.f - r);
         float* ox = dgx + row * H3;
         float* oh = dgh + row * H3;
@@ -146,7 +220,10 @@ __global__ void __launch_bounds__(kThreads) gru_backward_kernel(
       }
       carry[b * units + j] = next_carry;
     }
-    grid.sync();
+    if (s > 0) {
+      prefetch(s - 1);  // pf[(s−1) % 2] was last read in step s + 1, before the last barrier
+      direction_barrier(counter, static_cast<unsigned int>(steps - s) * blocks_per_dir);
+    }
   }
 }
 
@@ -154,7 +231,16 @@ void check_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape, con
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on ", ref.device(), ", got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+// Shared memory of each kernel in bytes for `units` units per block (the layouts above).
+// marn_fast/ops/bigru_persistent.py (launch_plan) mirrors these two formulas.
+size_t forward_smem(int64_t B, int64_t H, int64_t units) {
+  return sizeof(float) * (3 * units * H + B * H + 3 * B * units + 2 * 3 * B * units);
+}
+size_t backward_smem(int64_t B, int64_t H, int64_t units) {
+  return sizeof(float) * (3 * H * units + 3 * B * H + 2 * B * units + 2 * kBackwardInputs * B * units);
 }
 
 struct Launch {
@@ -162,24 +248,31 @@ struct Launch {
   size_t smem;
 };
 
-// Units per block: as few as fit all 2·K blocks on the GPU at once (a cooperative launch needs them
-// co-resident); smem(units) gives the kernel's dynamic shared memory.
-template <typename Kernel, typename Smem>
-Launch plan(Kernel kernel, int H, Smem smem_of, const char* op) {
+// One block per SM, 2·K ≤ SMs blocks for both directions (a cooperative launch needs them all
+// resident for the barriers), with as few units per block as that allows: units = ⌈H / ⌊SMs/2⌋⌉.
+// Each block asks for at least half an SM's shared memory plus one byte, so no two share an SM.
+// marn_fast/ops/bigru_persistent.py (launch_plan) makes the same decision before launching and falls
+// back to cuDNN where it fails; these checks are the backstop.
+template <typename Kernel>
+Launch plan(Kernel kernel, int64_t H, size_t need_of_units(int64_t, int64_t, int64_t), int64_t B, const char* op) {
   const auto* props = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(props->cooperativeLaunch, op, ": this GPU does not support cooperative launches");
-  for (int units = std::max(1, (2 * H + props->multiProcessorCount - 1) / props->multiProcessorCount); units <= H;
-       ++units) {
-    const size_t smem = smem_of(units);
-    if (smem > props->sharedMemPerBlockOptin) continue;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-    const int blocks_per_dir = (H + units - 1) / units;
-    if (per_sm > 0 && 2 * blocks_per_dir <= per_sm * props->multiProcessorCount) return {units, blocks_per_dir, smem};
-  }
-  TORCH_CHECK(false, op, ": hidden size ", H, " does not fit one cooperative launch on this GPU");
-  return {};
+  const int64_t max_blocks_per_dir = props->multiProcessorCount / 2;
+  TORCH_CHECK(max_blocks_per_dir >= 1, op, ": needs at least 2 SMs, got ", props->multiProcessorCount);
+  const int64_t units = (H + max_blocks_per_dir - 1) / max_blocks_per_dir;
+  const int64_t blocks_per_dir = (H + units - 1) / units;
+  const size_t need = need_of_units(B, H, units);
+  TORCH_CHECK(need <= props->sharedMemPerBlockOptin, op, ": needs ", need, " bytes of shared memory per block (B=",
+              B, ", h=", H, ", ", units, " units per block), this GPU allows ", props->sharedMemPerBlockOptin);
+  const size_t smem = std::min<size_t>(props->sharedMemPerBlockOptin,
+                                       std::max<size_t>(need, props->sharedMemPerMultiprocessor / 2 + 1));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  TORCH_CHECK(per_sm >= 1 && 2 * blocks_per_dir <= per_sm * props->multiProcessorCount, op, ": ", 2 * blocks_per_dir,
+              " blocks of ", kThreads, " threads with ", smem, " bytes of shared memory do not fit one cooperative ",
+              "launch (", per_sm, " per SM, ", props->multiProcessorCount, " SMs)");
+  return {static_cast<int>(units), static_cast<int>(blocks_per_dir), smem};
 }
 
 // Both directions' blocks (2·K) in one cooperative launch on the current stream.
@@ -193,7 +286,8 @@ void check_common(const at::Tensor& lengths, const at::Tensor& w_hh, int64_t B, 
                   const at::Tensor& ref, const char* op) {
   TORCH_CHECK(lengths.device() == ref.device() && lengths.scalar_type() == at::kLong && lengths.dim() == 1 &&
                   lengths.size(0) == B && lengths.is_contiguous(),
-              op, ": lengths must be a contiguous int64 [B] tensor on ", ref.device());
+              op, ": lengths must be a contiguous int64 [B=", B, "] tensor on ", ref.device(), ", got ",
+              lengths.scalar_type(), " ", lengths.sizes(), " on ", lengths.device());
   check_f32(w_hh, "w_hh", {2, 3 * H, H}, ref, op);
   TORCH_CHECK(steps >= 0 && steps <= T, op, ": steps must lie in [0, T=", T, "], got ", steps);
 }
@@ -211,17 +305,17 @@ at::Tensor bigru_persistent_forward_cuda(const at::Tensor& gx, const at::Tensor&
   at::Tensor hproc = at::zeros({2, B, T, H}, gx.options());
   if (B == 0 || steps == 0) return hproc;
   at::Tensor hbuf = at::empty({2, 2, B, H}, gx.options());
-  const Launch l = plan(gru_forward_kernel, static_cast<int>(H), [&](int u) {
-    return sizeof(float) * (3 * u * H + B * H + B * 3 * u);
-  }, op);
+  at::Tensor counters = at::zeros({2}, gx.options().dtype(at::kInt));
+  const Launch l = plan(gru_forward_kernel, H, forward_smem, B, op);
   const float* a_gx = gx.const_data_ptr<float>();
   const int64_t* a_len = lengths.const_data_ptr<int64_t>();
   const float* a_w = w_hh.const_data_ptr<float>();
   const float* a_b = b_hh.const_data_ptr<float>();
   float* a_h = hproc.mutable_data_ptr<float>();
   float* a_buf = hbuf.mutable_data_ptr<float>();
+  auto* a_cnt = reinterpret_cast<unsigned int*>(counters.mutable_data_ptr<int>());
   int b = B, t = T, h = H, units = l.units, bpd = l.blocks_per_dir, st = steps;
-  void* args[] = {&a_gx, &a_len, &a_w, &a_b, &a_h, &a_buf, &b, &t, &h, &units, &bpd, &st};
+  void* args[] = {&a_gx, &a_len, &a_w, &a_b, &a_h, &a_buf, &a_cnt, &b, &t, &h, &units, &bpd, &st};
   launch(gru_forward_kernel, l, args);
   return hproc;
 }
@@ -242,9 +336,8 @@ std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cuda(const at::Tens
   at::Tensor dgx = at::zeros({2, B, T, 3 * H}, dout.options());
   at::Tensor dgh = at::zeros({2, B, T, 3 * H}, dout.options());
   if (B == 0 || steps == 0) return {dgx, dgh};
-  const Launch l = plan(gru_backward_kernel, static_cast<int>(H), [&](int u) {
-    return sizeof(float) * (3 * H * u + B * 3 * H + 2 * B * u);
-  }, op);
+  at::Tensor counters = at::zeros({2}, dout.options().dtype(at::kInt));
+  const Launch l = plan(gru_backward_kernel, H, backward_smem, B, op);
   const float* a_dout = dout.const_data_ptr<float>();
   const float* a_hprev = hprev.const_data_ptr<float>();
   const float* a_gx = gx.const_data_ptr<float>();
@@ -253,8 +346,9 @@ std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cuda(const at::Tens
   const float* a_w = w_hh.const_data_ptr<float>();
   float* a_dgx = dgx.mutable_data_ptr<float>();
   float* a_dgh = dgh.mutable_data_ptr<float>();
+  auto* a_cnt = reinterpret_cast<unsigned int*>(counters.mutable_data_ptr<int>());
   int b = B, t = T, h = H, units = l.units, bpd = l.blocks_per_dir, st = steps;
-  void* args[] = {&a_dout, &a_hprev, &a_gx, &a_gh, &a_len, &a_w, &a_dgx, &a_dgh, &b, &t, &h, &units, &bpd, &st};
+  void* args[] = {&a_dout, &a_hprev, &a_gx, &a_gh, &a_len, &a_w, &a_dgx, &a_dgh, &a_cnt, &b, &t, &h, &units, &bpd, &st};
   launch(gru_backward_kernel, l, args);
   return {dgx, dgh};
 }

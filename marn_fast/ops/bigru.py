@@ -2,25 +2,49 @@
 
 x [B, n, d_e], lengths [B] int64 (or None: all full), weights = the 8 tensors of a one-layer
 bidirectional nn.GRU in its `_flat_weights` order (w_ih, w_hh, b_ih, b_hh, then *_reverse)
-→ H [B, n, 2·d_r], zero at t ≥ lengths[b].
+→ H [B, n, 2·d_r], zero at t ≥ lengths[b]. Per direction and step, with h_0 = 0:
+    r = σ(W_ir x_t + b_ir + W_hr h + b_hr),  z = σ(W_iz x_t + b_iz + W_hz h + b_hz),
+    c = tanh(W_in x_t + b_in + r ⊙ (W_hn h + b_hn)),  h ← (1 − z) ⊙ c + z ⊙ h;
+the reverse direction of document b starts at its own last token, lengths[b] − 1.
 
-CPU path (exact, O(n) backward): torch's packed-sequence backward on the CPU is quadratic in n
-(one slice-backward per step, each filling a zero tensor of the whole packed input). Instead the
-forward direction runs as a unidirectional GRU on the padded batch (padding comes after each
-document's tokens, so valid positions never see it) and the reverse direction as a second one on
-each document reversed within its own length (gather with index lengths−1−t for t < lengths),
-reversed back afterwards; padded outputs are zeroed. CUDA: cuDNN's packed path.
+Implementations (`bigru(..., impl=...)`, `available_impls(x, lengths, weights)`):
+- "reference": torch's GRU on the packed sequence (exactly `nn.GRU` on a PackedSequence).
+- "packed": the same call, the production path on CUDA (cuDNN's packed RNN); CUDA only.
+- "split": exact and O(n) in backward on the CPU, where torch's packed-sequence backward is
+  quadratic in n (one slice-backward per step, each filling a zero tensor of the whole packed
+  input). The forward direction runs as a unidirectional GRU on the padded batch (padding comes
+  after each document's tokens, so valid positions never see it) and the reverse direction as a
+  second one on each document reversed within its own length (gather with index lengths−1−t for
+  t < lengths), reversed back afterwards; padded outputs are zeroed.
+- "cudnn_persistent": "split" shaped for cuDNN's persistent recurrence (CUDNN_RNN_ALGO_PERSIST_STATIC,
+  which PyTorch considers only for one-layer unidirectional unpacked fp16 GRUs with hidden and input
+  sizes multiples of 128): hidden and input sizes zero-padded to multiples of 128 (zero weights,
+  biases and inputs keep the padded units at exactly 0 from h_0 = 0 and leave the real units'
+  results unchanged; their outputs are dropped, and autograd maps the gradients back to the real
+  weights), fp16 on CUDA. On the CPU it computes in fp32 (fp64 for fp64 inputs): a test of the
+  padding and reversal only. Note: PyTorch's cuDNN heuristic (aten/src/ATen/native/cudnn/RNN.cpp,
+  use_persist_device_heuristics) does not grant the persistent algorithm to GRUs on sm80+ GPUs
+  with ≥ 98 SMs (A100, H100, H200), so there this runs cuDNN's standard algorithm on fp16, unpacked
+  — still a candidate for the dispatcher to time (benchmarks/bench_bigru.py reports which kernels ran).
+- "persistent": the persistent recurrence of `marn_fast.ops.bigru_persistent` (CUDA kernels; on the
+  CPU their step-exact twins). Opt-in: listed on CUDA only where its launch fits (fallback_reason).
+- "auto": unchanged behaviour: without lengths one bidirectional GRU call on the batch; with them
+  "packed" on CUDA and "split" on the CPU.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
+from ._extension import cuda_extension_available
 
 NUM_WEIGHTS = 8
+IMPLS = ("auto", "reference", "split", "packed", "persistent", "cudnn_persistent")
+PERSIST_MULTIPLE = 128  # cuDNN's persistent GRU wants hidden and input sizes that are multiples of this
 
 
 def reverse_within_lengths_index(lengths: torch.Tensor, n: int) -> torch.Tensor:
@@ -34,51 +58,120 @@ def gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[2]))
 
 
-def _needs_grad(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+def needs_grad(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     """cuDNN's RNN backward exists only for a forward run in training mode (which also keeps its
     workspace): ask for it exactly when a gradient can flow, whatever the module's mode."""
     return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
 
 
-def packed_bigru(x: torch.Tensor, lengths: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """cuDNN-friendly path: the packed sequence through one bidirectional GRU call."""
-    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+def _full_lengths(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+
+
+def packed_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The packed sequence through one bidirectional GRU call ("reference"; "packed" on CUDA)."""
     hx = x.new_zeros(2, x.shape[0], weights[1].shape[1])
-    out, _ = torch.gru(packed.data, packed.batch_sizes, hx, list(weights), True, 1, 0.0, _needs_grad(x, weights),
+    if lengths is None:
+        return torch.gru(x, hx, list(weights), True, 1, 0.0, needs_grad(x, weights), True, True)[0]
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = torch.gru(packed.data, packed.batch_sizes, hx, list(weights), True, 1, 0.0, needs_grad(x, weights),
                        True)
     return pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=x.shape[1])[0]
 
 
-IMPLS = ("auto", "persistent")
+def _pad_gates(w: torch.Tensor, hidden: int, padded_hidden: int, padded_cols: Optional[int] = None) -> torch.Tensor:
+    """A GRU weight [3h, c] → [3h', c'] (bias [3h] → [3h']): each gate's block zero-padded."""
+    gates = w.reshape(3, hidden, *w.shape[1:])
+    pad = ([0, padded_cols - w.shape[1]] if w.dim() == 2 else []) + [0, padded_hidden - hidden]
+    return F.pad(gates, pad).reshape(3 * padded_hidden, *([padded_cols] if w.dim() == 2 else []))
 
 
-def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
-          impl: str = "auto") -> torch.Tensor:
-    """impl="auto": cuDNN's packed path on CUDA, the exact O(n) path on the CPU; "persistent": the
-    persistent recurrence of `marn_fast.ops.bigru_persistent` (opt-in until a GPU run has tested
-    and timed its CUDA kernels)."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "persistent":
-        from .bigru_persistent import persistent_bigru
-        return persistent_bigru(x, lengths, weights)
+def split_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+                multiple: int = 1, compute: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The two directions as unidirectional GRUs on the padded batch (module docstring, "split").
+    multiple > 1: hidden and input sizes zero-padded to multiples of it; compute: the GRUs' dtype."""
+    batch, n, d_in = x.shape
+    hidden = weights[1].shape[1]
+    lengths = _full_lengths(x) if lengths is None else lengths
+    compute = compute or x.dtype
+    padded_hidden, padded_in = -(-hidden // multiple) * multiple, -(-d_in // multiple) * multiple
+    padded = (padded_hidden, padded_in) != (hidden, d_in)
+    index = reverse_within_lengths_index(lengths, n)
+    xc = (F.pad(x, (0, padded_in - d_in)) if padded else x).to(compute)
+    h0 = xc.new_zeros(1, batch, padded_hidden)
+    train = needs_grad(x, weights)
+    outs = []
+    with torch.autocast(x.device.type, enabled=False):  # autocast would recast the GRU to its own dtype
+        for direction, inputs in ((0, xc), (1, gather_time(xc, index))):
+            params = list(weights[4 * direction:4 * direction + 4])
+            if padded:
+                cols = (padded_in, padded_hidden, None, None)
+                params = [_pad_gates(p, hidden, padded_hidden, c) for p, c in zip(params, cols)]
+            out = torch.gru(inputs, h0, [p.to(compute) for p in params], True, 1, 0.0, train, False, True)[0]
+            outs.append(out[..., :hidden])
+    out = torch.cat([outs[0], gather_time(outs[1], index)], dim=2).to(x.dtype)
+    valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None])[:, :, None]
+    return out * valid
+
+
+def cudnn_persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor],
+                           weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """"split" with sizes padded to multiples of 128, in fp16 on CUDA (module docstring)."""
+    compute = torch.float16 if x.is_cuda else (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return split_bigru(x, lengths, weights, multiple=PERSIST_MULTIPLE, compute=compute)
+
+
+def _persistent(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    from .bigru_persistent import persistent_bigru
+    return persistent_bigru(x, lengths, weights)
+
+
+_FUNCTIONS = {"reference": packed_bigru, "packed": packed_bigru, "split": split_bigru,
+              "cudnn_persistent": cudnn_persistent_bigru, "persistent": _persistent}
+
+
+def _check(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> None:
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
                          f"got {len(weights)}")
-    batch, n, _ = x.shape
-    check_lengths(lengths, batch, n, x.device)
-    hidden = weights[1].shape[1]
-    forward_w, reverse_w = list(weights[:4]), list(weights[4:])
-    if lengths is None:
-        return torch.gru(x, x.new_zeros(2, batch, hidden), list(weights), True, 1, 0.0, _needs_grad(x, weights),
-                         True, True)[0]
-    if x.is_cuda:
-        return packed_bigru(x, lengths, weights)
-    h0 = x.new_zeros(1, batch, hidden)
-    valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None])[:, :, None]
-    out_fwd = torch.gru(x, h0, forward_w, True, 1, 0.0, False, False, True)[0]
-    index = reverse_within_lengths_index(lengths, n)
-    out_rev = torch.gru(gather_time(x, index), h0, reverse_w, True, 1, 0.0, False, False, True)[0]
-    out = torch.cat([out_fwd, gather_time(out_rev, index)], dim=2)
-    return out * valid
+    check_lengths(lengths, x.shape[0], x.shape[1], x.device)
+
+
+def _unavailable(impl: str, x: torch.Tensor) -> Optional[str]:
+    """Why `impl` cannot run on x's device and dtype (None: it can)."""
+    if impl == "packed" and not x.is_cuda:
+        return f"it is cuDNN's packed RNN and needs CUDA tensors, got device {x.device}"
+    if impl == "cudnn_persistent" and x.is_cuda and x.dtype == torch.float64:
+        return "it computes in fp16 on CUDA, pointless for float64 inputs"
+    if impl == "persistent" and x.is_cuda and not cuda_extension_available():
+        return "its CUDA kernels need the compiled extension marn_fast._C_cuda (pip install --no-build-isolation .)"
+    return None
+
+
+def available_impls(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> tuple:
+    """The implementations that can run on these inputs now ("reference" included, "auto" not).
+    "persistent" on CUDA only where its kernels' launch fits (else it would fall back to cuDNN)."""
+    _check(x, lengths, weights)
+    found = [impl for impl in IMPLS[1:] if _unavailable(impl, x) is None]
+    if x.is_cuda and "persistent" in found:
+        from .bigru_persistent import fallback_reason
+        if fallback_reason(x, weights, needs_grad(x, weights)) is not None:
+            found.remove("persistent")
+    return tuple(found)
+
+
+def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+          impl: str = "auto") -> torch.Tensor:
+    """The BiGRU (module docstring) through implementation `impl`; a ValueError names why an impl
+    cannot run here. impl="persistent" falls back to cuDNN (with a warning) where its CUDA
+    kernels cannot launch."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    _check(x, lengths, weights)
+    if impl == "auto":
+        impl = "reference" if lengths is None else ("packed" if x.is_cuda else "split")
+    reason = _unavailable(impl, x)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run here: {reason}")
+    return _FUNCTIONS[impl](x, lengths, weights)

@@ -38,13 +38,16 @@ only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_ch
 """
 from __future__ import annotations
 
+import os
+import warnings
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
 from ._extension import cuda_extension_available
-from .bigru import NUM_WEIGHTS, gather_time, reverse_within_lengths_index
+from .bigru import NUM_WEIGHTS, gather_time, needs_grad, packed_bigru, reverse_within_lengths_index
 
 DEFAULT_SLICES = 4
 
@@ -175,11 +178,111 @@ class _PersistentBiGRU(torch.autograd.Function):
         return (dx, None, None, *grads)
 
 
+# ----------------------------------------------------------------- fall-back to cuDNN (CUDA)
+# Where the CUDA kernels cannot launch, persistent_bigru runs cuDNN's packed path instead (same
+# contract) and warns once per reason. The kernels run one block per SM, both directions' 2·K blocks
+# resident at once (a cooperative launch; each direction synchronises its K blocks every step):
+# K = ⌈h / units⌉ with units = ⌈h / ⌊SMs / 2⌋⌉, and each kernel's shared memory for that many units
+# must fit one block. LAUNCH mirrors csrc/cuda/gru_cuda.cu (forward_smem, backward_smem, plan), whose
+# checks remain the backstop; registers never limit (__launch_bounds__(512, 1): ≤ 128 per thread).
+LIMITS_ENV = "MARN_FAST_PERSISTENT_LIMITS"  # e.g. "sms=8,smem=40000,cooperative=1": forces limits (tests)
+FLOAT_BYTES = 4
+BACKWARD_INPUTS = 8  # per-unit inputs the backward kernel prefetches: dout, hprev, gx (r, z, n), gh (r, z, n)
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    sms: int  # streaming multiprocessors
+    smem: int  # bytes of shared memory one block may opt in to
+    cooperative: bool = True
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    units: int  # hidden units per block
+    blocks_per_dir: int
+    forward_smem: int  # bytes
+    backward_smem: int
+
+
+def launch_plan(batch: int, hidden: int, sms: int) -> LaunchPlan:
+    """The CUDA kernels' launch for B=batch, h=hidden on a GPU with `sms` SMs (sms ≥ 2)."""
+    units = -(-hidden // (sms // 2))
+    forward = FLOAT_BYTES * (3 * units * hidden + batch * hidden + 3 * batch * units + 2 * 3 * batch * units)
+    backward = FLOAT_BYTES * (3 * hidden * units + 3 * batch * hidden + 2 * batch * units
+                              + 2 * BACKWARD_INPUTS * batch * units)
+    return LaunchPlan(units, -(-hidden // units), forward, backward)
+
+
+def device_limits(device: torch.device) -> Optional[DeviceLimits]:
+    """The limits the CUDA kernels launch under: MARN_FAST_PERSISTENT_LIMITS when set (on any
+    device, so that tests can force them on the CPU), the GPU's own on CUDA, None on the CPU (its
+    twin has none)."""
+    forced = os.environ.get(LIMITS_ENV, "").strip()
+    if forced:
+        try:
+            fields = dict(item.split("=", 1) for item in forced.split(","))
+            return DeviceLimits(int(fields["sms"]), int(fields["smem"]), fields.get("cooperative", "1") != "0")
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{LIMITS_ENV}: expected 'sms=N,smem=BYTES[,cooperative=0|1]', got {forced!r}") from exc
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    return DeviceLimits(props.multi_processor_count, smem, props.major >= 6)
+
+
+def _fallback(x: torch.Tensor, weights: Sequence[torch.Tensor], backward: bool) -> Optional[tuple[str, str]]:
+    """(kind, reason with its numbers) when the CUDA kernels cannot run on these inputs, else None."""
+    limits = device_limits(x.device)
+    if limits is None:
+        return None
+    batch, hidden = x.shape[0], weights[1].shape[1]
+    if not limits.cooperative:
+        return "cooperative", "this GPU does not support cooperative launches"
+    if limits.sms < 2:
+        return "sms", f"it needs at least 2 SMs (one block per direction), this GPU has {limits.sms}"
+    plan = launch_plan(batch, hidden, limits.sms)
+    for kernel, need in (("forward", plan.forward_smem), ("backward", plan.backward_smem))[:2 if backward else 1]:
+        if need > limits.smem:
+            return kernel, (f"its {kernel} kernel needs {need:,} bytes of shared memory per block at B={batch}, "
+                            f"h={hidden} ({plan.units} units per block, {2 * plan.blocks_per_dir} blocks on "
+                            f"{limits.sms} SMs), more than the {limits.smem:,} this GPU allows")
+    return None
+
+
+def fallback_reason(x: torch.Tensor, weights: Sequence[torch.Tensor], backward: bool) -> Optional[str]:
+    """Why the CUDA kernels cannot run on these inputs (None: they can), numbers included.
+    backward: whether the backward kernel must fit too (a gradient can flow)."""
+    found = _fallback(x, weights, backward)
+    return None if found is None else found[1]
+
+
+_WARNED: set = set()  # the kinds of fall-back already warned about
+
+
+def persistent_fallback(x: torch.Tensor, lengths: torch.Tensor,
+                        weights: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """cuDNN's packed result where the CUDA kernels cannot launch (with a RuntimeWarning, once per
+    kind of reason), else None. Runs before anything is launched."""
+    found = _fallback(x, weights, needs_grad(x, weights))
+    if found is None:
+        return None
+    kind, reason = found
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        warnings.warn(f"marn_fast: the persistent BiGRU falls back to cuDNN's packed path: {reason}",
+                      RuntimeWarning, stacklevel=3)
+    return packed_bigru(x, lengths, weights)
+
+
 def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
                      num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
     """The persistent BiGRU (see the module docstring); differentiable through its own
     reverse-time backward. Computes in fp32 (fp64 for fp64 inputs on the CPU) and returns x's
-    dtype. num_slices: blocks per direction of the CPU twin (the CUDA kernel sizes its own)."""
+    dtype. num_slices: blocks per direction of the CPU twin (the CUDA kernel sizes its own).
+    Where the CUDA kernels cannot launch (shared memory, SMs, cooperative launch: see
+    fallback_reason) it returns cuDNN's packed result instead, with a one-time warning."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
@@ -190,6 +293,9 @@ def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: 
     check_lengths(lengths, batch, n, x.device)
     if lengths is None:
         lengths = torch.full((batch,), n, dtype=torch.int64, device=x.device)
+    fallback = persistent_fallback(x, lengths, weights)
+    if fallback is not None:
+        return fallback
     compute = torch.float64 if (x.dtype == torch.float64 and not x.is_cuda) else torch.float32
     out = _PersistentBiGRU.apply(x.to(compute), lengths, num_slices, *(w.to(compute) for w in weights))
     return out.to(x.dtype)
