@@ -1,21 +1,25 @@
-"""Benchmark of the BiGRU encoder: the reference (nn.GRU on a packed sequence), the fused
-model's path (`marn_fast.ops.bigru`), nn.GRU on the padded batch without packing (what a
-recurrence that ignores lengths would cost; not a valid substitute, a yardstick) and, on CUDA,
-the persistent recurrence (`impl="persistent"`, csrc/cuda/gru_cuda.cu).
+"""Benchmark of the BiGRU candidates (`marn_fast.ops.bigru`, every impl that `available_impls`
+lists on the inputs) against the baseline: cuDNN's packed path ("packed") on CUDA, the packed
+reference on the CPU. On CUDA that is reference, split, packed, cudnn_persistent and, where its
+launch fits, persistent (csrc/cuda/gru_cuda.cu).
 
 Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum w.r.t. x and the weights).
 Timings are interleaved (one run of each implementation per round); the median over rounds is
-reported with ratio = reference median / implementation median, in one process on one device.
+reported with ratio = baseline median / implementation median, in one process on one device.
 On CUDA the run also states the per-step time and an on-chip limit for a persistent kernel:
 per step and direction 2·B·h·3h FLOPs (h_{t−1}·W_hhᵀ) and B·h state values exchanged between
 the blocks that hold W_hh's slices; at B=16, h=300 that is 8.6 MFLOP (≈0.13 µs at the fp32
 rate) but a grid-wide exchange per step, ≈1 µs on current GPUs (barrier plus a round trip to
-L2 or distributed shared memory) — so the limit is ≈1 µs per step, n µs per direction.
+L2 or distributed shared memory) — so the limit is ≈1 µs per step, n µs per direction. It also
+records which CUDA kernels each cuDNN candidate ran (a persistent cuDNN kernel has "persist" in
+its name), from one profiled forward call.
 
     python benchmarks/bench_bigru.py                 # CPU: B=4, n=500/2000, h=64 and 300
-    python benchmarks/bench_bigru.py --device cuda   # B=16, n=4000, h=300, bf16 and fp32
+    python benchmarks/bench_bigru.py --device cuda   # B=16, n=1000/4000, h=300, bf16 and fp32
+    python benchmarks/bench_bigru.py --device cuda --impls packed,persistent --name bigru_persistent
+    python benchmarks/bench_bigru.py --smoke         # tiny, CPU, one round, writes nothing
 
-Writes benchmarks/results/<device-slug>/bigru.{json,csv} (atomically).
+Writes benchmarks/results/<device-slug>/<name>.{json,csv} (atomically; name defaults to bigru).
 """
 from __future__ import annotations
 
@@ -30,14 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
-from marn_fast.ops import cuda_extension_available  # noqa: E402
-from marn_fast.ops.bigru import bigru  # noqa: E402
-from marn_fast.reference.bigru import packed_bigru  # noqa: E402
+from marn_fast.ops.bigru import available_impls, bigru  # noqa: E402
 
 NAME = "bigru"
 EMBED = 100
 CPU_SIZES = [(4, 500, 64), (4, 2000, 64), (4, 500, 300)]  # (B, n, h)
-GPU_SIZES = [(16, 4000, 300), (16, 1000, 300)]
+GPU_SIZES = [(16, 1000, 300), (16, 4000, 300)]
+SMOKE_SIZES = [(2, 16, 8)]
 MODES = ("fwd", "fwd+bwd")
 STEP_LIMIT_US = 1.0  # the per-step exchange estimate of the docstring
 
@@ -54,28 +57,16 @@ def make_inputs(size, dtype, device, seed=0):
     return x, lengths.to(device), gru, grad
 
 
-def implementations(x, lengths, gru):
-    weights = gru._flat_weights
-    impls = {
-        "reference": lambda: packed_bigru(gru, x, lengths),
-        "fused": lambda: bigru(x, lengths, weights),
-        "unpacked": lambda: bigru(x, None, weights),
-    }
-    if x.is_cuda and cuda_extension_available():  # on the CPU it is a Python loop (a test twin)
-        impls["persistent"] = lambda: bigru(x, lengths, weights, impl="persistent")
-    return impls
-
-
-def make_call(fn, mode, leaves, grad):
+def make_call(impl, x, lengths, weights, mode, leaves, grad):
     if mode == "fwd":
         def call():
             with torch.no_grad():
-                fn()
+                bigru(x, lengths, weights, impl=impl)
     else:
         def call():
             for leaf in leaves:
                 leaf.grad = None
-            (fn() * grad).sum().backward()
+            (bigru(x, lengths, weights, impl=impl) * grad).sum().backward()
     return call
 
 
@@ -95,41 +86,71 @@ def measure(calls: dict, device: str, rounds: int, warmup: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def cuda_kernels(call, top: int = 4) -> list:
+    """Names of the CUDA kernels that take most of one call's device time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [e.key[:120] for e in events[:top]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--impls", default=None, help="comma-separated subset of the candidates (default: all "
+                        "available); the baseline always runs")
+    parser.add_argument("--name", default=NAME, help="results file name (default bigru)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, one round, write nothing")
     args = parser.parse_args()
-    cuda = args.device == "cuda"
-    sizes = GPU_SIZES if cuda else CPU_SIZES
-    dtypes = (torch.bfloat16, torch.float32) if cuda else (torch.float32,)
-    rounds = args.rounds or (10 if cuda else 3)
-    rows = []
+    device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    cuda = device == "cuda"
+    sizes = SMOKE_SIZES if args.smoke else GPU_SIZES if cuda else CPU_SIZES
+    dtypes = (torch.bfloat16, torch.float32) if cuda or args.smoke else (torch.float32,)
+    rounds = 1 if args.smoke else args.rounds or (10 if cuda else 3)
+    baseline = "packed" if cuda else "reference"
+    wanted = None if args.impls is None else set(args.impls.split(",")) | {baseline}
+    rows, kernels = [], {}
     for size in sizes:
         for dtype in dtypes:
-            x, lengths, gru, grad = make_inputs(size, dtype, args.device)
-            impls = implementations(x, lengths, gru)
+            x, lengths, gru, grad = make_inputs(size, dtype, device)
+            weights = gru._flat_weights
+            impls = [i for i in available_impls(x, lengths, weights) if wanted is None or i in wanted]
+            if wanted and wanted - set(impls):
+                print(f"not available here: {sorted(wanted - set(impls))}", flush=True)
             for mode in MODES:
-                calls = {name: make_call(fn, mode, [x, *gru.parameters()], grad) for name, fn in impls.items()}
-                medians = measure(calls, args.device, rounds, warmup=1 if cuda else 0)
+                calls = {impl: make_call(impl, x, lengths, weights, mode, [x, *gru.parameters()], grad)
+                         for impl in impls}
+                medians = measure(calls, device, rounds, warmup=0 if args.smoke else 1)
                 batch, n, hidden = size
-                for name, seconds in medians.items():
+                for impl, seconds in medians.items():
                     row = {"B": batch, "n": n, "h": hidden, "dtype": str(dtype).replace("torch.", ""),
-                           "mode": mode, "impl": name, "time_median_s": seconds,
-                           "ratio_vs_reference": medians["reference"] / seconds,
-                           "us_per_step": seconds / n * 1e6}
+                           "mode": mode, "impl": impl, "time_median_s": seconds,
+                           "ratio_vs_baseline": medians[baseline] / seconds, "us_per_step": seconds / n * 1e6}
                     if cuda:
                         limit = n * STEP_LIMIT_US * 1e-6 * (1 if mode == "fwd" else 2)
                         row["limit_s"] = limit
                         row["time_over_limit"] = seconds / limit
                     rows.append(row)
-                    print(f"B{batch} n{n} h{hidden} {row['dtype']:>8} {mode:>7} {name:>9}: "
+                    print(f"B{batch} n{n} h{hidden} {row['dtype']:>8} {mode:>7} {impl:>16}: "
                           f"{seconds * 1e3:9.2f} ms  {row['us_per_step']:7.2f} us/step  "
-                          f"{row['ratio_vs_reference']:.2f}x reference", flush=True)
+                          f"{row['ratio_vs_baseline']:.2f}x {baseline}", flush=True)
+            if cuda and size == sizes[-1]:
+                for impl in ("packed", "cudnn_persistent"):
+                    if impl in impls:
+                        names = cuda_kernels(make_call(impl, x, lengths, weights, "fwd", [], grad))
+                        kernels[f"{impl} {str(dtype).replace('torch.', '')}"] = names
+                        print(f"  kernels of {impl}: {names}", flush=True)
+    if args.smoke:
+        print(f"smoke: {len(rows)} rows, nothing written")
+        return
     meta = {"embed_dim": EMBED, "timing": "median of interleaved rounds; ratio on the median",
-            "step_limit_us": STEP_LIMIT_US if cuda else None, "rounds": rounds}
-    folder = write_results(NAME, rows, meta, device=args.device)
-    print(f"\nwrote {folder}/{NAME}.{{json,csv}} ({device_name(args.device)})")
+            "baseline": baseline, "step_limit_us": STEP_LIMIT_US if cuda else None, "rounds": rounds,
+            "cuda_kernels_of_one_forward": kernels}
+    folder = write_results(args.name, rows, meta, device=device)
+    print(f"\nwrote {folder}/{args.name}.{{json,csv}} ({device_name(device)})")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ dev-tuned threshold. The target (issue: trust) is |bf16 − fp32| ≤ 0.005 on d
 Writes benchmarks/results/<device-slug>/bf16_accuracy_<name>.json (atomically) and prints a table.
 
     python scripts/bf16_accuracy.py --name synth --out runs/bf16 -- --data synth --synth-preset demo --epochs 30
+
+--smoke: the same runs and table, nothing written under benchmarks/results (for dry runs).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="result name, e.g. synth or codiesp")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="write no result files (dry runs)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of marn-fast train")
     args = parser.parse_args()
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
@@ -66,13 +69,13 @@ def main() -> None:
             "runs": {p: {"best_epoch": r["best_epoch"], "epochs_run": r["epochs_run"], "seconds": r["seconds"],
                          "backend": r["backend"], "warnings": r["warnings"]} for p, r in reports.items()}}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = write_results(f"bf16_accuracy_{args.name}", rows, meta, device=device)
+    folder = None if args.smoke else write_results(f"bf16_accuracy_{args.name}", rows, meta, device=device)
     print(f"\nbf16 vs fp32 on {device_name(device)} ({args.name}); tolerance {TOLERANCE}")
     print(f"{'split':<6}{'metric':<10}{'fp32':>9}{'bf16':>9}{'diff':>9}")
     for r in rows:
         print(f"{r['split']:<6}{r['metric']:<10}{r['fp32']:9.4f}{r['bf16']:9.4f}{r['bf16_minus_fp32']:+9.4f}"
               f"{'' if r['within_tolerance'] else '  > tolerance'}")
-    print(f"wrote {folder}/bf16_accuracy_{args.name}.{{json,csv}}")
+    print("smoke: nothing written" if folder is None else f"wrote {folder}/bf16_accuracy_{args.name}.{{json,csv}}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ The algorithm (what the kernel does, and what this module runs on the CPU):
      its slice of G_h = h_{s−1}·W_hhᵀ + b_hh from the full previous state, updates its units
         r = σ(gx_r + gh_r), z = σ(gx_z + gh_z), c = tanh(gx_n + r ⊙ gh_n),
         h_s = (1 − z) ⊙ c + z ⊙ h_{s−1}
-     and publishes them; the next step starts after every block has published (on Hopper: a
-     thread-block cluster exchanging slices through distributed shared memory). State and
+     and publishes them; the next step starts after every block of its direction has published
+     (the CUDA kernel: one block per SM, the state exchanged through L2, one barrier per direction
+     and step; the directions never wait for each other). State and
      accumulation are fp32 whatever the input dtype. A document past its length writes zeros
      (its state is never read again: steps only move forward).
   3. Backward by reverse-time recurrence. All h_{s−1} are the saved outputs, so
@@ -34,7 +35,8 @@ tensors and their step-exact PyTorch twins (`_recurrence_forward`, `_recurrence_
 Python loop over steps, a test oracle rather than a fast path) on the CPU; everything around them
 (the input GEMM, the processing-order gathers, the all-steps G_h GEMM, the weight gradients) is
 the same code on both. Not yet the model's default: the CUDA kernels have been compile-checked
-only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_check.sh).
+only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_check.sh). Where
+they cannot launch (see `fallback_reason`), `persistent_bigru` returns cuDNN's packed result.
 """
 from __future__ import annotations
 
