@@ -185,7 +185,7 @@ class _PersistentBiGRU(torch.autograd.Function):
 # contract) and warns once per reason. The kernels run one block per SM, both directions' 2·K blocks
 # resident at once (a cooperative launch; each direction synchronises its K blocks every step):
 # K = ⌈h / units⌉ with units = ⌈h / ⌊SMs / 2⌋⌉, and each kernel's shared memory for that many units
-# must fit one block. LAUNCH mirrors csrc/cuda/gru_cuda.cu (forward_smem, backward_smem, plan), whose
+# must fit one block. launch_plan mirrors csrc/cuda/gru_cuda.cu (forward_smem, backward_smem, plan), whose
 # checks remain the backstop; registers never limit (__launch_bounds__(512, 1): ≤ 128 per thread).
 LIMITS_ENV = "MARN_FAST_PERSISTENT_LIMITS"  # e.g. "sms=8,smem=40000,cooperative=1": forces limits (tests)
 FLOAT_BYTES = 4
