@@ -61,7 +61,7 @@ def forced(variant: str, features, queries, weights, bias, lengths):
         pytest.skip("the eager reference in half precision is the baseline, not a fused path")
     with pytest.MonkeyPatch.context() as patch:
         if twin == "torch-ops":
-            patch.setattr(la_module, "_use_triton_reductions", lambda t: False)
+            patch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
         yield impl
 
 
@@ -429,7 +429,7 @@ def test_gemm_reduction_token_splits(monkeypatch, variant):
     """The Triton reduction split over 3 token ranges (as on a GPU when D·Lc is small): partial
     max, sum and Σe·p combined by the caller; a split past a document's length is empty."""
     inputs = _gemm_inputs((3, 100, 12, 20, [100, 1, 70]), torch.float32, seed=22, score_scale=40.0)
-    if not la_module._use_triton_reductions(inputs[0]):
+    if not la_module._use_triton_reductions(inputs[0].device, inputs[0].dtype):
         pytest.skip("needs the Triton kernels (CUDA or TRITON_INTERPRET=1)")
     monkeypatch.setattr(la_module, "_token_splits", lambda device, docs, num_labels, tokens: 3)
     grad = torch.randn(3, 20, device=DEVICE)
@@ -499,7 +499,7 @@ def test_gemm_saved_keeps_scores_only_for_autograd_and_within_budget(monkeypatch
 def test_gemm_saved_memory_inference_and_training(monkeypatch):
     """Under no_grad "gemm_saved" allocates nothing near the 2·L·B·n kept values (only its label
     chunk, forced small here); in training it keeps exactly one such buffer."""
-    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda t: False)  # no interpreter copies
+    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)  # no interpreter copies
     batch, n, c, num_labels = 2, 300, 8, 400
     features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=24)
     kept = 4 * 2 * num_labels * batch * n
@@ -517,7 +517,7 @@ def test_gemm_saved_memory_inference_and_training(monkeypatch):
 def test_gemm_working_set_is_bounded(monkeypatch):
     """"gemm" forward and backward allocate at most the label chunk's buffer (the budget) or an
     input-sized buffer, while the reference allocates [B, L, n]."""
-    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda t: False)
+    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
     batch, n, c, num_labels = 3, 300, 8, 400
     features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=25)
     budget = 4 * 2 * 32 * batch * n

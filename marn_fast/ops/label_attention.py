@@ -336,11 +336,11 @@ def _gemm_dtype(features: Tensor) -> torch.dtype:
     return features.dtype
 
 
-def _use_triton_reductions(sp: Tensor) -> bool:
+def _use_triton_reductions(device: torch.device, dtype: torch.dtype) -> bool:
     """Triton reduction/elementwise kernels on CUDA (or CPU tensors under the interpreter) for
-    fp16/bf16/fp32 buffers; the PyTorch twin otherwise (CPU, fp64)."""
-    return (triton_available() and sp.dtype in TRITON_DTYPES
-            and (sp.is_cuda or (sp.device.type == "cpu" and interpreting())))
+    fp16/bf16/fp32 score buffers; the PyTorch twin otherwise (CPU, fp64)."""
+    return (triton_available() and dtype in TRITON_DTYPES
+            and (device.type == "cuda" or (device.type == "cpu" and interpreting())))
 
 
 def _token_splits(device: torch.device, docs: int, num_labels: int, tokens: int) -> int:
@@ -456,15 +456,6 @@ def _transform_triton(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor, gra
                                       num_warps=kernels.NUM_WARPS)
 
 
-def _block_stats(block: _Block, z: Tensor, lse: Tensor, keep: bool) -> None:
-    (_stats_triton if _use_triton_reductions(block.s) else _stats_torch)(block, z, lse, keep)
-
-
-def _block_grads(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor) -> None:
-    if _use_triton_reductions(block.s):
-        _transform_triton(block, z, lse, grad_z, grad=True)
-    else:
-        _scores_to_grads_torch(block, z, lse, grad_z)
 
 
 def _group_inputs(features: Tensor, lengths: Tensor, group, dtype):
@@ -488,10 +479,12 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _chunk_sizes(features: Tensor, groups, num_labels: int, dtype) -> Tuple[list, Tensor]:
-    """Labels per chunk for each group and one scratch buffer for the largest chunk."""
+def _chunk_sizes(features: Tensor, groups, num_labels: int, dtype, scratch: bool = True):
+    """Labels per chunk for each group, and (scratch) one buffer for the largest chunk."""
     budget = _budget(features.device, CHUNK_MAX_BYTES, CHUNK_FREE_FRACTION)
     sizes = [_label_chunk(budget, (d1 - d0) * t, num_labels, _itemsize(dtype)) for d0, d1, t in groups]
+    if not scratch:
+        return sizes, None
     numel = max(2 * lc * (d1 - d0) * t for lc, (d0, d1, t) in zip(sizes, groups))
     return sizes, features.new_empty(numel, dtype=dtype)
 
@@ -506,14 +499,18 @@ def _joined(s: Tensor) -> Tensor:
     return s.as_strided((2 * s.shape[0], s.shape[1]), s.stride())
 
 
-def _scores(q: Tensor, w: Tensor, qw: Optional[Tensor], o: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
-    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ. With qw = [Q; W] (one chunk of all labels, so p
-    directly follows s in memory) one GEMM writes both, else two."""
-    if qw is not None:
-        torch.mm(qw, o.t(), out=_joined(s))
-        return
-    torch.mm(q[l0:l1], o.t(), out=s)
-    torch.mm(w[l0:l1], o.t(), out=p)
+def _adjacent(s: Tensor, p: Tensor) -> bool:
+    return p.data_ptr() == s.data_ptr() + s.numel() * s.element_size()
+
+
+def _scores(q: Tensor, w: Tensor, o: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
+    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ: one GEMM [Q_c; W_c]·Oᵀ when p directly follows s in
+    memory, else two."""
+    if _adjacent(s, p):
+        torch.mm(torch.cat([q[l0:l1], w[l0:l1]]), o.t(), out=_joined(s))
+    else:
+        torch.mm(q[l0:l1], o.t(), out=s)
+        torch.mm(w[l0:l1], o.t(), out=p)
 
 
 def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
@@ -529,8 +526,8 @@ def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Te
     z = features.new_empty((batch, num_labels), dtype=_accumulation_dtype(features.dtype))
     lse = torch.empty_like(z)
     groups = _groups(lengths)
-    sizes, scratch = _chunk_sizes(features, groups, num_labels, dtype)
-    qw = torch.cat([q, w]) if min(sizes) == num_labels else None  # one GEMM per group
+    sizes, scratch = _chunk_sizes(features, groups, num_labels, dtype, scratch=saved is None)
+    stats = _stats_triton if _use_triton_reductions(features.device, dtype) else _stats_torch
     offset = 0
     for lc, group in zip(sizes, groups):
         o, group_lengths, pad = _group_inputs(features, lengths, group, dtype)
@@ -543,8 +540,8 @@ def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Te
                 s, p = _halves(scratch, l1 - l0, columns)
             else:
                 s, p = region[l0:l1], region[num_labels + l0:num_labels + l1]
-            _scores(q, w, qw, o, l0, l1, s, p)
-            _block_stats(_Block(s, p, group, (l0, l1), group_lengths, pad), z, lse, keep=saved is not None)
+            _scores(q, w, o, l0, l1, s, p)
+            stats(_Block(s, p, group, (l0, l1), group_lengths, pad), z, lse, keep=saved is not None)
     if saved is not None:
         saved[offset:].zero_()
     return z, lse
@@ -566,9 +563,7 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
     grad_w = torch.empty_like(grad_q)
     groups = _groups(lengths)
     sizes, scratch = _chunk_sizes(features, groups, num_labels, dtype)
-    single = min(sizes) == num_labels  # one chunk of all labels: one GEMM where two would do
-    qw = torch.cat([q, w]) if single and saved is None else None
-    wq = torch.cat([w, q]) if single else None
+    triton = _use_triton_reductions(features.device, dtype)
     offset = 0
     for index, (lc, group) in enumerate(zip(sizes, groups)):
         d0, d1, tokens = group
@@ -583,17 +578,17 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
         for l0, l1 in _chunks(num_labels, lc):
             block = _Block(*_halves(scratch, l1 - l0, columns), group, (l0, l1), group_lengths, pad)
             if saved is None:
-                _scores(q, w, qw, o, l0, l1, block.s, block.p)
-                _block_grads(block, z, lse, grad_z)
+                _scores(q, w, o, l0, l1, block.s, block.p)
+                if triton:
+                    _transform_triton(block, z, lse, grad_z, grad=True)
+                else:
+                    _scores_to_grads_torch(block, z, lse, grad_z)
             else:
                 g = block.rows(grad_z).to(dtype)
                 for out, rows in zip(block.halves(), (kept[l0:l1], kept[num_labels + l0:num_labels + l1])):
                     torch.mul(rows.view(out.shape), g, out=out)
-            if wq is not None:  # s holds dP, p holds dS
-                _add_matmul(flat, _joined(block.s).t(), wq, first=True)
-            else:
-                _add_matmul(flat, block.s.t(), w[l0:l1], first=l0 == 0)
-                _add_matmul(flat, block.p.t(), q[l0:l1], first=False)
+            # s holds dP and p holds dS: dO += [dP; dS]ᵀ·[W_c; Q_c] in one GEMM
+            _add_matmul(flat, _joined(block.s).t(), torch.cat([w[l0:l1], q[l0:l1]]), first=l0 == 0)
             _add_matmul(grad_w[l0:l1], block.s, o, first=index == 0)
             _add_matmul(grad_q[l0:l1], block.p, o, first=index == 0)
         if flat.data_ptr() != grad_o.data_ptr():
