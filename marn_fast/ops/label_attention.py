@@ -479,14 +479,13 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
         acc.add_(torch.mm(a, b))
 
 
-def _chunk_sizes(features: Tensor, groups, num_labels: int, dtype, scratch: bool = True):
-    """Labels per chunk for each group, and (scratch) one buffer for the largest chunk."""
+def _chunk_size(features: Tensor, groups, num_labels: int, dtype, scratch: bool = True):
+    """Labels per chunk (the same for every group, sized for the widest), and (scratch) one
+    buffer for a chunk of the widest group."""
     budget = _budget(features.device, CHUNK_MAX_BYTES, CHUNK_FREE_FRACTION)
-    sizes = [_label_chunk(budget, (d1 - d0) * t, num_labels, _itemsize(dtype)) for d0, d1, t in groups]
-    if not scratch:
-        return sizes, None
-    numel = max(2 * lc * (d1 - d0) * t for lc, (d0, d1, t) in zip(sizes, groups))
-    return sizes, features.new_empty(numel, dtype=dtype)
+    columns = max((d1 - d0) * t for d0, d1, t in groups)
+    size = _label_chunk(budget, columns, num_labels, _itemsize(dtype))
+    return size, (features.new_empty(2 * size * columns, dtype=dtype) if scratch else None)
 
 
 def _halves(buffer: Tensor, labels: int, columns: int) -> Tuple[Tensor, Tensor]:
@@ -499,18 +498,18 @@ def _joined(s: Tensor) -> Tensor:
     return s.as_strided((2 * s.shape[0], s.shape[1]), s.stride())
 
 
-def _adjacent(s: Tensor, p: Tensor) -> bool:
-    return p.data_ptr() == s.data_ptr() + s.numel() * s.element_size()
-
-
 def _scores(q: Tensor, w: Tensor, o: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
-    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ: one GEMM [Q_c; W_c]·Oᵀ when p directly follows s in
-    memory, else two."""
-    if _adjacent(s, p):
-        torch.mm(torch.cat([q[l0:l1], w[l0:l1]]), o.t(), out=_joined(s))
-    else:
-        torch.mm(q[l0:l1], o.t(), out=s)
-        torch.mm(w[l0:l1], o.t(), out=p)
+    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ (two GEMMs: stacking [Q_c; W_c] would cost a copy of
+    Q and W per call, the same time as the GEMMs lose by being two on the CPU)."""
+    torch.mm(q[l0:l1], o.t(), out=s)
+    torch.mm(w[l0:l1], o.t(), out=p)
+
+
+def _interleaved(first: Tensor, second: Tensor, chunk: int) -> Tensor:
+    """[first_0; second_0; first_1; second_1; …] over label chunks of `chunk` rows: chunk c's
+    [first_c; second_c] are the rows 2·l0 … 2·l1 − 1."""
+    ranges = _chunks(first.shape[0], chunk)
+    return torch.cat([t for l0, l1 in ranges for t in (first[l0:l1], second[l0:l1])])
 
 
 def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
@@ -526,10 +525,10 @@ def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Te
     z = features.new_empty((batch, num_labels), dtype=_accumulation_dtype(features.dtype))
     lse = torch.empty_like(z)
     groups = _groups(lengths)
-    sizes, scratch = _chunk_sizes(features, groups, num_labels, dtype, scratch=saved is None)
+    lc, scratch = _chunk_size(features, groups, num_labels, dtype, scratch=saved is None)
     stats = _stats_triton if _use_triton_reductions(features.device, dtype) else _stats_torch
     offset = 0
-    for lc, group in zip(sizes, groups):
+    for group in groups:
         o, group_lengths, pad = _group_inputs(features, lengths, group, dtype)
         columns = o.shape[0]
         if saved is not None:
@@ -562,10 +561,13 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
     grad_q = queries.new_empty(queries.shape, dtype=acc_dtype)
     grad_w = torch.empty_like(grad_q)
     groups = _groups(lengths)
-    sizes, scratch = _chunk_sizes(features, groups, num_labels, dtype)
+    lc, scratch = _chunk_size(features, groups, num_labels, dtype)
     triton = _use_triton_reductions(features.device, dtype)
+    # dO accumulates in place (addmm_) when the compute dtype is the accumulator's; otherwise
+    # (fp16/bf16 on CUDA) one GEMM per chunk with [W_c; Q_c] (stacked once) and one fp32 add.
+    wq = None if dtype == acc_dtype else _interleaved(w, q, lc)
     offset = 0
-    for index, (lc, group) in enumerate(zip(sizes, groups)):
+    for index, group in enumerate(groups):
         d0, d1, tokens = group
         o, group_lengths, pad = _group_inputs(features, lengths, group, dtype)
         columns = o.shape[0]
@@ -587,8 +589,11 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
                 g = block.rows(grad_z).to(dtype)
                 for out, rows in zip(block.halves(), (kept[l0:l1], kept[num_labels + l0:num_labels + l1])):
                     torch.mul(rows.view(out.shape), g, out=out)
-            # s holds dP and p holds dS: dO += [dP; dS]ᵀ·[W_c; Q_c] in one GEMM
-            _add_matmul(flat, _joined(block.s).t(), torch.cat([w[l0:l1], q[l0:l1]]), first=l0 == 0)
+            if wq is None:  # s holds dP and p holds dS
+                _add_matmul(flat, block.s.t(), w[l0:l1], first=l0 == 0)
+                _add_matmul(flat, block.p.t(), q[l0:l1], first=False)
+            else:
+                _add_matmul(flat, _joined(block.s).t(), wq[2 * l0:2 * l1], first=l0 == 0)
             _add_matmul(grad_w[l0:l1], block.s, o, first=index == 0)
             _add_matmul(grad_q[l0:l1], block.p, o, first=index == 0)
         if flat.data_ptr() != grad_o.data_ptr():
