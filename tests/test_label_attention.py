@@ -419,7 +419,7 @@ def test_gemm_small_label_chunks(monkeypatch, variant, dtype, per_document):
         monkeypatch.setattr(la_module, "PER_DOCUMENT_MAX_BATCH", 0)
         monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 7 * batch * n * itemsize)
         expected_size = 7
-    size, _ = la_module._chunk_size(inputs[0], la_module._groups(inputs[4]), num_labels, dtype)
+    size, _ = la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), num_labels, dtype)
     assert size == expected_size
     grad = torch.randn(batch, num_labels, device=DEVICE, dtype=dtype)
     run_and_compare(variant, *inputs, grad, TOL[dtype])
@@ -450,7 +450,7 @@ def test_gemm_half_scores_as_on_cuda(monkeypatch, variant, dtype, chunked):
     inputs = _gemm_inputs(case, dtype, seed=27, score_scale=4.0)
     if chunked:  # chunks of 5 labels: 33 = 6 × 5 + 3
         monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 5 * 6 * 29 * 2)
-        assert la_module._chunk_size(inputs[0], la_module._groups(inputs[4]), 33, dtype)[0] == 5
+        assert la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), 33, dtype)[0] == 5
     grad = torch.randn(6, 33, device=DEVICE)
     run_and_compare(variant, *inputs, grad, 4.0 * torch.finfo(dtype).eps)
 

@@ -355,10 +355,10 @@ def _token_splits(device: torch.device, docs: int, num_labels: int, tokens: int)
     return max(1, min(-(-4 * sms // programs), tokens // (4 * BLOCK_T)))
 
 
-def _groups(lengths: Tensor) -> list:
-    """(d0, d1, T) per document group: one per document when the batch is small and lengths
-    differ, else one group of all documents cut at the longest (T = its token count)."""
-    ends = lengths.tolist()
+def _groups(ends: list) -> list:
+    """(d0, d1, T) per document group from the lengths (a list): one per document when the batch
+    is small and lengths differ, else one group of all documents cut at the longest (T = its
+    token count)."""
     longest = max(ends)
     if len(ends) <= PER_DOCUMENT_MAX_BATCH and min(ends) < longest:
         return [(d, d + 1, t) for d, t in enumerate(ends)]
@@ -456,15 +456,13 @@ def _transform_triton(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor, gra
                                       num_warps=kernels.NUM_WARPS)
 
 
-
-
-def _group_inputs(features: Tensor, lengths: Tensor, group, dtype):
+def _group_inputs(features: Tensor, lengths: Tensor, ends: list, group, dtype):
     """(O of the group as [D·T, C] in dtype, the group's lengths, its padding mask or None)."""
     d0, d1, tokens = group
     o = features[d0:d1, :tokens].reshape(-1, features.shape[2]).to(dtype)
     group_lengths = lengths[d0:d1]
     pad = None
-    if d1 - d0 > 1 and int(group_lengths.min()) < tokens:
+    if min(ends[d0:d1]) < tokens:
         pad = torch.arange(tokens, device=features.device)[None, :] >= group_lengths[:, None]
     return o, group_lengths, pad
 
@@ -524,12 +522,13 @@ def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Te
     q, w = queries.to(dtype), weights.to(dtype)
     z = features.new_empty((batch, num_labels), dtype=_accumulation_dtype(features.dtype))
     lse = torch.empty_like(z)
-    groups = _groups(lengths)
+    ends = lengths.tolist()  # one host sync per call
+    groups = _groups(ends)
     lc, scratch = _chunk_size(features, groups, num_labels, dtype, scratch=saved is None)
     stats = _stats_triton if _use_triton_reductions(features.device, dtype) else _stats_torch
     offset = 0
     for group in groups:
-        o, group_lengths, pad = _group_inputs(features, lengths, group, dtype)
+        o, group_lengths, pad = _group_inputs(features, lengths, ends, group, dtype)
         columns = o.shape[0]
         if saved is not None:
             region = saved[offset:offset + 2 * num_labels * columns].view(2 * num_labels, columns)
@@ -560,7 +559,8 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
     grad_features = features.new_empty((batch, n, c), dtype=acc_dtype)
     grad_q = queries.new_empty(queries.shape, dtype=acc_dtype)
     grad_w = torch.empty_like(grad_q)
-    groups = _groups(lengths)
+    ends = lengths.tolist()  # one host sync per call
+    groups = _groups(ends)
     lc, scratch = _chunk_size(features, groups, num_labels, dtype)
     triton = _use_triton_reductions(features.device, dtype)
     # dO accumulates in place (addmm_) when the compute dtype is the accumulator's; otherwise
@@ -569,7 +569,7 @@ def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Te
     offset = 0
     for index, group in enumerate(groups):
         d0, d1, tokens = group
-        o, group_lengths, pad = _group_inputs(features, lengths, group, dtype)
+        o, group_lengths, pad = _group_inputs(features, lengths, ends, group, dtype)
         columns = o.shape[0]
         grad_features[d0:d1, tokens:].zero_()
         grad_o = grad_features[d0:d1, :tokens]
