@@ -390,7 +390,7 @@ def _gemm_inputs(case, dtype, seed, score_scale=None):
 
 @pytest.mark.parametrize("variant", GEMM_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "B{}-n{}-C{}-L{}-{}".format(*c[:4], "-".join(map(str, c[4]))))
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "B{}-n{}-C{}-L{}-".format(*c[:4]) + "-".join(map(str, c[4])))
 def test_gemm_groups(variant, dtype, case):
     """Per-document groups, one group with padded tokens inside (PAD_VALUE there must not leak),
     one group without padding; fp32 (Triton kernels under the interpreter, and the twin) and
