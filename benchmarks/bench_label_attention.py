@@ -1,10 +1,13 @@
-"""Benchmark of the label-wise attention: eager reference, torch.compile of the reference, fused op.
+"""Benchmark of the label-wise attention: eager reference, torch.compile of the reference, fused ops.
 
 Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum w.r.t. O, Q, W, b).
-On the CPU "fused" is what impl="auto" runs there (the C++ forward, PyTorch-chunk backward) and
-"fused-pytorch" (fwd only) the forward through the PyTorch chunks instead, so the two CPU paths
-are compared in one run. CPU documents are all full length (every implementation does the same
-GEMM FLOPs); on the GPU lengths lie between n/2 and n.
+Rows: "eager" (marn_fast.reference), "compiled" (torch.compile of it), "fused" (what impl="auto"
+runs: on the CPU the C++ forward and PyTorch-chunk backward, on CUDA the Triton kernels),
+"fused-pytorch" (fwd only, CPU: the forward through the PyTorch chunks instead of the C++ kernel),
+"gemm" and "gemm_saved" (the GEMM-first impls of marn_fast.ops.label_attention; "gemm_saved"
+keeps the forward's scores for the backward, so it differs from "gemm" in fwd+bwd only).
+CPU documents are all full length (every implementation does the same GEMM FLOPs); on the GPU
+lengths lie between n/2 and n.
 Timings run in this process, interleaved (one run of each implementation per round); each row
 holds the best and the median over rounds and ratio = eager best / implementation best (on a
 shared CPU the best is the least disturbed run). Peak memory:
@@ -13,15 +16,20 @@ shared CPU the best is the least disturbed run). Peak memory:
          after the warm-up, then VmHWM − VmRSS(before the call). The PyTorch chunks' analytic
          working set (4 bytes · 2·LABEL_CHUNK · min(TOKEN_CHUNK, n)) is reported beside it.
   CUDA — torch.cuda.max_memory_allocated() − memory_allocated() before the call.
-CUDA part: B=16, n=4,000, C=600, L=8,921 in bf16, sweeps over n (500…32,000) and L (50…70,000),
+CUDA part: B=16, n=4,000, C=600, L=8,921 in bf16 (every row, with ratios against eager and
+against torch.compile, and peak memory against eager's: the issue's targets are >= 3x eager,
+>= 1.3x compile, <= 15 % of eager's peak), sweeps over n (500…32,000) and L (50…70,000),
 TFLOP/s (4·B·n·C·L forward, 12·B·n·C·L more for backward) against a bf16 matmul measured in
 the same run (triton.testing.do_bench).
 
     python benchmarks/bench_label_attention.py                  # CPU sizes, threads 1 and 2
     python benchmarks/bench_label_attention.py --no-compile     # skip torch.compile (slow on CPU)
     python benchmarks/bench_label_attention.py --device cuda    # the GPU part
+    python benchmarks/bench_label_attention.py --smoke          # seconds: tiny CPU shapes, every
+                                                                # row checked against eager, no files
 
-Writes benchmarks/results/<device-slug>/label_attention.{json,csv,png} (atomically).
+Writes benchmarks/results/<device-slug>/label_attention.{json,csv,png} (atomically); --smoke
+writes nothing (its Triton rows run under TRITON_INTERPRET=1 when there is no GPU).
 """
 from __future__ import annotations
 
@@ -38,20 +46,25 @@ from pathlib import Path
 
 import torch
 
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
-from marn_fast.ops.label_attention import label_attention  # noqa: E402
+from marn_fast.ops.label_attention import available_impls, label_attention  # noqa: E402
 from marn_fast.reference.label_attention import label_attention as reference_label_attention  # noqa: E402
 
 ops_module = importlib.import_module("marn_fast.ops.label_attention")
 
 NAME = "label_attention"
-CPU_SIZES = [(4, 2000, 600, 2000), (4, 2000, 600, 9000)]  # (B, n, C, L)
+CPU_SIZES = [(4, 500, 600, 9216), (4, 2000, 600, 2000), (4, 2000, 600, 9000)]  # (B, n, C, L)
+SMOKE_SIZES = [(3, 20, 16, 17), (6, 18, 8, 9)]  # per-document groups; one group with padding
 GPU_MAIN = (16, 4000, 600, 8921)
 GPU_N_SWEEP = [500, 1000, 2000, 4000, 8000, 16000, 32000]
 GPU_L_SWEEP = [50, 500, 2000, 8921, 20000, 70000]
-IMPLS = ("eager", "compiled", "fused", "fused-pytorch")
+IMPLS = ("eager", "compiled", "fused", "fused-pytorch", "triton", "gemm", "gemm_saved")
+OP_IMPLS = ("triton", "gemm", "gemm_saved")  # rows that are label_attention(..., impl=<row>)
+CPU_IMPLS = ("eager", "compiled", "fused", "fused-pytorch", "gemm", "gemm_saved")
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -73,9 +86,13 @@ def make_inputs(size, dtype, device, seed=0, full_length=False):
 
 
 def make_call(impl, mode, tensors, lengths, grad, compiled_reference):
-    fn = {"eager": reference_label_attention, "compiled": compiled_reference,
-          "fused": lambda *t: label_attention(*t),
-          "fused-pytorch": lambda o, q, w, b, lengths: ops_module.chunked_forward_torch(o, q, w, lengths)[0] + b}[impl]
+    if impl in OP_IMPLS:
+        fn = lambda *t: label_attention(*t, impl=impl)  # noqa: E731
+    else:
+        fn = {"eager": reference_label_attention, "compiled": compiled_reference,
+              "fused": lambda *t: label_attention(*t),
+              "fused-pytorch": lambda o, q, w, b, lengths: ops_module.chunked_forward_torch(o, q, w, lengths)[0] + b,
+              }[impl]
     if mode == "fwd":
         def call():
             with torch.no_grad():
@@ -124,7 +141,7 @@ def measure_peak_cpu(impl, mode, size, threads) -> int:
 
 def bench_cpu(args) -> list[dict]:
     rows = []
-    impls = [i for i in IMPLS if not (args.no_compile and i == "compiled")]
+    impls = [i for i in CPU_IMPLS if not (args.no_compile and i == "compiled")]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for size in CPU_SIZES:
@@ -164,9 +181,45 @@ def _fmt(row):
     ratio = f"{row['ratio_vs_eager']:.2f}x" if row["ratio_vs_eager"] else "-"
     peak = f"{row['peak_bytes'] / 2 ** 20:8.1f} MiB" if row["peak_bytes"] is not None else "     -"
     tflops = f" {row['tflops']:.1f} TFLOP/s" if row.get("tflops") else ""
+    versus = f"  {row['ratio_vs_compiled']:.2f}x compiled" if row.get("ratio_vs_compiled") else ""
+    versus += f"  peak {row['peak_vs_eager']:.1%} of eager's" if row.get("peak_vs_eager") else ""
     return (f"B={row['B']} n={row['n']} C={row['C']} L={row['L']} {row['dtype']} t={row['threads']} "
             f"{row['impl']:>13} {row['mode']:>7}: {row['time_best_s'] * 1e3:9.1f} ms  {ratio:>6} eager  "
-            f"peak {peak}{tflops}")
+            f"peak {peak}{tflops}{versus}")
+
+
+def bench_smoke(args) -> list[dict]:
+    """Tiny CPU shapes, one thread, every row that can run here (Triton ones under the
+    interpreter): checks each against eager (fp32, 1e-4 relative) and times one round."""
+    torch.set_num_threads(1)
+    rows = []
+    for size in SMOKE_SIZES:
+        tensors, lengths, grad = make_inputs(size, torch.float32, "cpu")
+        names = set(available_impls(*tensors, lengths))
+        impls = [i for i in IMPLS if i != "compiled" and (i not in OP_IMPLS or i in names)]
+        for mode in MODES:
+            outputs = {}
+            calls = {}
+            for impl in impls:
+                if impl == "fused-pytorch" and mode != "fwd":
+                    continue
+                calls[impl] = make_call(impl, mode, tensors, lengths, grad, None)
+                with torch.no_grad():
+                    outputs[impl] = make_call(impl, "fwd", tensors, lengths, grad, None)()
+            times = {}
+            for impl, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[impl] = [time.perf_counter() - start]
+            scale = max(1.0, outputs["eager"].abs().max().item())
+            for impl in calls:
+                error = (outputs[impl] - outputs["eager"]).abs().max().item()
+                if error > 1e-4 * scale:
+                    raise SystemExit(f"smoke: {impl} differs from eager by {error:.3e} at {size}")
+                rows.append(_row(size, "float32", 1, impl, mode, times[impl], times["eager"], None,
+                                 {"max_error_vs_eager": error}))
+                print(_fmt(rows[-1]), flush=True)
+    return rows
 
 
 # --- CUDA -----------------------------------------------------------------------------------
@@ -194,9 +247,9 @@ def bench_cuda(args) -> tuple[list[dict], dict]:
     del a
     print(f"bf16 matmul ceiling: {matmul_tflops:.1f} TFLOP/s")
     compiled = None if args.no_compile else torch.compile(reference_label_attention)
-    plan = [("main", GPU_MAIN, ("eager", "compiled", "fused"))]
-    plan += [("n-sweep", GPU_MAIN[:1] + (n,) + GPU_MAIN[2:], ("eager", "fused")) for n in GPU_N_SWEEP]
-    plan += [("L-sweep", GPU_MAIN[:3] + (num_labels,), ("eager", "fused")) for num_labels in GPU_L_SWEEP]
+    plan = [("main", GPU_MAIN, ("eager", "compiled", "fused", "gemm", "gemm_saved"))]
+    plan += [("n-sweep", GPU_MAIN[:1] + (n,) + GPU_MAIN[2:], ("eager", "fused", "gemm")) for n in GPU_N_SWEEP]
+    plan += [("L-sweep", GPU_MAIN[:3] + (num_labels,), ("eager", "fused", "gemm")) for num_labels in GPU_L_SWEEP]
     rows = []
     for group, size, impls in plan:
         impls = [i for i in impls if not (compiled is None and i == "compiled")]
@@ -204,14 +257,18 @@ def bench_cuda(args) -> tuple[list[dict], dict]:
         batch, n, c, num_labels = size
         for mode in MODES:
             results = {impl: _cuda_run(make_call(impl, mode, tensors, lengths, grad, compiled)) for impl in impls}
-            eager_ms = results.get("eager", (None, None))[0]
+            eager_ms, eager_peak = results.get("eager", (None, None))
+            compiled_ms = results.get("compiled", (None, None))[0]
             flops = (4 if mode == "fwd" else 16) * batch * n * c * num_labels
             for impl, (ms, peak) in results.items():
                 if ms is None:
                     continue
                 tflops = flops / (ms * 1e-3) / 1e12
+                extra = {"group": group, "tflops": tflops, "fraction_of_matmul": tflops / matmul_tflops,
+                         "ratio_vs_compiled": compiled_ms / ms if compiled_ms else None,
+                         "peak_vs_eager": peak / eager_peak if eager_peak else None}
                 row = _row(size, "bfloat16", None, impl, mode, [ms * 1e-3], [eager_ms * 1e-3] if eager_ms else [],
-                           peak, {"group": group, "tflops": tflops, "fraction_of_matmul": tflops / matmul_tflops})
+                           peak, extra)
                 rows.append(row)
                 print(_fmt(row), flush=True)
     return rows, {"bf16_matmul_tflops": matmul_tflops}
@@ -243,7 +300,7 @@ def plot(rows, path: Path, device: str) -> None:
         ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     for ax, (group, var) in zip(axes[2:], (("n-sweep", "n"), ("L-sweep", "L"))):
-        for impl in ("eager", "fused"):
+        for impl in ("eager", "fused", "gemm"):
             pts = sorted((r[var], r["tflops"]) for r in sweeps if r["group"] == group and r["impl"] == impl)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
@@ -283,10 +340,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per implementation (CPU)")
     parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
                         help="CPU thread counts, comma-separated")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: tiny CPU shapes, every row checked against eager, writes nothing")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
         peak_child(json.loads(args.peak_child))
+        return
+    if args.smoke:
+        summary(bench_smoke(args))
+        print("\nsmoke run: nothing written")
         return
     if args.device == "cuda":
         rows, meta = bench_cuda(args)

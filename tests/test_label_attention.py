@@ -1,36 +1,69 @@
 """Fused label-wise attention against the plain-PyTorch reference (computed in float64).
 
-Both paths are tested: impl="triton" (Triton kernels; on the CPU through TRITON_INTERPRET=1, set
-by conftest.py) and impl="torch" (the path that impl="auto" runs on CPU tensors: the C++ forward
-for fp32/fp64 when the extension is built, else PyTorch chunks; the backward in PyTorch chunks),
-and the C++ forward and the PyTorch-chunk forward each on their own.
+Every impl of `available_impls(...)` is forced in turn: "reference", "torch" (the path that
+impl="auto" runs on CPU tensors: the C++ forward for fp32/fp64 when the extension is built, else
+PyTorch chunks; the backward in PyTorch chunks), "triton" (Triton kernels; on the CPU through
+TRITON_INTERPRET=1, set by conftest.py), "gemm" and "gemm_saved" (vendor GEMMs; their reduction
+and elementwise pass as Triton kernels where those run, and also forced onto their PyTorch twin:
+the variants "gemm/torch-ops" and "gemm_saved/torch-ops"). The C++ forward and the
+PyTorch-chunk forward are also tested on their own.
 Tolerances are stated per dtype in TOL and are relative to the largest reference value:
-|actual − expected| ≤ tol · max(1, max|expected|).
+|actual − expected| ≤ tol · max(1, max|expected|); `tolerance()` states the exceptions.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from marn_fast.ops._extension import cpu_extension_available
-from marn_fast.ops.label_attention import label_attention, label_attention_topk, label_attention_with_lse
+from marn_fast.ops.label_attention import (available_impls, label_attention, label_attention_topk,
+                                           label_attention_with_lse)
 from marn_fast.reference.label_attention import label_attention as reference_label_attention
 from marn_fast.reference.label_attention import topk_evidence
 
 la_module = importlib.import_module("marn_fast.ops.label_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch", "triton"]
-# fp32: both paths accumulate in fp32 (IEEE dots on GPU) — errors observed <= 2e-6 relative.
+IMPLS = ["reference", "torch", "triton", "gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops"]
+GEMM_IMPLS = ["gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops"]
+# fp32: every path accumulates in fp32 (IEEE dots on GPU) — errors observed <= 5e-6 relative.
 # fp16: S and P are exact fp32 sums of fp16 products, but ds/dp enter the backward GEMMs as fp16
 #       in the Triton path and gradients are returned in fp16 — errors observed <= 5e-4 relative.
 # bf16 (GPU only): 8-bit mantissa, expected ~8× the fp16 error (not yet measured: no GPU here).
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 PAD_VALUE = 1e4  # written into padded token positions: must not change logits or gradients
+
+
+def tolerance(impl: str, dtype: torch.dtype, max_score: float = 4.0) -> float:
+    """TOL[dtype], except where S is rounded to a half dtype before the softmax: the gemm impls
+    on CUDA with fp16/bf16 (as the eager reference does; not measured yet, no GPU here). There
+    each a_lt carries a relative error up to about max|s|·ε of the dtype, and so does the result
+    (observed on the CPU with half scores at max|s| = 4: <= 8e-4 fp16, <= 7.3e-3 bf16, a quarter
+    of max|s|·ε or less)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and DEVICE == "cuda" and impl.startswith("gemm"):
+        return max(TOL[dtype], max_score * torch.finfo(dtype).eps)
+    return TOL[dtype]
+
+
+@contextlib.contextmanager
+def forced(variant: str, features, queries, weights, bias, lengths):
+    """The impl name of a test variant, skipping when `available_impls` lacks it; "<impl>/torch-ops"
+    makes the gemm impls use their PyTorch twin instead of the Triton kernels."""
+    impl, _, twin = variant.partition("/")
+    if impl != "auto" and impl not in available_impls(features, queries, weights, bias, lengths):
+        pytest.skip(f"impl {impl!r} not available for {features.dtype} on {features.device}")
+    if impl == "reference" and features.dtype in (torch.float16, torch.bfloat16):
+        pytest.skip("the eager reference in half precision is the baseline, not a fused path")
+    with pytest.MonkeyPatch.context() as patch:
+        if twin == "torch-ops":
+            patch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
+        yield impl
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -74,16 +107,18 @@ def reference_with_grads(features, queries, weights, bias, lengths, grad):
     return out.detach(), [t.grad for t in leaves]
 
 
-def run_and_compare(impl, features, queries, weights, bias, lengths, grad, tol, grad_fn=None):
+def run_and_compare(variant, features, queries, weights, bias, lengths, grad, tol, grad_fn=None):
+    """Logits and (dO, dQ, dW, db) of one impl variant against the float64 reference."""
     leaves = [t.detach().clone().requires_grad_() for t in (features, queries, weights, bias)]
-    out = label_attention(*leaves, lengths, impl=impl)
-    assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
-    (out.backward(grad) if grad_fn is None else grad_fn(out).backward())
+    with forced(variant, features, queries, weights, bias, lengths) as impl:
+        out = label_attention(*leaves, lengths, impl=impl)
+        assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
+        (out.backward(grad) if grad_fn is None else grad_fn(out).backward())
     expected, expected_grads = reference_with_grads(features, queries, weights, bias, lengths, grad)
-    _assert_close(out, expected, tol, f"{impl} logits")
+    _assert_close(out, expected, tol, f"{variant} logits")
     for name, leaf, ref_grad in zip(("dO", "dQ", "dW", "db"), leaves, expected_grads):
         assert leaf.grad.dtype == leaf.dtype, f"{name} dtype {leaf.grad.dtype} != {leaf.dtype}"
-        _assert_close(leaf.grad, ref_grad, tol, f"{impl} {name}")
+        _assert_close(leaf.grad, ref_grad, tol, f"{variant} {name}")
     return leaves
 
 
@@ -97,7 +132,7 @@ def test_matches_reference_weighted_grad(impl, dtype, shape):
     batch, n, c, num_labels = shape
     inputs = make_inputs(batch, n, c, num_labels, dtype, seed=hash(shape) % 1000)
     grad = torch.randn(batch, num_labels, device=DEVICE)
-    leaves = run_and_compare(impl, *inputs, grad, TOL[dtype])
+    leaves = run_and_compare(impl, *inputs, grad, tolerance(impl, dtype))
     # Padded positions (filled with PAD_VALUE) get exactly zero gradient.
     pad = torch.arange(n, device=DEVICE)[None, :] >= inputs[4][:, None]
     assert torch.all(leaves[0].grad[pad] == 0)
@@ -109,7 +144,7 @@ def test_large_scores(impl, dtype):
     """Scores up to ±80: exp would overflow without the running max."""
     inputs = make_inputs(3, 45, 24, 40, dtype, seed=7, score_scale=80.0)
     grad = torch.randn(3, 40, device=DEVICE)
-    run_and_compare(impl, *inputs, grad, TOL[dtype])
+    run_and_compare(impl, *inputs, grad, tolerance(impl, dtype, max_score=80.0))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -135,24 +170,26 @@ def test_non_contiguous_inputs(impl):
     run_and_compare(impl, features_nc, queries_nc, weights_nc, bias_nc, lengths, grad, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_lengths_none_means_full(impl):
+@pytest.mark.parametrize("variant", IMPLS)
+def test_lengths_none_means_full(variant):
     features, queries, weights, bias, _ = make_inputs(2, 19, 9, 21, torch.float32, seed=5)
     features = torch.randn_like(features)  # no padding
     full = torch.full((2,), 19, dtype=torch.int64, device=DEVICE)
-    torch.testing.assert_close(label_attention(features, queries, weights, bias, impl=impl),
-                               label_attention(features, queries, weights, bias, full, impl=impl),
-                               rtol=0, atol=0)  # same op, same inputs: bit-identical
+    with forced(variant, features, queries, weights, bias, full) as impl:
+        torch.testing.assert_close(label_attention(features, queries, weights, bias, impl=impl),
+                                   label_attention(features, queries, weights, bias, full, impl=impl),
+                                   rtol=0, atol=0)  # same op, same inputs: bit-identical
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_lse_is_logsumexp_of_valid_scores(impl):
+@pytest.mark.parametrize("variant", IMPLS)
+def test_lse_is_logsumexp_of_valid_scores(variant):
     features, queries, weights, bias, lengths = make_inputs(3, 37, 20, 45, torch.float32, seed=16, score_scale=60.0)
     leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
-    _, lse = label_attention_with_lse(*leaves, lengths, impl=impl)
+    with forced(variant, features, queries, weights, bias, lengths) as impl:
+        _, lse = label_attention_with_lse(*leaves, lengths, impl=impl)
     scores = torch.einsum("lc,btc->blt", queries.detach().double(), features.detach().double())
     scores = scores.masked_fill(torch.arange(37, device=DEVICE)[None, None, :] >= lengths[:, None, None], float("-inf"))
-    _assert_close(lse, torch.logsumexp(scores, dim=2), TOL[torch.float32], f"{impl} lse")
+    _assert_close(lse, torch.logsumexp(scores, dim=2), TOL[torch.float32], f"{variant} lse")
     assert not lse.requires_grad
 
 
@@ -163,11 +200,12 @@ def test_auto_picks_chunked_path_on_cpu_and_float64():
     run_and_compare("auto", *inputs, grad, TOL[torch.float64])
 
 
-@settings(max_examples=8, deadline=None)
-@given(batch=st.integers(1, 3), n=st.integers(1, 40), c=st.integers(1, 24), num_labels=st.integers(1, 40),
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 6), n=st.integers(1, 40), c=st.integers(1, 24), num_labels=st.integers(1, 40),
        impl=st.sampled_from(IMPLS), seed=st.integers(0, 2 ** 16))
 def test_property_small_shapes(batch, n, c, num_labels, impl, seed):
     inputs = make_inputs(batch, n, c, num_labels, torch.float32, seed=seed)
+    assume(impl.partition("/")[0] in available_impls(*inputs))
     grad = torch.randn(batch, num_labels, device=DEVICE, generator=None)
     run_and_compare(impl, *inputs, grad, TOL[torch.float32])
 
@@ -324,24 +362,225 @@ def test_cpu_kernel_opcheck():
     torch.library.opcheck(torch.ops.marn_fast.label_attention_forward, (features, queries, weights, lengths))
 
 
+# --- the GEMM-first paths ("gemm", "gemm_saved"): groups, label chunks, splits, kept scores ---
+
+# (B, n, C, L, lengths): B <= 4 with unequal lengths runs document by document; B = 6 runs as one
+# group cut at the longest document, with padded tokens inside the group; equal lengths: one group.
+GEMM_CASES = [(3, 37, 20, 45, [37, 1, 20]), (6, 29, 13, 33, [29, 3, 17, 1, 29, 8]),
+              (6, 29, 13, 33, [22, 3, 17, 1, 9, 8]), (2, 30, 11, 19, [30, 30]), (1, 1, 5, 2, [1])]
+
+
+def _gemm_inputs(case, dtype, seed, score_scale=None):
+    """make_inputs with the given lengths: fresh random values, PAD_VALUE past each length, and
+    (score_scale) Q rescaled so that the largest valid |q·o| is score_scale."""
+    batch, n, c, num_labels, lengths = case
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    queries = torch.randn(num_labels, c, generator=g, dtype=torch.float64) / c ** 0.5
+    weights = torch.randn(num_labels, c, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_labels, generator=g, dtype=torch.float64)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    pad = torch.arange(n)[None, :] >= lengths[:, None]
+    if score_scale is not None:
+        scores = torch.einsum("lc,btc->blt", queries, features).masked_fill(pad[:, None, :], 0.0)
+        queries *= score_scale / scores.abs().max()
+    features[pad] = PAD_VALUE
+    return tuple(t.to(DEVICE, dtype) for t in (features, queries, weights, bias)) + (lengths.to(DEVICE),)
+
+
+@pytest.mark.parametrize("variant", GEMM_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "B{}-n{}-C{}-L{}-".format(*c[:4]) + "-".join(map(str, c[4])))
+def test_gemm_groups(variant, dtype, case):
+    """Per-document groups, one group with padded tokens inside (PAD_VALUE there must not leak),
+    one group without padding; fp32 (Triton kernels under the interpreter, and the twin) and
+    fp64 (the twin)."""
+    inputs = _gemm_inputs(case, dtype, seed=len(case[4]) + case[1], score_scale=30.0)
+    grad = torch.randn(case[0], case[3], device=DEVICE, dtype=dtype)
+    leaves = run_and_compare(variant, *inputs, grad, TOL[dtype])
+    pad = torch.arange(case[1], device=DEVICE)[None, :] >= inputs[4][:, None]
+    assert torch.all(leaves[0].grad[pad] == 0)
+
+
+@pytest.mark.parametrize("variant", GEMM_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("per_document", [True, False])
+def test_gemm_small_label_chunks(monkeypatch, variant, dtype, per_document):
+    """A budget of 3 or 7 labels per chunk: L = 45 runs as 15 or 7 chunks (the last of 7 shorter),
+    forward and backward (for "gemm_saved": the backward's scratch chunks over the kept rows);
+    documents one by one or as one group."""
+    batch, n, c, num_labels = 3, 37, 20, 45
+    inputs = _gemm_inputs((batch, n, c, num_labels, [37, 1, 20]), dtype, seed=21, score_scale=30.0)
+    itemsize = 8 if dtype == torch.float64 else 4
+    if per_document:  # documents of 37, 1 and 20 tokens: chunks of 3 labels (sized for the widest)
+        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 3 * 37 * itemsize)
+        expected_size = 3
+    else:  # one group of 3 × 37 columns: 7 chunks of 7 labels, the last of 3
+        monkeypatch.setattr(la_module, "PER_DOCUMENT_MAX_BATCH", 0)
+        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 7 * batch * n * itemsize)
+        expected_size = 7
+    size, _ = la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), num_labels, dtype)
+    assert size == expected_size
+    grad = torch.randn(batch, num_labels, device=DEVICE, dtype=dtype)
+    run_and_compare(variant, *inputs, grad, TOL[dtype])
+
+
+@pytest.mark.parametrize("variant", ["gemm", "gemm_saved"])
+def test_gemm_reduction_token_splits(monkeypatch, variant):
+    """The Triton reduction split over 3 token ranges (as on a GPU when D·Lc is small): partial
+    max, sum and Σe·p combined by the caller; a split past a document's length is empty."""
+    inputs = _gemm_inputs((3, 100, 12, 20, [100, 1, 70]), torch.float32, seed=22, score_scale=40.0)
+    if not la_module._use_triton_reductions(inputs[0].device, inputs[0].dtype):
+        pytest.skip("needs the Triton kernels (CUDA or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(la_module, "_token_splits", lambda device, docs, num_labels, tokens: 3)
+    grad = torch.randn(3, 20, device=DEVICE)
+    run_and_compare(variant, *inputs, grad, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("variant", GEMM_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_gemm_half_scores_as_on_cuda(monkeypatch, variant, dtype, chunked):
+    """The CUDA half-precision branch on the CPU: S and P kept in fp16/bf16 (as on CUDA, where
+    they are the GEMM's output dtype), dO from one GEMM per chunk with [W_c; Q_c] plus an fp32
+    add. S rounded to the dtype before the softmax: tolerance max|s|·ε (max|s| = 4 here; errors
+    observed <= 8e-4 fp16, <= 7.3e-3 bf16)."""
+    monkeypatch.setattr(la_module, "_gemm_dtype", lambda features: features.dtype)
+    case = (6, 29, 13, 33, [29, 3, 17, 1, 29, 8])
+    inputs = _gemm_inputs(case, dtype, seed=27, score_scale=4.0)
+    if chunked:  # chunks of 5 labels: 33 = 6 × 5 + 3
+        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 5 * 6 * 29 * 2)
+        assert la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), 33, dtype)[0] == 5
+    grad = torch.randn(6, 33, device=DEVICE)
+    run_and_compare(variant, *inputs, grad, 4.0 * torch.finfo(dtype).eps)
+
+
+def test_label_chunk_sizes_fit_the_budget_and_balance():
+    for budget, columns, num_labels in [(10 ** 6, 1000, 9000), (800, 10, 45), (1, 7, 5), (10 ** 9, 4, 3)]:
+        size = la_module._label_chunk(budget, columns, num_labels, 4)
+        chunks = -(-num_labels // size)
+        assert 1 <= size <= num_labels
+        assert 2 * size * columns * 4 <= max(budget, 2 * columns * 4)  # fits (one label at least)
+        assert size * (chunks - 1) < num_labels <= size * chunks  # no empty chunk
+        assert num_labels - size * (chunks - 1) >= size - chunks  # balanced: the last is nearly full
+
+
+def test_chunk_budget_is_capped_by_free_memory(monkeypatch):
+    assert la_module.free_memory_bytes(torch.device("cpu")) is None or la_module.free_memory_bytes(
+        torch.device("cpu")) > 0
+    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: 10 ** 9)
+    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == 10 ** 8
+    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: 10 ** 12)
+    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == la_module.CHUNK_MAX_BYTES
+    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: None)
+    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == la_module.CHUNK_MAX_BYTES
+
+
+class _CountingOp:
+    """Wraps a registered op and counts its calls."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+@pytest.mark.parametrize("variant", ["gemm_saved", "gemm_saved/torch-ops"])
+def test_gemm_saved_keeps_scores_only_for_autograd_and_within_budget(monkeypatch, variant):
+    """The kept-scores forward runs only when autograd will need it (grad mode on and an input
+    that requires grad) and 2·L·B·n values fit the budget; otherwise "gemm" runs, with the same
+    results and gradients."""
+    inputs = make_inputs(3, 37, 20, 45, torch.float32, seed=23)
+    saved_fwd = _CountingOp(la_module._gemm_saved_fwd)
+    monkeypatch.setattr(la_module, "_gemm_saved_fwd", saved_fwd)
+    expected = reference_label_attention(*(t.double() for t in inputs[:4]), inputs[4])
+    with forced(variant, *inputs) as impl:
+        with torch.no_grad():
+            out = label_attention(*(t.detach().requires_grad_() for t in inputs[:4]), inputs[4], impl=impl)
+        _assert_close(out, expected, TOL[torch.float32], "no_grad logits")
+        out = label_attention(*inputs, impl=impl)  # nothing requires grad
+        _assert_close(out, expected, TOL[torch.float32], "inference logits")
+        assert saved_fwd.calls == 0 and out.grad_fn is None
+    grad = torch.randn(3, 45, device=DEVICE)
+    run_and_compare(variant, *inputs, grad, TOL[torch.float32])
+    assert saved_fwd.calls == 1
+    monkeypatch.setattr(la_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4 - 1)  # one value short
+    run_and_compare(variant, *inputs, grad, TOL[torch.float32])
+    assert saved_fwd.calls == 1  # fell back to recomputing
+    monkeypatch.setattr(la_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4)
+    run_and_compare(variant, *inputs, grad, TOL[torch.float32])
+    assert saved_fwd.calls == 2
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tracks the CPU allocator")
+def test_gemm_saved_memory_inference_and_training(monkeypatch):
+    """Under no_grad "gemm_saved" allocates nothing near the 2·L·B·n kept values (only its label
+    chunk, forced small here); in training it keeps exactly one such buffer."""
+    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)  # no interpreter copies
+    batch, n, c, num_labels = 2, 300, 8, 400
+    features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=24)
+    kept = 4 * 2 * num_labels * batch * n
+    monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", kept // 16)
+    with torch.no_grad():
+        largest, _ = _allocations(lambda: label_attention(features, queries, weights, bias, lengths,
+                                                          impl="gemm_saved"))
+    assert largest <= kept // 16
+    leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
+    largest, _ = _allocations(lambda: label_attention(*leaves, lengths, impl="gemm_saved"))
+    assert largest == kept
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="tracks the CPU allocator")
+def test_gemm_working_set_is_bounded(monkeypatch):
+    """"gemm" forward and backward allocate at most the label chunk's buffer (the budget) or an
+    input-sized buffer, while the reference allocates [B, L, n]."""
+    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
+    batch, n, c, num_labels = 3, 300, 8, 400
+    features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=25)
+    budget = 4 * 2 * 32 * batch * n
+    monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", budget)
+    leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
+    largest, peak = _allocations(lambda: label_attention(*leaves, lengths, impl="gemm").sum().backward())
+    assert largest <= max(budget, 4 * batch * n * c, 4 * num_labels * c), largest
+    assert peak < 4 * batch * n * num_labels
+    ref_largest, _ = _allocations(lambda: reference_label_attention(*leaves, lengths).sum().backward())
+    assert ref_largest >= 4 * batch * n * num_labels
+
+
+def test_available_impls():
+    features, queries, weights, bias, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=26)
+    names = available_impls(features, queries, weights, bias, lengths)
+    assert {"reference", "torch", "gemm", "gemm_saved"} <= set(names) and "auto" not in names
+    assert ("triton" in names) == (DEVICE == "cuda" or la_module.interpreting())
+    assert "triton" not in available_impls(features.double(), queries, weights, bias, lengths)
+    for name in names:  # every listed impl runs
+        label_attention(features, queries, weights, bias, lengths, impl=name)
+
+
 # --- registration ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prefix", ["label_attention", "label_attention_chunked"])
+@pytest.mark.parametrize("prefix", ["label_attention", "label_attention_chunked", "label_attention_gemm",
+                                    "label_attention_gemm_saved"])
 def test_opcheck(prefix):
     features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=10)
     fwd = getattr(torch.ops.marn_fast, f"{prefix}_fwd")
     bwd = getattr(torch.ops.marn_fast, f"{prefix}_bwd")
     args = tuple(t.requires_grad_() for t in (features, queries, weights)) + (lengths,)
     torch.library.opcheck(fwd, args)
-    z, lse = fwd(*(t.detach() for t in args[:3]), lengths)
+    outputs = fwd(*(t.detach() for t in args[:3]), lengths)  # (z, lse) or (z, lse, kept)
     torch.library.opcheck(bwd, (torch.randn(2, 3, device=DEVICE),) + tuple(t.detach() for t in args[:3])
-                          + (lengths, z, lse))
+                          + (lengths,) + tuple(outputs))
 
 
-def test_torch_compile_fullgraph_smoke():
+@pytest.mark.parametrize("impl", ["triton", "gemm", "gemm_saved"])
+def test_torch_compile_fullgraph_smoke(impl):
     features, queries, weights, bias, _ = make_inputs(2, 11, 6, 7, torch.float32, seed=11)
     features = torch.randn_like(features)
-    compiled = torch.compile(lambda *t: label_attention(*t, impl="triton").sum(), fullgraph=True)
+    if impl not in available_impls(features, queries, weights, bias):
+        pytest.skip(f"impl {impl!r} not available here")
+    compiled = torch.compile(lambda *t: label_attention(*t, impl=impl).sum(), fullgraph=True)
     leaves = [t.clone().requires_grad_() for t in (features, queries, weights, bias)]
     out = compiled(*leaves)
     out.backward()
@@ -408,27 +647,29 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @requires_cuda
-@pytest.mark.parametrize("shape", [(3, 37, 20, 45), (4, 300, 96, 200)], ids=str)
-def test_gpu_bf16(shape):
+@pytest.mark.parametrize("impl", ["triton", "gemm", "gemm_saved"])
+@pytest.mark.parametrize("shape", [(3, 37, 20, 45), (4, 300, 96, 200), (8, 300, 96, 200)], ids=str)
+def test_gpu_bf16(impl, shape):
     inputs = make_inputs(*shape, torch.bfloat16, seed=13)
     grad = torch.randn(shape[0], shape[3], device=DEVICE)
-    run_and_compare("triton", *inputs, grad, TOL[torch.bfloat16])
+    run_and_compare(impl, *inputs, grad, tolerance(impl, torch.bfloat16))
 
 
 @requires_cuda
+@pytest.mark.parametrize("impl", ["triton", "gemm"])
 @pytest.mark.parametrize("shape", [(2, 32768, 64, 300), (2, 512, 64, 70000)], ids=str)
-def test_gpu_large_against_chunked_float64(shape):
+def test_gpu_large_against_chunked_float64(impl, shape):
     """n = 32,768 or L = 70,000 in bf16 against the chunked path in float64 (itself tested
     against the reference above; the reference's [B, L, n] would not be the point here)."""
     batch, n, c, num_labels = shape
     features, queries, weights, bias, lengths = make_inputs(*shape, torch.bfloat16, seed=14)
     grad = torch.randn(batch, num_labels, device=DEVICE)
     leaves = [t.detach().clone().requires_grad_() for t in (features, queries, weights, bias)]
-    out = label_attention(*leaves, lengths, impl="triton")
+    out = label_attention(*leaves, lengths, impl=impl)
     out.backward(grad)
     ref_leaves = [t.detach().double().requires_grad_() for t in (features, queries, weights, bias)]
     expected = label_attention(*ref_leaves, lengths, impl="torch")
     expected.backward(grad.double())
-    _assert_close(out, expected, TOL[torch.bfloat16], "large logits")
+    _assert_close(out, expected, tolerance(impl, torch.bfloat16), "large logits")
     for leaf, ref_leaf in zip(leaves, ref_leaves):
-        _assert_close(leaf.grad, ref_leaf.grad, TOL[torch.bfloat16], "large grad")
+        _assert_close(leaf.grad, ref_leaf.grad, tolerance(impl, torch.bfloat16), "large grad")

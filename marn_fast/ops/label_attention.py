@@ -28,7 +28,32 @@ Paths (`impl`, see `_backend.resolve_impl`):
             9,000, 1 and 2 threads; benchmarks/bench_label_attention.py, impl "fused-pytorch").
             The backward stays the PyTorch chunks (GEMM-bound: its recompute costs two more
             GEMMs than eager's backward, so C++ could not make it faster here).
+  "gemm":   GEMM-first, every device (ops `marn_fast::label_attention_gemm_fwd/_bwd`). Documents
+            form one group cut at the longest document, or one group each when B ≤
+            PER_DOCUMENT_MAX_BATCH and lengths differ. Per group (D documents of T tokens) and
+            chunk of Lc labels (its [2·Lc, D·T] buffer within CHUNK_MAX_BYTES and
+            CHUNK_FREE_FRACTION of free memory) vendor GEMMs write S_c = Q_c·Oᵀ and P_c = W_c·Oᵀ
+            label-major, [Lc, D·T] each with the batch folded into the GEMM (the transpose of
+            O·[Q_c; W_c]ᵀ: same FLOPs, and the token reductions read contiguous memory), in the
+            compute dtype (the input dtype; fp32 for fp16/bf16 off CUDA); then one reduction
+            over the valid tokens (online softmax, fp32; fp64 for fp64) gives z and lse.
+            Backward recomputes S_c, P_c, turns them in place into dP = g·a and dS = g·a·(p − z)
+            (zero on padded tokens), then dO += dPᵀ·W_c + dSᵀ·Q_c, dW_c += dP·O, dQ_c += dS·O
+            (vendor GEMMs into fp32/fp64 accumulators). The reduction and the elementwise pass
+            are Triton kernels (`marn_fast.kernels.label_attention_gemm`) for fp16/bf16/fp32 on
+            CUDA and on CPU tensors under TRITON_INTERPRET=1, PyTorch ops otherwise. With
+            fp16/bf16 on CUDA, S and P are rounded to the input dtype before the softmax, as in
+            the eager reference ("triton" keeps them in fp32).
+  "gemm_saved": "gemm" that keeps what the backward needs: when autograd will run and 2·L·B·n
+            values of the compute dtype fit SAVED_MAX_BYTES and SAVED_FREE_FRACTION of free
+            memory, the forward also turns each block into [A; A∘(P − z)] and keeps it (ops
+            `marn_fast::label_attention_gemm_saved_fwd/_bwd`); the backward scales it by g into
+            a scratch chunk and runs only the gradient GEMMs, 4 GEMMs' FLOPs where "gemm" needs
+            6 (the CPU is GEMM-bound). Otherwise, and always without grad, it is "gemm".
+  "reference": `marn_fast.reference.label_attention` (queries and weights cast to the features'
+            dtype, logits returned as fp32, fp64 for fp64, like the other paths).
   "auto":   "triton" on CUDA when triton is installed and the dtype is not fp64, else "torch".
+`available_impls(...)` lists the names that can run on given inputs.
 Queries and weights are cast to the features' dtype (as autocast would), so the kernels see
 one dtype. Ops are registered with torch.library.custom_op + register_fake + register_autograd
 (passes opcheck and torch.compile(fullgraph=True), also under the Triton interpreter).
@@ -38,13 +63,16 @@ labels per document (the evidence that predict/explain shows), computing A only 
 """
 from __future__ import annotations
 
+import time
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_same_device, check_shape, check_tensor
-from ._backend import interpreting, resolve_impl
+from ..reference.label_attention import label_attention as reference_label_attention
+from ..reference.label_attention import token_mask
+from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available
 
 # Chunked PyTorch path: documents, labels and tokens per chunk. Its largest intermediate is the
@@ -247,6 +275,374 @@ def _chunked_bwd(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Ten
 
 
 # ---------------------------------------------------------------------------------------------
+# GEMM-first path ("gemm", "gemm_saved"): vendor GEMMs, one reduction, one elementwise pass
+# ---------------------------------------------------------------------------------------------
+# Label chunk: its score buffer SP [2·Lc, D·T] (compute dtype) is at most CHUNK_MAX_BYTES and at
+# most CHUNK_FREE_FRACTION of the device's free memory (CUDA: free + cached-unused; CPU:
+# MemAvailable; CHUNK_MAX_BYTES alone when that cannot be read).
+CHUNK_MAX_BYTES = 512 << 20
+CHUNK_FREE_FRACTION = 0.10
+# "gemm_saved" keeps [A; A∘(P − z)] from the forward (2·L·B·n values of the compute dtype) when
+# that is at most SAVED_MAX_BYTES and at most SAVED_FREE_FRACTION of free memory (under
+# torch.compile SAVED_MAX_BYTES alone, decided at trace time); otherwise it runs as "gemm".
+# 4 GiB holds the GPU benchmark's B=16, n=4,000, L=8,921 in bf16 (2.3 GB) and the CPU's full
+# codes B=4, n=500, L=9,216 in fp32 (0.15 GB).
+SAVED_MAX_BYTES = 4 << 30
+SAVED_FREE_FRACTION = 0.25
+# Batches of at most this many documents of unequal lengths run document by document (each
+# GEMM stops at its document's length); larger batches run as one group, cut at the longest.
+PER_DOCUMENT_MAX_BATCH = 4
+
+
+_MEMINFO_CACHE = {"time": float("-inf"), "bytes": None}
+
+
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device` (None when unknown). The CPU's MemAvailable
+    is re-read at most once a second (reading /proc/meminfo costs more than a small call)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    now = time.monotonic()
+    if now - _MEMINFO_CACHE["time"] > 1.0:
+        _MEMINFO_CACHE.update(time=now, bytes=_mem_available())
+    return _MEMINFO_CACHE["bytes"]
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return 1024 * int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _budget(device: torch.device, max_bytes: int, fraction: float) -> int:
+    free = free_memory_bytes(device)
+    return max_bytes if free is None else min(max_bytes, int(fraction * free))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def _gemm_dtype(features: Tensor) -> torch.dtype:
+    """The score buffer's (compute) dtype: the input dtype, except fp16/bf16 off CUDA (fp32)."""
+    if features.dtype in (torch.float16, torch.bfloat16) and not features.is_cuda:
+        return torch.float32
+    return features.dtype
+
+
+def _use_triton_reductions(device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton reduction/elementwise kernels on CUDA (or CPU tensors under the interpreter) for
+    fp16/bf16/fp32 score buffers; the PyTorch twin otherwise (CPU, fp64)."""
+    return (triton_available() and dtype in TRITON_DTYPES
+            and (device.type == "cuda" or (device.type == "cpu" and interpreting())))
+
+
+def _token_splits(device: torch.device, docs: int, num_labels: int, tokens: int) -> int:
+    """Token splits of the softmax reduction: on CUDA enough programs for 4 per SM (each split
+    at least 4 token tiles); 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    from ..kernels.label_attention_gemm import BLOCK_L, BLOCK_T
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = docs * -(-num_labels // BLOCK_L)
+    return max(1, min(-(-4 * sms // programs), tokens // (4 * BLOCK_T)))
+
+
+def _groups(ends: list) -> list:
+    """(d0, d1, T) per document group from the lengths (a list): one per document when the batch
+    is small and lengths differ, else one group of all documents cut at the longest (T = its
+    token count)."""
+    longest = max(ends)
+    if len(ends) <= PER_DOCUMENT_MAX_BATCH and min(ends) < longest:
+        return [(d, d + 1, t) for d, t in enumerate(ends)]
+    return [(0, len(ends), longest)]
+
+
+def _label_chunk(budget: int, columns: int, num_labels: int, itemsize: int) -> int:
+    """Labels per chunk so that [2·Lc, columns] fits the budget, balanced over the chunks."""
+    fit = max(1, budget // (2 * columns * itemsize))
+    return -(-num_labels // -(-num_labels // fit))
+
+
+class _Block:
+    """The scores of labels [l0, l1) for documents [d0, d1) of a group of T tokens: s and p are
+    [Lc, D·T] token-contiguous row blocks, lengths the group's lengths, pad its padded tokens
+    [D, T] (None when there are none)."""
+
+    def __init__(self, s, p, group, labels, lengths, pad):
+        self.s, self.p, (self.d0, self.d1, self.tokens), (self.l0, self.l1) = s, p, group, labels
+        self.lengths, self.pad = lengths, pad
+        self.lc, self.docs = self.l1 - self.l0, self.d1 - self.d0
+
+    def halves(self) -> Tuple[Tensor, Tensor]:
+        """s and p as [Lc, D, T] views."""
+        shape = (self.lc, self.docs, self.tokens)
+        return self.s.view(shape), self.p.view(shape)
+
+    def rows(self, stat: Tensor) -> Tensor:
+        """stat [B, L] → this block's [Lc, D, 1] (broadcast over tokens)."""
+        return stat[self.d0:self.d1, self.l0:self.l1].t()[:, :, None]
+
+
+def _stats_torch(block: _Block, z: Tensor, lse: Tensor, keep: bool) -> None:
+    """PyTorch twin of the kernels: z, lse of the block; with keep the block becomes [A; A∘(P − z)]
+    (zero on padded tokens), else it is left as scratch."""
+    s, p = block.halves()
+    if block.pad is not None:
+        s.masked_fill_(block.pad, float("-inf"))
+        p.masked_fill_(block.pad, 0.0)
+    m = s.amax(2, keepdim=True)
+    e = s.sub_(m).exp_()
+    total = e.sum(2, keepdim=True, dtype=z.dtype)
+    if keep:
+        a = e.div_(total.to(e.dtype))
+        block_z = p.mul_(a).sum(2, keepdim=True, dtype=z.dtype)
+        p.addcmul_(a, block_z.to(p.dtype), value=-1.0)  # a·p − a·z
+    else:
+        block_z = p.mul_(e).sum(2, keepdim=True, dtype=z.dtype).div_(total)
+    z[block.d0:block.d1, block.l0:block.l1] = block_z[:, :, 0].t()
+    lse[block.d0:block.d1, block.l0:block.l1] = (m + total.log())[:, :, 0].t()
+
+
+def _scores_to_grads_torch(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor) -> None:
+    """PyTorch twin: recomputed S, P → dP = g·a, dS = g·a·(p − z), in place."""
+    s, p = block.halves()
+    if block.pad is not None:
+        s.masked_fill_(block.pad, float("-inf"))
+        p.masked_fill_(block.pad, 0.0)
+    dp = s.sub_(block.rows(lse).to(s.dtype)).exp_().mul_(block.rows(grad_z).to(s.dtype))
+    p.sub_(block.rows(z).to(p.dtype)).mul_(dp)
+
+
+def _stats_triton(block: _Block, z: Tensor, lse: Tensor, keep: bool) -> None:
+    """Triton: z, lse through `softmax_partials` (+ combine), then with keep `attention_transform`."""
+    from ..kernels import label_attention_gemm as kernels
+
+    columns = block.docs * block.tokens
+    splits = _token_splits(block.s.device, block.docs, block.lc, block.tokens)
+    span = -(-block.tokens // (splits * kernels.BLOCK_T)) * kernels.BLOCK_T  # whole token tiles
+    parts = block.s.new_empty((3, splits, block.docs, block.lc), dtype=torch.float32)
+    grid = (-(-block.lc // kernels.BLOCK_L), block.docs, splits)
+    kernels.softmax_partials[grid](block.s, block.p, block.lengths, parts[0], parts[1], parts[2], columns,
+                                   block.tokens, block.lc, block.docs, span, BLOCK_L=kernels.BLOCK_L,
+                                   BLOCK_T=kernels.BLOCK_T, num_warps=kernels.NUM_WARPS)
+    m, total, acc = parts
+    if splits > 1:
+        m_all = m.amax(0)
+        rescale = (m - m_all).exp_()
+        m, total, acc = m_all, (total * rescale).sum(0), (acc * rescale).sum(0)
+    else:
+        m, total, acc = m[0], total[0], acc[0]
+    z[block.d0:block.d1, block.l0:block.l1] = acc / total
+    lse[block.d0:block.d1, block.l0:block.l1] = m + total.log()
+    if keep:
+        _transform_triton(block, z, lse, z, grad=False)
+
+
+def _transform_triton(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor, grad: bool) -> None:
+    from ..kernels import label_attention_gemm as kernels
+
+    grid = (-(-block.tokens // kernels.BLOCK_T), -(-block.lc // kernels.BLOCK_L), block.docs)
+    kernels.attention_transform[grid](block.s, block.p, block.lengths, z, lse, grad_z, block.docs * block.tokens,
+                                      block.tokens, block.lc, z.shape[1], block.d0 * z.shape[1] + block.l0,
+                                      GRAD=grad, BLOCK_L=kernels.BLOCK_L, BLOCK_T=kernels.BLOCK_T,
+                                      num_warps=kernels.NUM_WARPS)
+
+
+def _group_inputs(features: Tensor, lengths: Tensor, ends: list, group, dtype):
+    """(O of the group as [D·T, C] in dtype, the group's lengths, its padding mask or None)."""
+    d0, d1, tokens = group
+    o = features[d0:d1, :tokens].reshape(-1, features.shape[2]).to(dtype)
+    group_lengths = lengths[d0:d1]
+    pad = None
+    if min(ends[d0:d1]) < tokens:
+        pad = torch.arange(tokens, device=features.device)[None, :] >= group_lengths[:, None]
+    return o, group_lengths, pad
+
+
+def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
+    """acc = a·b (first) or acc += a·b, accumulating in acc's dtype (fp32 for half a, b)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b, beta=0.0 if first else 1.0)
+    elif first:
+        acc.copy_(torch.mm(a, b))
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+def _chunk_size(features: Tensor, groups, num_labels: int, dtype, scratch: bool = True):
+    """Labels per chunk (the same for every group, sized for the widest), and (scratch) one
+    buffer for a chunk of the widest group."""
+    budget = _budget(features.device, CHUNK_MAX_BYTES, CHUNK_FREE_FRACTION)
+    columns = max((d1 - d0) * t for d0, d1, t in groups)
+    size = _label_chunk(budget, columns, num_labels, _itemsize(dtype))
+    return size, (features.new_empty(2 * size * columns, dtype=dtype) if scratch else None)
+
+
+def _halves(buffer: Tensor, labels: int, columns: int) -> Tuple[Tensor, Tensor]:
+    """The first 2·labels·columns values of buffer as two [labels, columns] blocks."""
+    return buffer[:2 * labels * columns].view(2, labels, columns).unbind(0)
+
+
+def _joined(s: Tensor) -> Tensor:
+    """The [2·Lc, D·T] block made of s and the p block that directly follows it in memory."""
+    return s.as_strided((2 * s.shape[0], s.shape[1]), s.stride())
+
+
+def _scores(q: Tensor, w: Tensor, o: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
+    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ (two GEMMs: stacking [Q_c; W_c] would cost a copy of
+    Q and W per call, the same time as the GEMMs lose by being two on the CPU)."""
+    torch.mm(q[l0:l1], o.t(), out=s)
+    torch.mm(w[l0:l1], o.t(), out=p)
+
+
+def _interleaved(first: Tensor, second: Tensor, chunk: int) -> Tensor:
+    """[first_0; second_0; first_1; second_1; …] over label chunks of `chunk` rows: chunk c's
+    [first_c; second_c] are the rows 2·l0 … 2·l1 − 1."""
+    ranges = _chunks(first.shape[0], chunk)
+    return torch.cat([t for l0, l1 in ranges for t in (first[l0:l1], second[l0:l1])])
+
+
+def gemm_forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+                 saved: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(z, lse) [B, L] of the GEMM-first path, label chunk by label chunk: S_c = Q_c·Oᵀ and
+    P_c = W_c·Oᵀ (vendor GEMMs), then one reduction. With `saved` (2·L·B·n values of the
+    compute dtype) each group's [A; A∘(P − z)] [2L, D·T] is left in it, group after group (the
+    rest is zeroed); without, the chunks go through one scratch buffer."""
+    features = features.contiguous()
+    batch, num_labels = features.shape[0], queries.shape[0]
+    dtype = _gemm_dtype(features)
+    q, w = queries.to(dtype), weights.to(dtype)
+    z = features.new_empty((batch, num_labels), dtype=_accumulation_dtype(features.dtype))
+    lse = torch.empty_like(z)
+    ends = lengths.tolist()  # one host sync per call
+    groups = _groups(ends)
+    lc, scratch = _chunk_size(features, groups, num_labels, dtype, scratch=saved is None)
+    stats = _stats_triton if _use_triton_reductions(features.device, dtype) else _stats_torch
+    offset = 0
+    for group in groups:
+        o, group_lengths, pad = _group_inputs(features, lengths, ends, group, dtype)
+        columns = o.shape[0]
+        if saved is not None:
+            region = saved[offset:offset + 2 * num_labels * columns].view(2 * num_labels, columns)
+            offset += region.numel()
+        for l0, l1 in _chunks(num_labels, lc):
+            if saved is None:
+                s, p = _halves(scratch, l1 - l0, columns)
+            else:
+                s, p = region[l0:l1], region[num_labels + l0:num_labels + l1]
+            _scores(q, w, o, l0, l1, s, p)
+            stats(_Block(s, p, group, (l0, l1), group_lengths, pad), z, lse, keep=saved is not None)
+    if saved is not None:
+        saved[offset:].zero_()
+    return z, lse
+
+
+def gemm_backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+                  z: Tensor, lse: Tensor, saved: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dO, dQ, dW) of the GEMM-first path: per label chunk dP = g·a, dS = g·a·(p − z) [Lc, D·T]
+    (recomputed from S, P, or g times the kept rows), then dO += dPᵀ·W_c + dSᵀ·Q_c,
+    dW_c += dP·O, dQ_c += dS·O (vendor GEMMs)."""
+    features = features.contiguous()
+    batch, n, c = features.shape
+    num_labels = queries.shape[0]
+    dtype, acc_dtype = _gemm_dtype(features), _accumulation_dtype(features.dtype)
+    q, w = queries.to(dtype), weights.to(dtype)
+    grad_z, z, lse = (t.to(acc_dtype).contiguous() for t in (grad_z, z, lse))
+    grad_features = features.new_empty((batch, n, c), dtype=acc_dtype)
+    grad_q = queries.new_empty(queries.shape, dtype=acc_dtype)
+    grad_w = torch.empty_like(grad_q)
+    ends = lengths.tolist()  # one host sync per call
+    groups = _groups(ends)
+    lc, scratch = _chunk_size(features, groups, num_labels, dtype)
+    triton = _use_triton_reductions(features.device, dtype)
+    # dO accumulates in place (addmm_) when the compute dtype is the accumulator's; otherwise
+    # (fp16/bf16 on CUDA) one GEMM per chunk with [W_c; Q_c] (stacked once) and one fp32 add.
+    wq = None if dtype == acc_dtype else _interleaved(w, q, lc)
+    offset = 0
+    for index, group in enumerate(groups):
+        d0, d1, tokens = group
+        o, group_lengths, pad = _group_inputs(features, lengths, ends, group, dtype)
+        columns = o.shape[0]
+        grad_features[d0:d1, tokens:].zero_()
+        grad_o = grad_features[d0:d1, :tokens]
+        flat = grad_o.view(columns, c) if grad_o.is_contiguous() else grad_o.new_empty((columns, c))
+        if saved is not None:
+            kept = saved[offset:offset + 2 * num_labels * columns].view(2 * num_labels, columns)
+            offset += kept.numel()
+        for l0, l1 in _chunks(num_labels, lc):
+            block = _Block(*_halves(scratch, l1 - l0, columns), group, (l0, l1), group_lengths, pad)
+            if saved is None:
+                _scores(q, w, o, l0, l1, block.s, block.p)
+                if triton:
+                    _transform_triton(block, z, lse, grad_z, grad=True)
+                else:
+                    _scores_to_grads_torch(block, z, lse, grad_z)
+            else:
+                g = block.rows(grad_z).to(dtype)
+                for out, rows in zip(block.halves(), (kept[l0:l1], kept[num_labels + l0:num_labels + l1])):
+                    torch.mul(rows.view(out.shape), g, out=out)
+            if wq is None:  # s holds dP and p holds dS
+                _add_matmul(flat, block.s.t(), w[l0:l1], first=l0 == 0)
+                _add_matmul(flat, block.p.t(), q[l0:l1], first=False)
+            else:
+                _add_matmul(flat, _joined(block.s).t(), wq[2 * l0:2 * l1], first=l0 == 0)
+            _add_matmul(grad_w[l0:l1], block.s, o, first=index == 0)
+            _add_matmul(grad_q[l0:l1], block.p, o, first=index == 0)
+        if flat.data_ptr() != grad_o.data_ptr():
+            grad_o.copy_(flat.view(grad_o.shape))
+    return grad_features.to(features.dtype), grad_q.to(queries.dtype), grad_w.to(weights.dtype)
+
+
+def _saved_numel(features: Tensor, queries: Tensor) -> int:
+    return 2 * queries.shape[0] * features.shape[0] * features.shape[1]
+
+
+@torch.library.custom_op("marn_fast::label_attention_gemm_fwd", mutates_args=())
+def _gemm_fwd(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    return gemm_forward(features, queries, weights, lengths)
+
+
+@torch.library.custom_op("marn_fast::label_attention_gemm_bwd", mutates_args=())
+def _gemm_bwd(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+              z: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return gemm_backward(grad_z, features, queries, weights, lengths, z, lse)
+
+
+@torch.library.custom_op("marn_fast::label_attention_gemm_saved_fwd", mutates_args=())
+def _gemm_saved_fwd(features: Tensor, queries: Tensor, weights: Tensor,
+                    lengths: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    saved = features.new_empty(_saved_numel(features, queries), dtype=_gemm_dtype(features))
+    z, lse = gemm_forward(features, queries, weights, lengths, saved)
+    return z, lse, saved
+
+
+@torch.library.custom_op("marn_fast::label_attention_gemm_saved_bwd", mutates_args=())
+def _gemm_saved_bwd(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+                    z: Tensor, lse: Tensor, saved: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return gemm_backward(grad_z, features, queries, weights, lengths, z, lse, saved)
+
+
+def keeps_scores(features: Tensor, queries: Tensor, weights: Tensor) -> bool:
+    """Whether impl="gemm_saved" keeps the forward's scores for these inputs: autograd will need
+    them and 2·L·B·n values of the compute dtype fit the saved-scores budget."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (features, queries, weights))):
+        return False
+    budget = SAVED_MAX_BYTES if torch.compiler.is_compiling() else _budget(
+        features.device, SAVED_MAX_BYTES, SAVED_FREE_FRACTION)
+    return _saved_numel(features, queries) * _itemsize(_gemm_dtype(features)) <= budget
+
+
+# ---------------------------------------------------------------------------------------------
 # Registration shared by both paths: fake kernels and autograd
 # ---------------------------------------------------------------------------------------------
 def _fake_fwd(features, queries, weights, lengths):
@@ -254,28 +650,35 @@ def _fake_fwd(features, queries, weights, lengths):
     return z, torch.empty_like(z)
 
 
-def _fake_bwd(grad_z, features, queries, weights, lengths, z, lse):
+def _fake_saved_fwd(features, queries, weights, lengths):
+    z, lse = _fake_fwd(features, queries, weights, lengths)
+    return z, lse, features.new_empty(_saved_numel(features, queries), dtype=_gemm_dtype(features))
+
+
+def _fake_bwd(grad_z, features, queries, weights, lengths, *saved):
     return torch.empty_like(features), torch.empty_like(queries), torch.empty_like(weights)
 
 
-def _register(fwd_op, bwd_op) -> None:
+def _register(fwd_op, bwd_op, fake_fwd=_fake_fwd) -> None:
+    """Forward outputs (z, lse, *kept): all are saved for the backward, only z is differentiable."""
     def setup_context(ctx, inputs, output):
-        z, lse = output
-        ctx.save_for_backward(*inputs, z, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(*inputs, *output)
+        ctx.mark_non_differentiable(*output[1:])
 
-    def backward(ctx, grad_z, grad_lse):
-        features, queries, weights, lengths, z, lse = ctx.saved_tensors
-        grad_features, grad_q, grad_w = bwd_op(grad_z, features, queries, weights, lengths, z, lse)
+    def backward(ctx, grad_z, *unused):
+        features, queries, weights, lengths, *saved = ctx.saved_tensors
+        grad_features, grad_q, grad_w = bwd_op(grad_z, features, queries, weights, lengths, *saved)
         return grad_features, grad_q, grad_w, None
 
-    fwd_op.register_fake(_fake_fwd)
+    fwd_op.register_fake(fake_fwd)
     bwd_op.register_fake(_fake_bwd)
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
 
 _register(_triton_fwd, _triton_bwd)
 _register(_chunked_fwd, _chunked_bwd)
+_register(_gemm_fwd, _gemm_bwd)
+_register(_gemm_saved_fwd, _gemm_saved_bwd, _fake_saved_fwd)
 if cpu_extension_available():
     torch.library.register_fake("marn_fast::label_attention_forward")(_fake_fwd)
 
@@ -283,7 +686,26 @@ if cpu_extension_available():
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------
+IMPLS = ("auto", "reference", "torch", "triton", "gemm", "gemm_saved")
+
+
+def available_impls(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
+                    lengths: Optional[Tensor] = None) -> Tuple[str, ...]:
+    """The impl names that can run on these inputs now ("auto" excluded): "reference", "torch",
+    "gemm" and "gemm_saved" everywhere, "triton" on CUDA (or CPU tensors under
+    TRITON_INTERPRET=1) for fp16/bf16/fp32 when triton is installed."""
+    names = ["reference", "torch"]
+    if (triton_available() and features.dtype in TRITON_DTYPES
+            and (features.is_cuda or (features.device.type == "cpu" and interpreting()))):
+        names.append("triton")
+    return tuple(names + ["gemm", "gemm_saved"])
+
+
 def _resolve(impl: str, features: Tensor) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"label_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if impl in ("reference", "gemm", "gemm_saved"):
+        return impl
     if impl == "auto" and features.dtype not in TRITON_DTYPES:
         return "torch"
     impl = resolve_impl(impl, features, "label_attention")
@@ -292,25 +714,50 @@ def _resolve(impl: str, features: Tensor) -> str:
     return impl
 
 
-def label_attention_with_lse(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
-                             lengths: Optional[Tensor] = None, *, impl: str = "auto") -> Tuple[Tensor, Tensor]:
-    """(logits [B, L], lse [B, L]); logits are fp32 (fp64 for fp64 inputs), lse carries no gradient."""
+def _reference(features, queries, weights, bias, lengths, with_lse: bool):
+    """impl="reference": the plain formula (queries and weights cast to the features' dtype, as
+    for the other impls), logits returned in the same dtype as the other impls'."""
+    queries, weights = queries.to(features.dtype), weights.to(features.dtype)
+    dtype = _accumulation_dtype(features.dtype)
+    logits = reference_label_attention(features, queries, weights, bias, lengths).to(dtype)
+    if not with_lse:
+        return logits, None
+    with torch.no_grad():
+        scores = torch.matmul(queries.to(dtype), features.to(dtype).transpose(1, 2))
+        mask = token_mask(lengths, features.shape[1], features.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        return logits, scores.logsumexp(2)
+
+
+def _logits_and_lse(features, queries, weights, bias, lengths, impl: str, with_lse: bool):
     check_label_attention_args(features, queries, weights, bias, lengths)
     impl = _resolve(impl, features)
+    if impl == "reference":
+        return _reference(features, queries, weights, bias, lengths, with_lse)
     batch, n, _ = features.shape
     if lengths is None:
         lengths = torch.full((batch,), n, dtype=torch.int64, device=features.device)
     queries = queries.to(features.dtype)
     weights = weights.to(features.dtype)
-    op = _triton_fwd if impl == "triton" else _chunked_fwd
-    z, lse = op(features, queries, weights, lengths)
+    if impl == "gemm_saved" and keeps_scores(features, queries, weights):
+        z, lse, _ = _gemm_saved_fwd(features, queries, weights, lengths)
+    else:
+        op = {"triton": _triton_fwd, "torch": _chunked_fwd, "gemm": _gemm_fwd, "gemm_saved": _gemm_fwd}[impl]
+        z, lse = op(features, queries, weights, lengths)
     return z + bias, lse
+
+
+def label_attention_with_lse(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
+                             lengths: Optional[Tensor] = None, *, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """(logits [B, L], lse [B, L]); logits are fp32 (fp64 for fp64 inputs), lse carries no gradient."""
+    return _logits_and_lse(features, queries, weights, bias, lengths, impl, with_lse=True)
 
 
 def label_attention(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
                     lengths: Optional[Tensor] = None, *, impl: str = "auto") -> Tensor:
     """Logits [B, L] (fp32; fp64 for fp64 inputs); see the module docstring."""
-    return label_attention_with_lse(features, queries, weights, bias, lengths, impl=impl)[0]
+    return _logits_and_lse(features, queries, weights, bias, lengths, impl, with_lse=False)[0]
 
 
 def label_attention_topk(features: Tensor, queries: Tensor, labels: Tensor, k: int,
