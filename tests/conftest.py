@@ -1,5 +1,6 @@
 """Test setup: Triton's CPU interpreter without a GPU (it must be set before kernels are
-imported), the shared data folder, and a check that the compiled extension is in use."""
+imported), the measured dispatcher off, the shared data folder, and a check that the compiled
+extension is in use."""
 import importlib.util
 import os
 from pathlib import Path
@@ -9,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The measured dispatcher (marn_fast/ops/dispatch.py) is off unless a test turns it on: every
+# impl="auto" call runs the op's static default (the same path on every run, child processes
+# included), and no test reads or writes the user's dispatch cache. test_dispatch*.py measure.
+os.environ.setdefault("MARN_FAST_DISPATCH", "off")
 
 import marn_fast  # noqa: E402  (after TRITON_INTERPRET)
 from marn_fast.ops import cpu_extension_available  # noqa: E402

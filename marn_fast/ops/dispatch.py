@@ -415,6 +415,11 @@ def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device
 
 
 # ------------------------------------------------------------------------------------------ trials
+def grad_flows(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call on these tensors records a gradient (the key's mode "train")."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def autograd_trial(call: Callable[..., object], inputs: Sequence[Optional[torch.Tensor]], train: bool,
                    params: Sequence[torch.Tensor] = (), seed: int = 0) -> Trial:
     """A trial for an op taking tensors: impl → [outputs..., gradients...].

@@ -52,7 +52,9 @@ Paths (`impl`, see `_backend.resolve_impl`):
             6 (the CPU is GEMM-bound). Otherwise, and always without grad, it is "gemm".
   "reference": `marn_fast.reference.label_attention` (queries and weights cast to the features'
             dtype, logits returned as fp32, fp64 for fp64, like the other paths).
-  "auto":   "triton" on CUDA when triton is installed and the dtype is not fp64, else "torch".
+  "auto":   the measured dispatcher's choice among `available_impls` for this call's key
+            (ops/dispatch.py); where nothing is measured, the static `default_impl`: "triton" on
+            CUDA when triton is installed and the dtype is not fp64, else "torch".
 `available_impls(...)` lists the names that can run on given inputs.
 Queries and weights are cast to the features' dtype (as autocast would), so the kernels see
 one dtype. Ops are registered with torch.library.custom_op + register_fake + register_autograd
@@ -72,6 +74,7 @@ from torch import Tensor
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_same_device, check_shape, check_tensor
 from ..reference.label_attention import label_attention as reference_label_attention
 from ..reference.label_attention import token_mask
+from . import dispatch
 from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available
 
@@ -701,13 +704,32 @@ def available_impls(features: Tensor, queries: Tensor, weights: Tensor, bias: Te
     return tuple(names + ["gemm", "gemm_saved"])
 
 
+def default_impl(features: Tensor) -> str:
+    """The static choice (what MARN(backend="fused") runs, and "auto" where nothing is measured):
+    "triton" on CUDA for fp16/bf16/fp32 when triton is installed, else "torch"."""
+    if features.dtype not in TRITON_DTYPES:
+        return "torch"
+    return resolve_impl("auto", features, "label_attention")
+
+
+def _measured_impl(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
+                   lengths: Optional[Tensor]) -> str:
+    """impl="auto": the measured dispatcher's choice for this key (ops/dispatch.py)."""
+    train = dispatch.grad_flows(features, queries, weights, bias)
+    batch, n, c = features.shape
+    inputs = (features, queries, weights, bias, lengths)
+    return dispatch.choose(
+        "label_attention", device=features.device, dtype=features.dtype, train=train,
+        sizes={"B": batch, "n": n, "C": c, "L": queries.shape[0]}, candidates=available_impls(*inputs),
+        default=default_impl(features),
+        trial=lambda: dispatch.autograd_trial(lambda impl, *t: label_attention(*t, impl=impl), inputs, train))
+
+
 def _resolve(impl: str, features: Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"label_attention: impl must be one of {IMPLS}, got {impl!r}")
     if impl in ("reference", "gemm", "gemm_saved"):
         return impl
-    if impl == "auto" and features.dtype not in TRITON_DTYPES:
-        return "torch"
     impl = resolve_impl(impl, features, "label_attention")
     if impl == "triton" and features.dtype not in TRITON_DTYPES:
         raise ValueError(f"features: impl='triton' supports float16, bfloat16 and float32, got {features.dtype}")
@@ -732,6 +754,8 @@ def _reference(features, queries, weights, bias, lengths, with_lse: bool):
 
 def _logits_and_lse(features, queries, weights, bias, lengths, impl: str, with_lse: bool):
     check_label_attention_args(features, queries, weights, bias, lengths)
+    if impl == "auto":
+        impl = _measured_impl(features, queries, weights, bias, lengths)
     impl = _resolve(impl, features)
     if impl == "reference":
         return _reference(features, queries, weights, bias, lengths, with_lse)
