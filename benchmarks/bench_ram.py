@@ -158,13 +158,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=None, metavar="B,C,n")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--tf32", action="store_true", help="leave TF32 at PyTorch's defaults for fp32 on CUDA")
+    parser.add_argument("--no-save", action="store_true", help="print only (A/B runs on a busy machine)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU shapes, 2 rounds, no compile, Triton passes under the interpreter; writes nothing")
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.compile, args.threads = "cpu", False, args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.smoke:
-        args.device, args.compile = "cpu", False
     if args.device == "cuda" and not args.tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -181,8 +182,8 @@ def main() -> None:
             rows += bench_case(b, c, n, dt, args.device, rounds, args.compile, args.smoke, args.tf32)
     if args.device == "cuda":
         check_gpu_target(rows)
-    if args.smoke:
-        print(f"smoke run: {len(rows)} rows, nothing written")
+    if args.smoke or args.no_save:
+        print(f"{len(rows)} rows, nothing written")
         return
     meta = dict(compile=args.compile, rounds=rounds, tf32=args.tf32 if args.device == "cuda" else None,
                 load_average_1_5_15min=os.getloadavg(),

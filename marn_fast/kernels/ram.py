@@ -166,7 +166,10 @@ def _affine_epilogue_kernel(z_ptr, other_ptr, out_ptr, mean_ptr, rstd_ptr, gamma
     v, _ = _affine(z, cols, cols < C, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, NORM)
     if HAS_OTHER:
         o = tl.load(other_ptr + offs, mask=mask, other=0.0).to(acc_t)
-        v = v * o if MUL else v + o
+        if MUL:
+            v = v * o
+        else:
+            v = v + o
     if TANH:
         v = _tanh(v)
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -175,11 +178,12 @@ def _affine_epilogue_kernel(z_ptr, other_ptr, out_ptr, mean_ptr, rstd_ptr, gamma
 @triton.jit
 def _affine_epilogue_backward_kernel(g_ptr, z_ptr, out_ptr, other_ptr, gu_ptr, dother_ptr, partial_ptr,
                                      mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, R, C, rows_per_prog,
-                                     NORM: tl.constexpr, HAS_OTHER: tl.constexpr, MUL: tl.constexpr,
+                                     NORM: tl.constexpr, MUL_OTHER: tl.constexpr, NEED_U: tl.constexpr,
                                      TANH: tl.constexpr, FP64: tl.constexpr,
                                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (p, j) over its row strip: gu (and dother for MUL) stored tile by tile; the
-    strip's Σgu and Σgu·x̂ to partial[p, 0, :] and partial[p, 1, :] ([P, 2, C])."""
+    """Program (p, j) over its row strip: gu (and dother for MUL_OTHER) stored tile by tile; the
+    strip's Σgu and Σgu·x̂ to partial[p, 0, :] and partial[p, 1, :] ([P, 2, C]). NEED_U: NORM or
+    MUL_OTHER (u, x̂ recomputed from z). An added other passes g through: not this kernel's."""
     acc_t = tl.float64 if FP64 else tl.float32
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -195,10 +199,10 @@ def _affine_epilogue_backward_kernel(g_ptr, z_ptr, out_ptr, other_ptr, gu_ptr, d
         if TANH:
             y = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_t)
             gu = gu * (1.0 - y * y)
-        if NORM or (HAS_OTHER and MUL):  # u (and x̂) are needed
+        if NEED_U:
             z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_t)
             u, xhat = _affine(z, cols, cmask, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, NORM)
-            if HAS_OTHER and MUL:
+            if MUL_OTHER:
                 o = tl.load(other_ptr + offs, mask=mask, other=0.0).to(acc_t)
                 tl.store(dother_ptr + offs, (gu * u).to(dother_ptr.dtype.element_ty), mask=mask)
                 gu = gu * o
@@ -300,18 +304,20 @@ def affine_epilogue_backward(g: torch.Tensor, z: torch.Tensor, beta: torch.Tenso
                              mean=None, rstd=None, gamma=None, mul: bool = False, tanh: bool = False):
     """(gu [R, C] in z's dtype, dother for MUL else None, sums [2, C]: Σgu, Σgu·x̂) for g [R, C].
 
-    out: the forward output (read when tanh). One launch plus a fixed-order sum of [P, 2, C]."""
+    out: the forward output (read when tanh); other: read for MUL only (dother of an added other
+    is g itself). One launch plus a fixed-order sum of [P, 2, C]."""
     r, c = z.shape
     norm = mean is not None
     rows, p = _strips(r, c)
     block_c = _block_c(c)
     gu = torch.empty_like(z)
-    dother = torch.empty_like(z) if (other is not None and mul) else None
+    mul_other = other is not None and mul
+    dother = torch.empty_like(z) if mul_other else None
     partial = torch.empty(p, 2, c, dtype=_acc_dtype(z), device=z.device)
     _affine_epilogue_backward_kernel[(p, triton.cdiv(c, block_c))](
-        g, z, z if out is None else out, z if other is None else other, gu, gu if dother is None else dother,
+        g, z, z if out is None else out, other if mul_other else z, gu, dother if mul_other else gu,
         partial, mean if norm else beta, rstd if norm else beta, gamma if norm else beta, beta, r, c, rows,
-        NORM=norm, HAS_OTHER=other is not None, MUL=mul, TANH=tanh, FP64=_acc_dtype(z) == torch.float64,
+        NORM=norm, MUL_OTHER=mul_other, NEED_U=norm or mul_other, TANH=tanh, FP64=_acc_dtype(z) == torch.float64,
         BLOCK_R=BLOCK_R, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return gu, dother, partial.sum(0)
 

@@ -20,7 +20,8 @@ One block conv1 → BN1 → tanh → conv2 → BN2, then out = v (NONE), v + oth
 - torch passes (CPU): training calls the block's own BatchNorm1d modules on the [R, C] view
   (ATen's kernel: statistics, the running-statistics update exactly as the module does,
   normalisation) and torch.tanh; eval gives the folded bias to oneDNN's conv (added in its
-  epilogue), then tanh; the final tanh(v ⊙ H) is marn_fast's C++ `mul_tanh` (one pass each way).
+  epilogue), then tanh; the epilogues are ATen's vectorised ops (in place without autograd;
+  `ops.mul_tanh` picks them on the CPU: its C++ kernel's scalar tanh is 40× slower).
 Running statistics (Triton path) follow nn.BatchNorm1d: num_batches_tracked += 1, momentum or,
 when momentum is None, 1/num_batches_tracked; unbiased variance; once per call.
 
@@ -108,16 +109,24 @@ def _triton_bn(z: torch.Tensor, bn: nn.BatchNorm1d, other, mul: bool, tanh: bool
 
 
 # ---------------------------------------------------------------------------------- blocks
+def _in_place(v: torch.Tensor) -> bool:
+    """Whether v (a temporary of this block) may be overwritten: no autograd graph records it."""
+    return not (torch.is_grad_enabled() and v.requires_grad)
+
+
 def _epilogue_torch(v: torch.Tensor, other, mul: bool, tanh: bool) -> torch.Tensor:
     if other is None:
         return v
+    if _in_place(v) and not other.requires_grad:
+        v = v.mul_(other) if mul else v.add_(other)
+        return v.tanh_() if tanh else v
     if not mul:
         return v + other
     return mul_tanh(v, other) if tanh else v * other
 
 
 def _tanh_torch(v: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(v) if (torch.is_grad_enabled() and v.requires_grad) else v.tanh_()
+    return v.tanh_() if _in_place(v) else torch.tanh(v)
 
 
 def block_batch_stats(x: torch.Tensor, w1: torch.Tensor, bn1: nn.BatchNorm1d, w2: torch.Tensor,
