@@ -252,8 +252,6 @@ def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tenso
 # epilogue → (multiply by other instead of adding, tanh after)
 _VENDOR_EPILOGUES = {EPILOGUE_NONE: (False, False), EPILOGUE_ADD: (False, False),
                      EPILOGUE_MUL: (True, False), EPILOGUE_MUL_TANH: (True, True)}
-_VENDOR_DTYPES = {"cpu": (torch.float32, torch.float64),
-                  "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
 
 
 def _vendor_uses_triton(x: torch.Tensor) -> bool:
@@ -279,21 +277,23 @@ def vendor_conv_block(block: nn.Sequential, x: torch.Tensor, other: Optional[tor
     return ram_vendor.block_folded(x, w1, b1, w2, b2, other, mul, tanh, use_triton)
 
 
-def _unavailable(impl: str, h: torch.Tensor) -> Optional[str]:
-    """Why `impl` cannot run on h, or None."""
+def _run_dtype(ram: RAM, h: torch.Tensor) -> torch.dtype:
+    """The dtype the fused implementations run in: h's, or the parameters' under autocast."""
+    return ram.down1[0].weight.dtype if torch.is_autocast_enabled(h.device.type) else h.dtype
+
+
+def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why `impl` cannot run on h's device in `dtype`, or None. Both fused implementations take
+    the dtypes of _DTYPES (vendor_conv: cuDNN/oneDNN convolutions, Triton or torch passes)."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected 'auto' or one of {IMPLS}, got {impl!r}")
-    device, dtype = h.device.type, h.dtype
-    if impl == "extension":
-        if not extension_available_for(h):
-            return f"the compiled extension has no kernels for {device} tensors (not built or not loaded)"
-        if dtype not in _DTYPES.get(device, ()):
-            return f"the extension's RAM kernels take {_DTYPES.get(device, ())} on {device}, got {dtype}"
-    elif impl == "vendor_conv":
-        if dtype not in _VENDOR_DTYPES.get(device, ()):
-            return f"vendor_conv takes {_VENDOR_DTYPES.get(device, ())} on {device}, got {dtype}"
-        if device == "cuda" and not triton_available():
-            return "vendor_conv needs triton for CUDA tensors"
+    device = h.device.type
+    if impl != "reference" and dtype not in _DTYPES.get(device, ()):
+        return f"{impl} takes {_DTYPES.get(device, ())} on {device}, got {dtype}"
+    if impl == "extension" and not extension_available_for(h):
+        return f"the compiled extension has no kernels for {device} tensors (not built or not loaded)"
+    if impl == "vendor_conv" and device == "cuda" and not triton_available():
+        return "vendor_conv needs triton for CUDA tensors"
     return None
 
 
@@ -301,9 +301,8 @@ def available_impls(ram: RAM, h: torch.Tensor) -> tuple[str, ...]:
     """The implementations that can run `ram_forward(ram, h, impl=...)` now, "reference" first.
 
     Under autocast the fused ones run in the parameters' dtype (see `ram_forward`)."""
-    if torch.is_autocast_enabled(h.device.type):
-        h = h.to(ram.down1[0].weight.dtype)
-    return tuple(impl for impl in IMPLS if _unavailable(impl, h) is None)
+    dtype = _run_dtype(ram, h)
+    return tuple(impl for impl in IMPLS if _unavailable(impl, h, dtype) is None)
 
 
 def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -321,8 +320,7 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if impl == "reference":
         return ram(h)
     if impl != "auto":
-        reason = _unavailable(impl, h.to(ram.down1[0].weight.dtype) if torch.is_autocast_enabled(h.device.type)
-                              else h)
+        reason = _unavailable(impl, h, _run_dtype(ram, h))
         if reason is not None:
             raise ValueError(f"impl={impl!r} cannot run here: {reason}")
     if torch.is_autocast_enabled(h.device.type):
