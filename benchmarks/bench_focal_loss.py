@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch.compile of the reference")
     parser.add_argument("--smoke", action="store_true",
-                        help="[2, 88] on the CPU, 2 short rounds, no compile, Triton in the interpreter; writes nothing")
+                        help="[2, 88] on the CPU, 2 short rounds, no compile, Triton interpreted; writes nothing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.smoke:

@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="leave TF32 at PyTorch's defaults for fp32 on CUDA")
     parser.add_argument("--no-save", action="store_true", help="print only (A/B runs on a busy machine)")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny CPU shapes, 2 rounds, no compile, Triton passes under the interpreter; writes nothing")
+                        help="tiny CPU shapes, 2 rounds, no compile, Triton passes interpreted; writes nothing")
     args = parser.parse_args()
     if args.smoke:
         args.device, args.compile, args.threads = "cpu", False, args.threads or 1

@@ -606,6 +606,7 @@ print("compiled")
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile the kernel for it")
 def test_triton_kernel_compiles_for_sm90():
     """The GPU compiler without a GPU (a subprocess: the tests import the kernel under the
     interpreter): one and two heads with the in-kernel reduction, and the per-element loss."""

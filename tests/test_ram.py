@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from marn_fast.ops import cpu_extension_available
+from marn_fast.ops._backend import interpreting
 from marn_fast.ops.ram import (EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH, EPILOGUE_NONE, available_impls,
                                conv_weight, folded_block, ram_block, ram_forward)
 from marn_fast.reference.ram import RAM, ram_block as reference_block
@@ -126,8 +127,12 @@ ram_ops = importlib.import_module("marn_fast.ops.ram")
 # The implementations tested here: every name ram_forward takes, and "vendor_conv[triton]" — the
 # vendor_conv candidate with its CUDA passes (Triton) forced onto CPU tensors (the interpreter).
 TRITON_FORCED = "vendor_conv[triton]"
-# "reference" is the module itself and "auto" the extension (test_auto_is_the_extension...).
-CPU_IMPLS = ("extension", "vendor_conv", TRITON_FORCED)
+# "reference" is the module itself and "auto" the extension (test_auto_is_the_extension...). The
+# forced Triton passes need the interpreter (a GPU machine tests them on CUDA tensors instead).
+CPU_IMPLS = ("extension", "vendor_conv") + ((TRITON_FORCED,) if interpreting() else ())
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_interpreter_or_cuda = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 
 def impl_context(impl):
@@ -231,7 +236,7 @@ def test_auto_is_the_extension_and_reference_is_the_module(training):
     assert torch.equal(outs["reference"], copy.deepcopy(base)(h))
 
 
-@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("forced", [False] + ([True] if interpreting() else []))
 def test_vendor_conv_runs_its_triton_passes_only_when_they_apply(forced, monkeypatch):
     """On CPU tensors vendor_conv runs torch passes; forced (as on CUDA), every BatchNorm's pass is
     the Triton one: 10 fused passes in training, 10 in eval."""
@@ -269,13 +274,15 @@ def test_vendor_conv_channels_last_convolution_matches_conv1d():
 
 
 # ------------------------------------------------------------------------------------------ Triton passes
-# The kernels of marn_fast.kernels.ram on [R, C] matrices, in the CPU interpreter (small shapes).
+# The kernels of marn_fast.kernels.ram on [R, C] matrices: in the CPU interpreter (small shapes),
+# or on the GPU where there is one.
 # Tolerances: float64 1e-12 relative; float32 2e-6 relative to the largest value (fp32 sums of ≤ 10³
 # terms).
 def _kernels():
     return importlib.import_module("marn_fast.kernels.ram")
 
 
+@requires_interpreter_or_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("r,c", [(2, 3), (37, 5), (300, 70), (1000, 17)])
 def test_triton_batch_stats_and_running_update(dtype, r, c, monkeypatch):
@@ -286,7 +293,9 @@ def test_triton_batch_stats_and_running_update(dtype, r, c, monkeypatch):
     z = (torch.randn(r, c, generator=gen, dtype=torch.float64) * 2 + 30).to(dtype)  # mean ≫ spread
     rm, rv = torch.randn(c, generator=gen, dtype=dtype), torch.rand(c, generator=gen, dtype=dtype) + 0.5
     want_rm, want_rv = 0.1 * torch.mean(z.double(), 0) + 0.9 * rm.double(), 0.1 * z.double().var(0) + 0.9 * rv.double()
-    mean, rstd = kernels.batch_stats(z, 1e-5, rm, rv, 0.1)
+    z_dev, rm_dev, rv_dev = (t.to(TRITON_DEVICE) for t in (z, rm, rv))
+    mean, rstd = (t.cpu() for t in kernels.batch_stats(z_dev, 1e-5, rm_dev, rv_dev, 0.1))
+    rm, rv = rm_dev.cpu(), rv_dev.cpu()
     var, want_mean = torch.var_mean(z.double(), 0, correction=0)
     tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(mean.double(), want_mean, **tol)
@@ -299,6 +308,7 @@ def test_triton_batch_stats_and_running_update(dtype, r, c, monkeypatch):
 EPILOGUE_FLAGS = [("none", False), ("none", True), ("add", False), ("mul", False), ("mul", True)]
 
 
+@requires_interpreter_or_cuda
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("other_kind,tanh", EPILOGUE_FLAGS)
 def test_triton_fused_pass_matches_autograd(norm, other_kind, tanh):
@@ -308,10 +318,12 @@ def test_triton_fused_pass_matches_autograd(norm, other_kind, tanh):
     ram_vendor = importlib.import_module("marn_fast.ops.ram_vendor")
     gen = torch.Generator().manual_seed(17)
     r, c = 45, 7
-    leaf = lambda *shape, scale=1.0, shift=0.0: (torch.rand(*shape, generator=gen, dtype=torch.float64) * scale  # noqa: E731
-                                                  + shift if scale != 1.0 else
-                                                  torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
-    z, gamma, beta = leaf(r, c), leaf(c, scale=1.0 + 1e-9, shift=0.5), leaf(c)
+    def leaf(*shape, positive=False):
+        t = torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.5 if positive else \
+            torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return t.to(TRITON_DEVICE).requires_grad_()
+
+    z, gamma, beta = leaf(r, c), leaf(c, positive=True), leaf(c)
     other = None if other_kind == "none" else leaf(r, c)
     mul = other_kind == "mul"
     out = ram_vendor._FusedPass.apply(z, gamma if norm else None, beta, other, norm, mul, tanh, 1e-5, None, None, 0.0)
@@ -319,7 +331,7 @@ def test_triton_fused_pass_matches_autograd(norm, other_kind, tanh):
     v = u if other is None else (u * other if mul else u + other)
     want = torch.tanh(v) if tanh else v
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    g = torch.randn(c, r, generator=gen, dtype=torch.float64).t()
+    g = torch.randn(c, r, generator=gen, dtype=torch.float64).to(TRITON_DEVICE).t()
     inputs = [t for t in (z, gamma if norm else None, beta, other) if t is not None]
     got = torch.autograd.grad(out, inputs, g)
     expected = torch.autograd.grad(want, inputs, g)
@@ -362,6 +374,7 @@ print("compiled")
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile the kernels for it")
 def test_triton_kernels_compile_for_sm90():
     import os
     import subprocess

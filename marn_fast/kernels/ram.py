@@ -14,7 +14,7 @@ Backward, with g = dL/dout: `affine_epilogue_backward` forms gu = dL/du (tanh: g
 MUL: dother = g'·u, gu = g'·other; add: gu = g, dother = g), stores gu (and dother) and the
 per-channel sums Σgu and Σgu·x̂ (x̂ = (z − μ)·rstd) as per-strip partials summed by the caller in
 a fixed order; then, NORM only, `batch_norm_backward_apply`:
-    dz = γ·rstd·(gu − Σgu/R − x̂·Σgu·x̂/R),   dγ = Σgu·x̂,   dβ = Σgu   (not NORM: dz = gu, db = Σgu).
+    dz = γ·rstd·(gu − Σgu/R − x̂·Σgu·x̂/R),  dγ = Σgu·x̂,  dβ = Σgu   (not NORM: dz = gu, db = Σgu).
 Statistics and sums accumulate in fp32 (fp64 for fp64 tensors); stored tensors keep z's dtype.
 No atomics: every result is deterministic. Offsets are int64 (R·C can pass 2^31).
 tanh is computed from exp and log (`_tanh`, a few ulps): libdevice's tanh is not available in
