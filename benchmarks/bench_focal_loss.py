@@ -1,46 +1,58 @@
 """Focal loss: time of loss + backward for the eager official formula, torch.compile of it, and
-the fused op (marn_fast.ops.focal_loss, impl="auto": Triton on CUDA; on CPU the C++ kernel when
-marn_fast._C is built, else the vectorised-PyTorch path). On CPU the PyTorch path is also timed
-("fused_torch") with the C++ kernel switched off, so both CPU paths are compared in one run.
+every implementation of `marn_fast.ops.focal_loss` that can run here ("torch": the C++ kernel on
+CPU when marn_fast._C is built; "triton": CUDA). On CPU the vectorised-PyTorch path is also timed
+("torch_no_ext", the C++ kernel switched off), so both CPU paths are compared in one run.
 
-Full-code sizes: L = 8,921 ICD + 295 CCS codes, B ∈ {16, 64}; official form (α = 0.999, γ = 2,
-mean). CPU: fp32 logits, float32 and bool targets. CUDA: fp32 and bf16 logits, float32 and bool
-targets, plus the achieved bandwidth of the fused op (logits and targets read once, the
-gradient written once) against a device-to-device copy of the same traffic measured in the
-same run. Methods are timed interleaved (rounds of each in turn), the median round reported.
+Cases: one head [B, L] (`focal_loss`) and the multitask loss over two heads [B, L_icd] + [B, L_ccs]
+(`multitask_focal_loss`, λ = 0.7 / 0.3): full codes L = 8,921 ICD + 295 CCS (9,216 as one head),
+B ∈ {16, 64}, and the top-50 setting, B = 2 with 50 + 38 codes (88 as one head); official form
+(α = 0.999, γ = 2, mean). CPU: fp32 logits; CUDA: fp32 and bf16; float32 and bool targets. On
+CUDA also the achieved bandwidth of the Triton path (logits and targets read once, the gradient
+written once) against a device-to-device copy of the same traffic measured in the same run.
+Methods are timed interleaved (rounds of each in turn), the median round reported; ratios are
+eager / implementation in the same process.
 
     python benchmarks/bench_focal_loss.py [--device cpu|cuda] [--rounds 15] [--threads N]
+    python benchmarks/bench_focal_loss.py --smoke     # seconds: [2, 88] on the CPU, the Triton
+                                                      # path under TRITON_INTERPRET=1; writes nothing
 
-Writes benchmarks/results/<device-slug>/focal_loss.{json,csv} (temp file, then os.replace).
+Writes benchmarks/results/<device-slug>/focal_loss.{json,csv} (temp file, then os.replace). On
+CUDA the issue-19 target (forward + backward ≥ 2× eager at [16, 9,216]) is checked and printed.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import datetime as dt
-import io
-import json
 import os
-import statistics
-import time
-from pathlib import Path
+import sys
 
-import torch
+if "--smoke" in sys.argv:  # before anything imports triton: the Triton path runs in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib
-from unittest import mock
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import datetime as dt  # noqa: E402
+import importlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
-from common import device_name, device_slug, write_text_atomic
-from marn_fast.ops import cpu_extension_available, focal_loss
-from marn_fast.reference import focal_loss as reference_focal_loss
+import torch  # noqa: E402
+
+from common import device_name, device_slug, write_text_atomic  # noqa: E402
+from marn_fast.ops import cpu_extension_available, focal_loss, multitask_focal_loss  # noqa: E402
+from marn_fast.reference import focal_loss as reference_focal_loss  # noqa: E402
+from marn_fast.reference import multitask_focal_loss as reference_multitask  # noqa: E402
 
 _OPS_FOCAL = importlib.import_module("marn_fast.ops.focal_loss")
 
-NUM_CODES = 8921 + 295  # ICD-9 codes + CCS categories of the full-code setting
-BATCHES = (16, 64)
+# (batch, head widths): one head, or the two heads of the multitask loss
+CASES = ((16, (9216,)), (64, (9216,)), (16, (8921, 295)), (64, (8921, 295)), (2, (88,)), (2, (50, 38)))
+GPU_CASES = ((16, (9216,)), (64, (9216,)), (16, (8921, 295)), (2, (50, 38)))  # fits gpu_check.sh's cap
+SMOKE_CASES = ((2, (88,)), (2, (50, 38)))
+GPU_TARGET = (16, (9216,), 2.0)  # issue 19: forward + backward ≥ 2× eager at [16, 9,216]
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
 
 
 def sync(device: torch.device) -> None:
@@ -70,79 +82,119 @@ def time_rounds(fns: dict, device: torch.device, rounds: int, min_round_s: float
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def loss_and_backward(loss_fn, logits, targets):
-    def step():
-        logits.grad = None
-        loss_fn(logits, targets).backward()
-    return step
+def step(loss_fn, inputs):
+    """loss + backward over the heads' (logits, targets) pairs."""
+    logits = [x for x, _ in inputs]
+
+    def run():
+        for x in logits:
+            x.grad = None
+        flat = [t for pair in inputs for t in pair]
+        loss_fn(*flat).backward()
+    return run
 
 
-def run_case(device, batch, logits_dtype, target_dtype, rounds, min_round_s, compiled_ref):
-    g = torch.Generator(device="cpu").manual_seed(batch)
-    logits = ((torch.rand(batch, NUM_CODES, generator=g) * 2 - 1) * 10).to(device, logits_dtype)
-    logits.requires_grad_()
-    targets = (torch.rand(batch, NUM_CODES, generator=g) < 0.01).to(device, target_dtype)
-    fns = {
-        "eager": loss_and_backward(reference_focal_loss, logits, targets),
-        "compiled": loss_and_backward(compiled_ref, logits, targets),
-        "fused": loss_and_backward(focal_loss, logits, targets),
-    }
+def make_inputs(device, batch, widths, logits_dtype, target_dtype):
+    g = torch.Generator(device="cpu").manual_seed(batch * 1000 + sum(widths))
+    inputs = []
+    for width in widths:
+        logits = ((torch.rand(batch, width, generator=g) * 2 - 1) * 10).to(device, logits_dtype).requires_grad_()
+        targets = (torch.rand(batch, width, generator=g) < 0.01).to(device, target_dtype)
+        inputs.append((logits, targets))
+    return inputs
+
+
+def run_case(device, batch, widths, logits_dtype, target_dtype, rounds, min_round_s, compiled_ref, smoke):
+    inputs = make_inputs(device, batch, widths, logits_dtype, target_dtype)
+    multitask = len(widths) == 2
+    ref = reference_multitask if multitask else reference_focal_loss
+    ours = multitask_focal_loss if multitask else focal_loss
+    fns = {"eager": step(ref, inputs)}
+    if compiled_ref is not None:
+        fns["compiled"] = step(compiled_ref[multitask], inputs)
+    for impl in _OPS_FOCAL.available_impls(*inputs[0]):
+        if impl == "reference" or (impl == "triton" and device.type == "cpu" and not smoke):
+            continue
+        fns[impl] = step(lambda *a, impl=impl: ours(*a, impl=impl), inputs)
     if device.type == "cpu" and cpu_extension_available():
-        def torch_path(x, y):  # the vectorised-PyTorch CPU path (the C++ kernel reported unavailable)
+        def no_ext(*a):  # the vectorised-PyTorch CPU path (the C++ kernel reported unavailable)
             with mock.patch.object(_OPS_FOCAL, "extension_available_for", lambda t: False):
-                return focal_loss(x, y)
-        fns["fused_torch"] = loss_and_backward(torch_path, logits, targets)
-    moved = logits.numel() * logits.element_size() * 2 + targets.numel() * targets.element_size()
+                return ours(*a, impl="torch")
+        fns["torch_no_ext"] = step(no_ext, inputs)
+    moved = sum(x.numel() * x.element_size() * 2 + y.numel() * y.element_size() for x, y in inputs)
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     fns["copy"] = lambda: dst.copy_(src)  # reads and writes `moved` bytes in all
     times = time_rounds(fns, device, rounds, min_round_s)
-    fused_bw, copy_bw = moved / times["fused"], 2 * src.numel() / times["copy"]
-    extra = {}
-    if "fused_torch" in times:
-        extra = {"fused_torch_ms": times["fused_torch"] * 1e3,
-                 "fused_torch_vs_eager": times["eager"] / times["fused_torch"]}
-    return extra | {
-        "batch": batch, "num_codes": NUM_CODES, "logits_dtype": str(logits_dtype).replace("torch.", ""),
-        "target_dtype": str(target_dtype).replace("torch.", ""),
-        "eager_ms": times["eager"] * 1e3, "compiled_ms": times["compiled"] * 1e3,
-        "fused_ms": times["fused"] * 1e3, "copy_ms": times["copy"] * 1e3,
-        "fused_vs_eager": times["eager"] / times["fused"],
-        "fused_vs_compiled": times["compiled"] / times["fused"],
-        "bytes_moved": moved, "fused_GBps": fused_bw / 1e9, "copy_GBps": copy_bw / 1e9,
-        "fused_bw_fraction_of_copy": fused_bw / copy_bw,
-    }
+    row = {"batch": batch, "codes": "+".join(str(w) for w in widths), "heads": len(widths),
+           "logits_dtype": str(logits_dtype).replace("torch.", ""),
+           "target_dtype": str(target_dtype).replace("torch.", "")}
+    for name, t in times.items():
+        row[f"{name}_ms"] = t * 1e3
+        if name not in ("eager", "copy"):
+            row[f"{name}_vs_eager"] = times["eager"] / t
+    row["bytes_moved"] = moved
+    row["copy_GBps"] = 2 * src.numel() / times["copy"] / 1e9
+    if "triton" in times:
+        row["triton_GBps"] = moved / times["triton"] / 1e9
+        row["triton_bw_fraction_of_copy"] = row["triton_GBps"] / row["copy_GBps"]
+    return row
 
+
+def describe(row: dict) -> str:
+    parts = [f"{name[:-3]} {row[name]:.3f} ms" + (f" ({row[name[:-3] + '_vs_eager']:.2f}x)"
+                                                  if name[:-3] + "_vs_eager" in row else "")
+             for name in row if name.endswith("_ms") and name != "copy_ms"]
+    return (f"B={row['batch']:3d} L={row['codes']:>9s} {row['logits_dtype']:>8s}/{row['target_dtype']:<7s}: "
+            + ", ".join(parts))
+
+
+def check_gpu_target(rows: list) -> None:
+    batch, widths, target = GPU_TARGET
+    for r in rows:
+        if r["batch"] == batch and r["codes"] == "+".join(map(str, widths)) and "triton_vs_eager" in r:
+            verdict = "met" if r["triton_vs_eager"] >= target else "MISSED"
+            print(f"target focal loss fwd+bwd ≥ {target}× eager at [{batch}, {widths[0]}], "
+                  f"{r['logits_dtype']}/{r['target_dtype']}: ×{r['triton_vs_eager']:.2f} — {verdict}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--min-round-ms", type=float, default=20.0)
+    parser.add_argument("--min-round-ms", type=float, default=None, help="default 20 (CPU), 10 (CUDA)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a loaded machine")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time torch.compile of the reference")
+    parser.add_argument("--smoke", action="store_true",
+                        help="[2, 88] on the CPU, 2 short rounds, no compile, Triton interpreted; writes nothing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.compile, args.rounds, args.min_round_ms = "cpu", False, 2, 1.0
+        args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.min_round_ms is None:
+        args.min_round_ms = 10.0 if device.type == "cuda" else 20.0
     logits_dtypes = (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
-    compiled_ref = torch.compile(reference_focal_loss)
+    compiled_ref = ({False: torch.compile(reference_focal_loss), True: torch.compile(reference_multitask)}
+                    if args.compile else None)
     rows = []
-    for batch in BATCHES:
+    for batch, widths in SMOKE_CASES if args.smoke else (GPU_CASES if device.type == "cuda" else CASES):
         for logits_dtype in logits_dtypes:
             for target_dtype in (torch.float32, torch.bool):
-                row = run_case(device, batch, logits_dtype, target_dtype, args.rounds,
-                               args.min_round_ms / 1e3, compiled_ref)
+                row = run_case(device, batch, widths, logits_dtype, target_dtype, args.rounds,
+                               args.min_round_ms / 1e3, compiled_ref, args.smoke)
                 rows.append(row)
-                print(f"B={batch:3d} {row['logits_dtype']:>8s} logits, {row['target_dtype']:>7s} targets: "
-                      f"eager {row['eager_ms']:.3f} ms, compiled {row['compiled_ms']:.3f} ms, "
-                      f"fused {row['fused_ms']:.3f} ms ({row['fused_vs_eager']:.2f}x eager, "
-                      f"{row['fused_vs_compiled']:.2f}x compiled); fused {row['fused_GBps']:.1f} GB/s = "
-                      f"{100 * row['fused_bw_fraction_of_copy']:.0f}% of copy"
-                      + (f"; PyTorch path {row['fused_torch_ms']:.3f} ms ({row['fused_torch_vs_eager']:.2f}x eager)"
-                         if "fused_torch_ms" in row else ""), flush=True)
+                print(describe(row), flush=True)
+    if device.type == "cuda":
+        check_gpu_target(rows)
+    if args.smoke:
+        print(f"smoke run: {len(rows)} rows, nothing written")
+        return
     try:
         import triton
         triton_version = triton.__version__
@@ -154,14 +206,15 @@ def main() -> None:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "load_average_1_5_15min": os.getloadavg(),  # other work on the machine skews CPU times
             "method": f"loss + backward, official form (alpha=0.999, gamma=2, mean); median of "
-                      f"{args.rounds} interleaved rounds; eager = marn_fast.reference.focal_loss, "
-                      f"compiled = torch.compile of it, fused = marn_fast.ops.focal_loss(impl='auto') "
-                      f"(CPU: the C++ kernel when built), fused_torch = its vectorised-PyTorch CPU path"}
+                      f"{args.rounds} interleaved rounds; eager = marn_fast.reference.focal_loss (two heads: "
+                      f"reference.multitask_focal_loss), compiled = torch.compile of it, <impl> = "
+                      f"marn_fast.ops.focal_loss / multitask_focal_loss(impl=<impl>); torch_no_ext = the "
+                      f"vectorised-PyTorch CPU path"}
     out_dir = args.out / device_slug(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "focal_loss.json", json.dumps(meta | {"results": rows}, indent=2) + "\n")
     buf = io.StringIO()
-    fields = ["device", "torch", "triton", "date"] + list(rows[0])
+    fields = ["device", "torch", "triton", "date"] + list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=fields, restval="")
     writer.writeheader()
     for row in rows:

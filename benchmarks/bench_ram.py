@@ -1,47 +1,48 @@
-"""Benchmark of the whole RAM: eager reference, torch.compile of the reference, fused (csrc/ ops).
+"""Benchmark of the whole RAM: the eager reference module, torch.compile of it, and every
+implementation of `marn_fast.ops.ram.ram_forward` that can run here ("extension": the csrc/
+block ops; "vendor_conv": cuDNN/oneDNN convolutions with fused BatchNorm/tanh/epilogue passes).
 
 Modes: train (forward + backward, BatchNorm on batch statistics) and eval (forward, no_grad).
 h is H^T, a transposed view of [B, n, C] as marn_fast.MARN passes it. Timings are interleaved
-(one run of each implementation per round) and the median over rounds is reported, with each
-ratio = reference median / implementation median, in one process on one device.
+(one run of each implementation per round, so load on the machine hits all alike) and the median
+over rounds is reported, each ratio = eager median / implementation median, in one process on one
+device. fp32 runs with TF32 off (torch.backends.cudnn/cuda.matmul.allow_tf32 = False, for eager
+too: the numbers compare exact fp32 with exact fp32); --tf32 leaves PyTorch's defaults.
 
-    python benchmarks/bench_ram.py                 # CPU sizes (B=4, C=600, n=1000, 2000)
-    python benchmarks/bench_ram.py --no-compile    # skip torch.compile (slow to build on CPU)
-    python benchmarks/bench_ram.py --device cuda   # B=16, C=600, n=4000 in bf16 and fp32
+    python benchmarks/bench_ram.py                      # CPU sizes (B=4, C=600, n=1000, 2000)
+    python benchmarks/bench_ram.py --sizes 2,600,512 4,600,500 --no-compile
+    python benchmarks/bench_ram.py --device cuda        # B=16, C=600, n=4000 in bf16 and fp32
+    python benchmarks/bench_ram.py --smoke              # seconds: tiny CPU shapes, the Triton
+                                                        # passes under TRITON_INTERPRET=1; writes nothing
 
-Writes benchmarks/results/<device-slug>/bench_ram.{json,csv} (atomically).
+Writes benchmarks/results/<device-slug>/bench_ram.{json,csv} and its manifest (atomically).
+The issue-19 GPU target (RAM training ≥ 1.2× eager at B=16, C=600, n=4000, bf16 and fp32) is
+checked and printed on CUDA runs.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import csv
-import datetime
-import io
-import json
-import statistics
-import time
-from pathlib import Path
+import os
+import sys
 
-import torch
+if "--smoke" in sys.argv:  # before anything imports triton: the Triton passes run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import device_name, device_slug, write_text_atomic
-from marn_fast.ops.ram import ram_forward
-from marn_fast.reference.ram import RAM
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from unittest import mock  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import torch  # noqa: E402
+
+from common import write_results  # noqa: E402
+from marn_fast.ops import ram as ram_ops  # noqa: E402
+from marn_fast.reference.ram import RAM  # noqa: E402
+
 CPU_SIZES = [(4, 600, 1000), (4, 600, 2000)]
 GPU_SIZES = [(16, 600, 4000)]
-
-
-
-def triton_version():
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
+SMOKE_SIZES = [(2, 16, 9)]
+GPU_TARGET = 1.2  # issue 19: RAM in training ≥ 1.2× eager
 
 
 def sync(device: str) -> None:
@@ -70,17 +71,40 @@ def make_ram(channels: int, dtype, device: str) -> RAM:
     return ram.to(device=device, dtype=dtype)
 
 
-def bench_case(b, c, n, dtype, device, rounds, use_compile):
-    ref_ram = make_ram(c, dtype, device)
-    fused_ram = copy.deepcopy(ref_ram)
-    h = torch.randn(b, n, c, device=device, dtype=dtype).transpose(1, 2)
-    impls = {"eager": lambda t: ref_ram(t), "fused": lambda t: ram_forward(fused_ram, t)}
+def triton_passes_on_cpu(fn):
+    """The vendor_conv candidate with its Triton passes forced onto CPU tensors (interpreter)."""
+    def run(t):
+        with mock.patch.object(ram_ops, "_vendor_uses_triton", lambda x: True):
+            return fn(t)
+    return run
+
+
+def implementations(ref_ram: RAM, h: torch.Tensor, use_compile: bool, smoke: bool) -> dict:
+    """name → (module whose train/eval mode is set, callable); eager first."""
+    impls = {"eager": (ref_ram, lambda t: ref_ram(t))}
+    for name in ram_ops.available_impls(ref_ram, h):
+        if name == "reference":
+            continue
+        module = copy.deepcopy(ref_ram)
+        impls[name] = (module, lambda t, m=module, name=name: ram_ops.ram_forward(m, t, impl=name))
+    if smoke and h.device.type == "cpu" and "vendor_conv" in impls:
+        module = copy.deepcopy(ref_ram)
+        impls["vendor_conv[triton]"] = (module, triton_passes_on_cpu(
+            lambda t, m=module: ram_ops.ram_forward(m, t, impl="vendor_conv")))
     if use_compile:
-        impls["compiled"] = torch.compile(ref_ram)
+        module = copy.deepcopy(ref_ram)
+        impls["compiled"] = (module, torch.compile(module))
+    return impls
+
+
+def bench_case(b, c, n, dtype, device, rounds, use_compile, smoke, tf32):
+    ref_ram = make_ram(c, dtype, device)
+    h = torch.randn(b, n, c, device=device, dtype=dtype).transpose(1, 2)
+    impls = implementations(ref_ram, h, use_compile, smoke)
     rows = []
     for mode in ("eval", "train"):
-        for ram in (ref_ram, fused_ram):
-            ram.train(mode == "train")
+        for module, _ in impls.values():
+            module.train(mode == "train")
 
         def run(f):
             if mode == "eval":
@@ -90,23 +114,39 @@ def bench_case(b, c, n, dtype, device, rounds, use_compile):
                 x = h.detach().requires_grad_()
                 f(x).sum().backward()
 
-        for f in impls.values():  # warm-up (compilation, fold cache)
+        for _, f in impls.values():  # warm-up (compilation, cuDNN plans, Triton kernels, fold cache)
             run(f)
             run(f)
         times = {k: [] for k in impls}
         for _ in range(rounds):
-            for k, f in impls.items():
+            for k, (_, f) in impls.items():
                 times[k].append(timed(lambda: run(f), device))
         eager = statistics.median(times["eager"])
         for k, ts in times.items():
             med = statistics.median(ts)
             rows.append(dict(mode=mode, impl=k, B=b, C=c, n=n, dtype=str(dtype).replace("torch.", ""),
                              median_ms=round(med * 1e3, 3), min_ms=round(min(ts) * 1e3, 3),
-                             speedup_vs_eager=round(eager / med, 3), rounds=rounds))
-            print(f"{mode:5s} {k:8s} B={b} C={c} n={n} {rows[-1]['dtype']:8s} median {med * 1e3:9.2f} ms "
+                             speedup_vs_eager=round(eager / med, 3), rounds=rounds,
+                             tf32=bool(tf32) if dtype == torch.float32 and device == "cuda" else None))
+            print(f"{mode:5s} {k:20s} B={b} C={c} n={n} {rows[-1]['dtype']:8s} median {med * 1e3:9.2f} ms "
                   f"min {min(ts) * 1e3:9.2f} ms  ×{eager / med:.2f} vs eager", flush=True)
     return rows
 
+
+def check_gpu_target(rows: list) -> None:
+    for r in rows:
+        if r["mode"] == "train" and r["impl"] not in ("eager", "compiled") and (r["B"], r["C"], r["n"]) in GPU_SIZES:
+            verdict = "met" if r["speedup_vs_eager"] >= GPU_TARGET else "MISSED"
+            print(f"target RAM train ≥ {GPU_TARGET}× eager, {r['impl']} {r['dtype']}: "
+                  f"×{r['speedup_vs_eager']:.2f} — {verdict}")
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        b, c, n = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,C,n (e.g. 4,600,500), got {text!r}") from None
+    return b, c, n
 
 
 def main() -> None:
@@ -115,30 +155,42 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time torch.compile of the reference")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=None, metavar="B,C,n")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tf32", action="store_true", help="leave TF32 at PyTorch's defaults for fp32 on CUDA")
+    parser.add_argument("--no-save", action="store_true", help="print only (A/B runs on a busy machine)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny CPU shapes, 2 rounds, no compile, Triton passes interpreted; writes nothing")
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.compile, args.threads = "cpu", False, args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not args.tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.device == "cuda":
-        cases = [(b, c, n, dt) for b, c, n in GPU_SIZES for dt in (torch.bfloat16, torch.float32)]
-        rounds = args.rounds or 20
+        sizes, dtypes, rounds = GPU_SIZES, (torch.bfloat16, torch.float32), args.rounds or 20
     else:
-        cases = [(b, c, n, torch.float32) for b, c, n in CPU_SIZES]
-        rounds = args.rounds or 7
-    name = device_name(args.device)
+        sizes, dtypes, rounds = CPU_SIZES, (torch.float32,), args.rounds or 7
+    if args.smoke:
+        sizes, rounds = SMOKE_SIZES, args.rounds or 2
+    sizes = args.sizes or sizes
     rows = []
-    for b, c, n, dt in cases:
-        rows += bench_case(b, c, n, dt, args.device, rounds, args.compile)
-    meta = dict(benchmark="bench_ram", device=name, torch=torch.__version__, triton=triton_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                threads=torch.get_num_threads(), compile=args.compile)
-    out_dir = RESULTS / device_slug(args.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "bench_ram.json", json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["device", "torch", "date"] + list(rows[0]))
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(dict(device=name, torch=meta["torch"], date=meta["date"], **r))
-    write_text_atomic(out_dir / "bench_ram.csv", buf.getvalue())
-    print(f"wrote {out_dir}/bench_ram.json and .csv")
+    for b, c, n in sizes:
+        for dt in dtypes:
+            rows += bench_case(b, c, n, dt, args.device, rounds, args.compile, args.smoke, args.tf32)
+    if args.device == "cuda":
+        check_gpu_target(rows)
+    if args.smoke or args.no_save:
+        print(f"{len(rows)} rows, nothing written")
+        return
+    meta = dict(compile=args.compile, rounds=rounds, tf32=args.tf32 if args.device == "cuda" else None,
+                load_average_1_5_15min=os.getloadavg(),
+                method="median of interleaved rounds; ratio = eager median / implementation median; "
+                       "train = forward + backward of out.sum(), eval = forward under no_grad")
+    folder = write_results("bench_ram", rows, meta, device=args.device)
+    print(f"wrote {folder}/bench_ram.json and .csv")
 
 
 if __name__ == "__main__":

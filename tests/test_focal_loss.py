@@ -377,8 +377,10 @@ def test_multitask_equals_weighted_sum(impl):
     torch.testing.assert_close(total.double(), want.detach(), rtol=1e-5, atol=0)
     close(xi.grad, ri.grad)
     close(xc.grad, rc.grad)
+    # Both heads in one call (λ folded into each head's scale, one sum): the two separate calls'
+    # weighted sum to fp32 rounding (a few ulps).
     separate = (0.6 * focal_loss(icd, icd_t, impl=impl, **kw) + 0.4 * focal_loss(ccs, ccs_t, impl=impl, **kw))
-    torch.testing.assert_close(total.detach(), separate, rtol=0, atol=0)
+    torch.testing.assert_close(total.detach(), separate, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -405,9 +407,10 @@ def _bad_calls():
     x, t = make_inputs(2, 8, seed=67)
     return [
         ("targets", lambda: focal_loss(x, t[:, :7])),
-        ("targets", lambda: focal_loss(x, t * 1.5)),
-        ("targets", lambda: focal_loss(x, t - 0.5)),
-        ("targets", lambda: focal_loss(x, (t * 2).to(torch.uint8))),
+        ("targets", lambda: focal_loss(x, t * 1.5, check_targets=True)),
+        ("targets", lambda: focal_loss(x, t - 0.5, check_targets=True)),
+        ("targets", lambda: focal_loss(x, (t * 2).to(torch.uint8), check_targets=True)),
+        ("ccs_targets", lambda: multitask_focal_loss(x, t, x, t * 1.5, check_targets=True)),
         ("targets", lambda: focal_loss(x, t.long())),
         ("alpha", lambda: focal_loss(x, t, alpha=1.5)),
         ("alpha", lambda: focal_loss(x, t, alpha=-0.1)),
@@ -420,6 +423,8 @@ def _bad_calls():
         ("logits", lambda: focal_loss(x[0], t[0])),
         ("logits", lambda: focal_loss(x.long(), t)),
         ("impl", lambda: focal_loss(x, t, impl="cuda")),
+        ("impl", lambda: multitask_focal_loss(x, t, x, t, impl="cuda")),
+        ("focal_kwargs", lambda: multitask_focal_loss(x, t, x, t, gama=2.0)),
         ("icd_targets", lambda: multitask_focal_loss(x, t[:1], x, t)),
         ("ccs_logits", lambda: multitask_focal_loss(x, t, x[:0], t[:0])),
     ]
@@ -430,6 +435,203 @@ def test_bad_input_raises_value_error_naming_argument(case):
     name, call = _bad_calls()[case]
     with pytest.raises(ValueError, match=rf"^{name}\b|\b{name}\b"):
         call()
+
+
+# ------------------------------------------------------------------ per-call cost (issue 19)
+kernels_module = importlib.import_module("marn_fast.kernels.focal_loss")
+
+
+class no_host_reads:
+    """Every Python-side read of a tensor's value (item, float/int/bool, tolist, aminmax: what a
+    host synchronisation on a GPU goes through) raises inside the block."""
+    NAMES = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+    def __enter__(self):
+        def forbidden(*args, **kwargs):
+            raise AssertionError("a tensor's value was read on the host (a device synchronisation)")
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+        self.aminmax = torch.aminmax
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, forbidden)
+        torch.aminmax = forbidden
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+        torch.aminmax = self.aminmax
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_host_read_unless_the_target_check_is_asked(impl, monkeypatch):
+    """Out-of-range targets pass unseen (no value is read) unless check_targets=True or
+    MARN_FAST_CHECK_TARGETS=1; check_targets=False wins over the variable."""
+    monkeypatch.delenv("MARN_FAST_CHECK_TARGETS", raising=False)
+    logits, targets = make_inputs(2, 88, seed=73)
+    bad = targets * 1.5
+    x = on_triton_device(logits) if impl == "triton" else logits
+    x = x.clone().requires_grad_()
+    y, y_bad = ((on_triton_device(t) if impl == "triton" else t) for t in (targets, bad))
+    arg = IMPL_ARG.get(impl, impl)
+    with no_host_reads():
+        loss = _focal_loss(x, y_bad, impl=arg)
+        loss.backward()
+        _multitask_focal_loss(x, y, x, y_bad, impl=arg).backward()
+        _focal_loss(x, y_bad, impl=arg, reduction="none").sum().backward()
+    assert x.grad is not None
+    with pytest.raises(ValueError, match="targets: values must lie in"):
+        _focal_loss(x, y_bad, impl=arg, check_targets=True)
+    monkeypatch.setenv("MARN_FAST_CHECK_TARGETS", "1")
+    with pytest.raises(ValueError, match="targets: values must lie in"):
+        _focal_loss(x, y_bad, impl=arg)
+    with pytest.raises(ValueError, match="ccs_targets: values must lie in"):
+        _multitask_focal_loss(x, y, x, y_bad, impl=arg)
+    _focal_loss(x, y, impl=arg)  # in range: passes the check
+    with no_host_reads():
+        _focal_loss(x, y_bad, impl=arg, check_targets=False)
+    monkeypatch.setenv("MARN_FAST_CHECK_TARGETS", "0")
+    with no_host_reads():
+        _focal_loss(x, y_bad, impl=arg)
+
+
+class count_launches:
+    """Counts launches of the Triton focal-loss kernel and the ATen ops that compute (views,
+    allocations and metadata are not launches) inside the block, outside the kernel (the CPU
+    interpreter runs ATen copies of its own inside a launch)."""
+    FREE = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "alias", "slice", "detach",
+            "as_strided", "t", "reshape", "expand"}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.kernels, self.ops, self.in_kernel = 0, [], False
+        real = kernels_module.focal_loss_kernel
+
+        class Counting:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    outer.kernels += 1
+                    outer.in_kernel = True
+                    try:
+                        return real[grid](*args, **kwargs)
+                    finally:
+                        outer.in_kernel = False
+                return launch
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name not in outer.FREE and not outer.in_kernel:
+                    outer.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.real = real
+        kernels_module.focal_loss_kernel = Counting()
+        self.mode = Ops()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        kernels_module.focal_loss_kernel = self.real
+
+
+@pytest.mark.parametrize("multitask", [False, True])
+def test_triton_path_is_one_launch_each_way(multitask):
+    """Forward: one kernel launch (the reduction to the scalar included), no other compute op;
+    backward: one multiply. Two heads: still one launch each way."""
+    icd, icd_t = (on_triton_device(t) for t in make_inputs(2, 3000, seed=79))
+    ccs, ccs_t = (on_triton_device(t) for t in make_inputs(2, 40, seed=83))
+    xi, xc = icd.clone().requires_grad_(), ccs.clone().requires_grad_()
+    g = torch.tensor(0.5, device=icd.device)
+    icd_b = icd_t.bool()
+    with count_launches() as fwd:
+        loss = (_multitask_focal_loss(xi, icd_b, xc, ccs_t, impl="triton") if multitask
+                else _focal_loss(xi, icd_b, impl="triton"))
+    assert (fwd.kernels, fwd.ops) == (1, [])
+    with count_launches() as bwd:
+        grads = torch.autograd.grad(loss, [xi, xc] if multitask else [xi], g)
+    assert (bwd.kernels, bwd.ops) == (0, ["mul"])
+    want = (ref.multitask_focal_loss(icd.double(), icd_t.double(), ccs.double(), ccs_t.double()) if multitask
+            else ref.focal_loss(icd.double(), icd_t.double()))
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+    assert all(torch.isfinite(d).all() for d in grads)
+
+
+def test_triton_reduction_ticket_is_reset_and_results_repeat():
+    """The last program resets the ticket counter: many calls in a row (two sizes, one and two
+    heads) give the same, correct results."""
+    logits, targets = (on_triton_device(t) for t in make_inputs(3, 2500, seed=89))
+    first = _focal_loss(logits, targets, impl="triton")
+    for _ in range(3):
+        _multitask_focal_loss(logits, targets, logits[:, :100], targets[:, :100], impl="triton")
+        assert torch.equal(_focal_loss(logits, targets, impl="triton"), first)
+    ticket = kernels_module._ticket(logits.device)
+    assert ticket.cpu().item() == 0
+
+
+def test_available_impls_and_reference_impl():
+    ops_fl = ops_module
+    logits, targets = make_inputs(2, 30, seed=97)
+    impls = ops_fl.available_impls(logits, targets)
+    assert impls[:2] == ("reference", "torch") and "auto" not in impls
+    assert ("triton" in impls) == (TRITON_DEVICE == "cpu")  # the interpreter runs CPU tensors here
+    for impl in impls:
+        x = logits.clone().requires_grad_()
+        loss = _focal_loss(x, targets, impl=impl, alpha=ALPHA, gamma=1.5)
+        loss.backward()
+        want, want_grad = reference_loss_and_grad(logits, targets, "mean", alpha=ALPHA, gamma=1.5)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+        close(x.grad, want_grad)
+
+
+SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from marn_fast.kernels.focal_loss import focal_loss_kernel as fn
+
+for x, reduce, two in [("*bf16", True, True), ("*fp32", True, False), ("*fp32", False, False)]:
+    acc = "*fp32" if reduce else x
+    types = dict(xa_ptr=x, ya_ptr="*u8", xb_ptr=x, yb_ptr="*fp32", loss_ptr=acc, grad_ptr=x, partial_ptr=acc,
+                 ticket_ptr="*i32" if reduce else x, n_a="i32", n_b="i32", programs_a="i32", alpha="fp32",
+                 gamma="fp32", scale_a="fp32", scale_b="fp32")
+    constexprs = dict(BALANCED=False, REDUCE=reduce, COMPUTE_GRAD=True, TWO_HEADS=two, FP64=False, BLOCK=1024)
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4})
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile the kernel for it")
+def test_triton_kernel_compiles_for_sm90():
+    """The GPU compiler without a GPU (a subprocess: the tests import the kernel under the
+    interpreter): one and two heads with the in-kernel reduction, and the per-element loss."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@requires_cuda
+def test_cuda_no_sync_per_call():
+    """torch.cuda's sync debug mode raises on any synchronising call during forward + backward."""
+    logits, targets = make_inputs(16, 9216, seed=101)
+    x = logits.cuda().requires_grad_()
+    y = targets.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _focal_loss(x, y).backward()
+        _multitask_focal_loss(x, y.bool(), x[:, :295], y[:, :295]).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @requires_cuda

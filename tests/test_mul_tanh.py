@@ -1,4 +1,5 @@
-"""The compiled RAM output fusion tanh(U ⊙ H) against PyTorch."""
+"""The RAM output fusion tanh(U ⊙ H), both implementations ("extension": the compiled op;
+"torch", the CPU default), against a float64 PyTorch computation."""
 import pytest
 import torch
 
@@ -10,14 +11,15 @@ requires_ext = pytest.mark.skipif(not ops.cpu_extension_available(), reason="com
 @requires_ext
 # Compared with a float64 PyTorch computation on the same inputs. float32: 1 − tanh² cancels near
 # saturation, so gradients carry ~1e-7·|g·h| absolute error: atol 2e-5 at these magnitudes.
+@pytest.mark.parametrize("impl", ["extension", "torch", "auto"])
 @pytest.mark.parametrize("dtype,tol,rtol", [(torch.float64, 1e-12, 0.0), (torch.float32, 2e-5, 1e-5)])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 1001), (2, 600, 37)])
-def test_forward_backward_match_pytorch(dtype, tol, rtol, shape):
+def test_forward_backward_match_pytorch(impl, dtype, tol, rtol, shape):
     g = torch.Generator().manual_seed(sum(shape))
     u = (torch.randn(shape, generator=g, dtype=dtype) * 3).requires_grad_()
     h = torch.randn(shape, generator=g, dtype=dtype).requires_grad_()
     u64, h64 = (t.detach().double().requires_grad_() for t in (u, h))
-    got = ops.mul_tanh(u, h)
+    got = ops.mul_tanh(u, h, impl=impl)
     want = torch.tanh(u64 * h64)
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=rtol)
     grad = torch.randn(shape, generator=g, dtype=dtype)
@@ -28,10 +30,11 @@ def test_forward_backward_match_pytorch(dtype, tol, rtol, shape):
 
 
 @requires_ext
-def test_non_contiguous_inputs_and_expanded_gradient():
+@pytest.mark.parametrize("impl", ["extension", "torch"])
+def test_non_contiguous_inputs_and_expanded_gradient(impl):
     u = torch.randn(4, 9, 5, dtype=torch.float64).transpose(1, 2).requires_grad_()
     h = torch.randn(4, 5, 9, dtype=torch.float64).requires_grad_()
-    out = ops.mul_tanh(u, h)
+    out = ops.mul_tanh(u, h, impl=impl)
     torch.testing.assert_close(out, torch.tanh(u * h), atol=1e-12, rtol=0)
     du, dh = torch.autograd.grad(out.sum(), [u, h])  # expanded, stride-0 gradient
     t = torch.tanh(u * h)
@@ -43,7 +46,7 @@ def test_non_contiguous_inputs_and_expanded_gradient():
 def test_gradcheck_and_opcheck():
     u = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     h = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ops.mul_tanh, (u, h))
+    assert torch.autograd.gradcheck(lambda a, b: ops.mul_tanh(a, b, impl="extension"), (u, h))
     torch.library.opcheck(torch.ops.marn_fast.mul_tanh.default, (u, h))
 
 
@@ -55,3 +58,5 @@ def test_bad_input():
         ops.mul_tanh(u, torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="u"):
         ops.mul_tanh(torch.ones(2, 3, dtype=torch.int64), u)
+    with pytest.raises(ValueError, match="impl"):
+        ops.mul_tanh(u, u, impl="cuda")

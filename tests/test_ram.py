@@ -1,19 +1,28 @@
-"""Fused RAM blocks (marn_fast.ops.ram, csrc/*/ram_*) against the reference RAM (nn.Conv1d /
-ConvTranspose1d / BatchNorm1d / tanh): forward, input and parameter gradients, running statistics,
-train and eval, odd lengths, opcheck, bad input.
+"""RAM implementations (marn_fast.ops.ram: "extension" = csrc/*/ram_*, "vendor_conv" =
+ops/ram_vendor.py + kernels/ram.py) against the reference RAM (nn.Conv1d / ConvTranspose1d /
+BatchNorm1d / tanh): forward, input and parameter gradients, running statistics, train and eval,
+odd lengths and channel counts, opcheck, bad input. The vendor_conv candidate is tested with both
+its pass implementations on the CPU: torch ops (its CPU path) and the Triton kernels (its CUDA
+path) under TRITON_INTERPRET=1, which conftest sets.
 
 Tolerance: error = max|fused − ref| / max(max|ref|, 1); float64 ≤ 1e-9, float32 ≤ 2e-4 (the GEMMs
 sum in another order and fp32 tanh is a rational fit with |error| < 5e-7), bfloat16 (CUDA) ≤ 5e-2.
+Where BatchNorm normalises few values per channel (it amplifies any rounding), a float32 gradient
+may also use 3× the reference module's own error against a float64 run of it.
 """
+import contextlib
 import copy
+import importlib
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
 from marn_fast.ops import cpu_extension_available
-from marn_fast.ops.ram import (EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH, EPILOGUE_NONE, conv_weight,
-                               folded_block, ram_block, ram_forward)
+from marn_fast.ops._backend import interpreting
+from marn_fast.ops.ram import (EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH, EPILOGUE_NONE, available_impls,
+                               conv_weight, folded_block, ram_block, ram_forward)
 from marn_fast.reference.ram import RAM, ram_block as reference_block
 
 from conftest import requires_cuda
@@ -68,6 +77,8 @@ def compare_modules(fused, ref, dtype, what, exact=None):
         assert p.grad is not None, f"{what}: no gradient for {name}"
         assert_close(p.grad, q.grad, dtype, f"{what}: grad {name}", 0.0 if e is None else 3 * rel_err(q.grad, e))
     for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(b, c), f"{what}: {name} {b.item()} != {c.item()}"
         assert_close(b.to(torch.float64), c.to(torch.float64), dtype, f"{what}: buffer {name}")
 
 
@@ -89,25 +100,63 @@ def test_block_matches_reference(dtype, training, transposed, epilogue, b, n):
         other = torch.randn(b, n, c_out, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
     other_ref = None if other is None else other.detach().clone().requires_grad_()
+    exact = copy.deepcopy(ref).double() if dtype == torch.float32 else None
+
+    def reference(module, x_in, other_in):
+        v = module(x_in.transpose(1, 2)).transpose(1, 2)
+        return {EPILOGUE_NONE: lambda: v, EPILOGUE_ADD: lambda: v + other_in, EPILOGUE_MUL: lambda: v * other_in,
+                EPILOGUE_MUL_TANH: lambda: torch.tanh(v * other_in)}[epilogue]()
 
     out = ram_block(fused, x, other, epilogue)
-    v = ref(x_ref.transpose(1, 2)).transpose(1, 2)
-    want = {EPILOGUE_NONE: lambda: v, EPILOGUE_ADD: lambda: v + other_ref,
-            EPILOGUE_MUL: lambda: v * other_ref, EPILOGUE_MUL_TANH: lambda: torch.tanh(v * other_ref)}[epilogue]()
+    want = reference(ref, x_ref, other_ref)
     assert_close(out, want, dtype, "forward")
     # The gradient of a transposed view: non-contiguous on purpose.
     g = torch.randn(b, c_out, n, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
     out.backward(g)
     want.backward(g)
+    if exact is not None:  # BatchNorm over 2 values per channel: rounding amplified (see compare_modules)
+        reference(exact, x.detach().double(), None if other is None else other.detach().double()).backward(g.double())
     assert_close(x.grad, x_ref.grad, dtype, "grad x")
     if other is not None:
         assert_close(other.grad, other_ref.grad, dtype, "grad other")
-    compare_modules(fused, ref, dtype, "block")
+    compare_modules(fused, ref, dtype, "block", exact)
 
 
 # ------------------------------------------------------------------------------------------ whole RAM
-def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", seed=0):
+ram_ops = importlib.import_module("marn_fast.ops.ram")
+# The implementations tested here: every name ram_forward takes, and "vendor_conv[triton]" — the
+# vendor_conv candidate with its CUDA passes (Triton) forced onto CPU tensors (the interpreter).
+TRITON_FORCED = "vendor_conv[triton]"
+# "reference" is the module itself and "auto" the extension (test_auto_is_the_extension...). The
+# forced Triton passes need the interpreter (a GPU machine tests them on CUDA tensors instead).
+CPU_IMPLS = ("extension", "vendor_conv") + ((TRITON_FORCED,) if interpreting() else ())
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_interpreter_or_cuda = pytest.mark.skipif(not (interpreting() or torch.cuda.is_available()),
+                                                  reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def impl_context(impl):
+    """(the impl argument of ram_forward, a context that forces the Triton passes when asked)."""
+    if impl == TRITON_FORCED:
+        return "vendor_conv", mock.patch.object(ram_ops, "_vendor_uses_triton", lambda x: True)
+    return impl, contextlib.nullcontext()
+
+
+def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", seed=0, impl="auto",
+             momentum=0.1, steps=1):
+    """The implementation and the reference on the same random module and input: forward, every
+    gradient, every buffer (running statistics, num_batches_tracked) after `steps` calls."""
+    impl_arg, forced = impl_context(impl)
     fused, ref = make_pair(RAM(channels, output_tanh=output_tanh), dtype, device, seed)
+    for module in (fused, ref):
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm1d):
+                m.momentum = momentum
+    for _ in range(steps - 1):  # earlier training steps: only their running statistics matter
+        h = torch.randn(b, channels, n, dtype=dtype, device=device)
+        with forced:
+            ram_forward(fused.train(), h, impl=impl_arg)
+        ref.train()(h)
     fused.train(training)
     ref.train(training)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -116,10 +165,13 @@ def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", se
     h = h.transpose(1, 2).requires_grad_()
     h_ref = h.detach().clone().requires_grad_()
     exact = copy.deepcopy(ref).double() if dtype == torch.float32 else None
-    out, want = ram_forward(fused, h), ref(h_ref)
+    with forced:
+        out = ram_forward(fused, h, impl=impl_arg)
+    want = ref(h_ref)
     assert_close(out, want, dtype, "RAM forward")
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    out.backward(g)
+    with forced:
+        out.backward(g)
     want.backward(g)
     if exact is not None:
         exact(h_ref.detach().double()).backward(g.double())
@@ -133,6 +185,204 @@ def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", se
 @pytest.mark.parametrize("b,n", [(1, 2), (2, 1), (1, 3), (3, 4), (2, 4001)])
 def test_ram_matches_reference(dtype, training, b, n):
     run_both(8, b, n, dtype, training)
+
+
+# ------------------------------------------------------------------------------------------ every impl
+# Odd lengths and channel counts (C = 9: 9 → 4 → 2 → 2 → 4 → 9; 13: 6, 3), one length-1 sequence,
+# the output with and without tanh.
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels,b,n,output_tanh", [(8, 1, 2, True), (12, 3, 7, False), (9, 2, 13, True),
+                                                       (13, 5, 1, True)])
+def test_every_impl_matches_reference(impl, dtype, training, channels, b, n, output_tanh):
+    run_both(channels, b, n, dtype, training, output_tanh, seed=channels + n, impl=impl)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_every_impl_gradients_and_buffers_after_steps(impl, momentum):
+    """Third training call (momentum, or None's cumulative average): gradients, running statistics
+    and num_batches_tracked (3) as the reference's."""
+    fused, _ = run_both(12, 2, 9, torch.float64, True, impl=impl, momentum=momentum, steps=3)
+    assert int(fused.down1[1].num_batches_tracked) == 3 + 3  # make_pair starts it at 3
+
+
+def test_available_impls_and_unavailable_impls_raise(monkeypatch):
+    ram, h = RAM(8), torch.randn(2, 8, 5)
+    assert available_impls(ram, h) == ("reference", "extension", "vendor_conv")
+    assert available_impls(ram.double(), h.double()) == ("reference", "extension", "vendor_conv")
+    ram16, h16 = RAM(8).bfloat16(), h.bfloat16()
+    assert available_impls(ram16, h16) == ("reference",)
+    for impl in ("extension", "vendor_conv"):
+        with pytest.raises(ValueError, match=f"impl='{impl}' cannot run here: .*bfloat16"):
+            ram_forward(ram16, h16, impl=impl)
+    with pytest.raises(ValueError, match="impl: expected 'auto' or one of"):
+        ram_forward(ram, h, impl="cudnn")
+    monkeypatch.setattr(ram_ops, "extension_available_for", lambda t: False)
+    assert available_impls(ram, h) == ("reference", "vendor_conv")
+    with pytest.raises(ValueError, match="impl='extension' cannot run here: the compiled extension"):
+        ram_forward(ram, h, impl="extension")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_auto_is_the_extension_and_reference_is_the_module(training):
+    """impl="auto" keeps today's path (the extension, bit for bit); "reference" is ram(h)."""
+    base, _ = make_pair(RAM(8), torch.float32, seed=4)
+    base.train(training)
+    h = torch.randn(2, 8, 11, generator=torch.Generator().manual_seed(5))
+    outs = {impl: ram_forward(copy.deepcopy(base), h, impl=impl) for impl in ("auto", "extension", "reference")}
+    assert torch.equal(outs["auto"], outs["extension"])
+    assert torch.equal(outs["reference"], copy.deepcopy(base)(h))
+
+
+@pytest.mark.parametrize("forced", [False] + ([True] if interpreting() else []))
+def test_vendor_conv_runs_its_triton_passes_only_when_they_apply(forced, monkeypatch):
+    """On CPU tensors vendor_conv runs torch passes; forced (as on CUDA), every BatchNorm's pass is
+    the Triton one: 10 fused passes in training, 10 in eval."""
+    ram_vendor = importlib.import_module("marn_fast.ops.ram_vendor")
+    calls = []
+    real = ram_vendor._FusedPass.apply
+    monkeypatch.setattr(ram_vendor._FusedPass, "apply", lambda *a: calls.append(a[4]) or real(*a))
+    _, context = impl_context(TRITON_FORCED if forced else "vendor_conv")
+    fused = RAM(8).double()
+    with context:
+        ram_forward(fused.train(), torch.randn(2, 8, 5, dtype=torch.float64), impl="vendor_conv")
+        ram_forward(fused.eval(), torch.randn(2, 8, 5, dtype=torch.float64), impl="vendor_conv")
+    assert calls == ([True] * 10 + [False] * 10 if forced else [])
+
+
+def test_vendor_conv_bad_input():
+    ram = RAM(8).train()
+    with pytest.raises(ValueError, match="x: BatchNorm needs more than 1 value"):
+        ram_forward(ram, torch.randn(1, 8, 1), impl="vendor_conv")
+    with pytest.raises(ValueError, match="h: expected"):
+        ram_forward(ram, torch.randn(2, 12, 5), impl="vendor_conv")
+
+
+def test_vendor_conv_channels_last_convolution_matches_conv1d():
+    ram_vendor = importlib.import_module("marn_fast.ops.ram_vendor")
+    gen = torch.Generator().manual_seed(9)
+    for b, n, c_in, c_out in [(2, 9, 6, 5), (1, 1, 3, 4), (3, 2, 8, 8)]:
+        x = torch.randn(b, n, c_in, generator=gen, dtype=torch.float64)
+        w = torch.randn(c_out, c_in, 3, generator=gen, dtype=torch.float64)
+        bias = torch.randn(c_out, generator=gen, dtype=torch.float64)
+        z = ram_vendor.conv3(x, w, bias)
+        assert z.shape == (b, n, c_out) and z.is_contiguous()
+        want = torch.nn.functional.conv1d(x.transpose(1, 2), w, bias, padding=1).transpose(1, 2)
+        torch.testing.assert_close(z, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ Triton passes
+# The kernels of marn_fast.kernels.ram on [R, C] matrices: in the CPU interpreter (small shapes),
+# or on the GPU where there is one.
+# Tolerances: float64 1e-12 relative; float32 2e-6 relative to the largest value (fp32 sums of ≤ 10³
+# terms).
+def _kernels():
+    return importlib.import_module("marn_fast.kernels.ram")
+
+
+@requires_interpreter_or_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("r,c", [(2, 3), (37, 5), (300, 70), (1000, 17)])
+def test_triton_batch_stats_and_running_update(dtype, r, c, monkeypatch):
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "BLOCK_P", 2)            # several combination steps
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 64)   # several row strips, a short last one
+    gen = torch.Generator().manual_seed(r + c)
+    z = (torch.randn(r, c, generator=gen, dtype=torch.float64) * 2 + 30).to(dtype)  # mean ≫ spread
+    rm, rv = torch.randn(c, generator=gen, dtype=dtype), torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    want_rm, want_rv = 0.1 * torch.mean(z.double(), 0) + 0.9 * rm.double(), 0.1 * z.double().var(0) + 0.9 * rv.double()
+    z_dev, rm_dev, rv_dev = (t.to(TRITON_DEVICE) for t in (z, rm, rv))
+    mean, rstd = (t.cpu() for t in kernels.batch_stats(z_dev, 1e-5, rm_dev, rv_dev, 0.1))
+    rm, rv = rm_dev.cpu(), rv_dev.cpu()
+    var, want_mean = torch.var_mean(z.double(), 0, correction=0)
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(mean.double(), want_mean, **tol)
+    torch.testing.assert_close(rstd.double(), (var + 1e-5).rsqrt(), **tol)
+    torch.testing.assert_close(rm.double(), want_rm, **tol)
+    torch.testing.assert_close(rv.double(), want_rv, **tol)
+    assert mean.dtype == rstd.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+EPILOGUE_FLAGS = [("none", False), ("none", True), ("add", False), ("mul", False), ("mul", True)]
+
+
+@requires_interpreter_or_cuda
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("other_kind,tanh", EPILOGUE_FLAGS)
+def test_triton_fused_pass_matches_autograd(norm, other_kind, tanh):
+    """out = epilogue(BN(z)) (batch statistics) or epilogue(z + b), forward and the gradients of
+    z, γ, β (b) and other, float64, against autograd of the plain formula; the upstream gradient
+    is a transposed (non-contiguous) view."""
+    ram_vendor = importlib.import_module("marn_fast.ops.ram_vendor")
+    gen = torch.Generator().manual_seed(17)
+    r, c = 45, 7
+    def leaf(*shape, positive=False):
+        t = torch.rand(*shape, generator=gen, dtype=torch.float64) + 0.5 if positive else \
+            torch.randn(*shape, generator=gen, dtype=torch.float64)
+        return t.to(TRITON_DEVICE).requires_grad_()
+
+    z, gamma, beta = leaf(r, c), leaf(c, positive=True), leaf(c)
+    other = None if other_kind == "none" else leaf(r, c)
+    mul = other_kind == "mul"
+    out = ram_vendor._FusedPass.apply(z, gamma if norm else None, beta, other, norm, mul, tanh, 1e-5, None, None, 0.0)
+    u = torch.nn.functional.batch_norm(z, None, None, gamma, beta, True, 0.0, 1e-5) if norm else z + beta
+    v = u if other is None else (u * other if mul else u + other)
+    want = torch.tanh(v) if tanh else v
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(c, r, generator=gen, dtype=torch.float64).to(TRITON_DEVICE).t()
+    inputs = [t for t in (z, gamma if norm else None, beta, other) if t is not None]
+    got = torch.autograd.grad(out, inputs, g)
+    expected = torch.autograd.grad(want, inputs, g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
+
+
+# The GPU's compiler without a GPU: every RAM kernel, in the specialisations the RAM uses (bf16),
+# lowered to sm_90 PTX by Triton's own toolchain (a subprocess: the tests import the kernels
+# under the interpreter). Catches what the interpreter accepts and the compiler does not.
+SM90_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from marn_fast.kernels import ram as K
+
+def compile_(fn, types, constexprs):
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4})
+
+z, acc, i = "*bf16", "*fp32", "i32"
+tile = dict(FP64=False, BLOCK_R=64, BLOCK_C=64)
+compile_(K._stats_partial_kernel, dict(z_ptr=z, pmean_ptr=acc, pm2_ptr=acc, R=i, C=i, rows_per_prog=i), tile)
+compile_(K._stats_combine_kernel, dict(pmean_ptr=acc, pm2_ptr=acc, mean_ptr=acc, rstd_ptr=acc, rmean_ptr=z,
+         rvar_ptr=z, R=i, C=i, P=i, rows_per_prog=i, eps_hi="fp32", eps_lo="fp32", mom_hi="fp32", mom_lo="fp32"),
+         dict(UPDATE=True, FP64=False, BLOCK_P=32, BLOCK_C=64))
+for norm, other, mul, tanh in [(True, False, False, True), (True, True, False, False), (True, True, True, True),
+                               (False, False, False, True), (False, True, True, False)]:
+    compile_(K._affine_epilogue_kernel, dict(z_ptr=z, other_ptr=z, out_ptr=z, mean_ptr=acc, rstd_ptr=acc,
+             gamma_ptr=z, beta_ptr=z, R=i, C=i), dict(NORM=norm, HAS_OTHER=other, MUL=mul, TANH=tanh, **tile))
+    compile_(K._affine_epilogue_backward_kernel, dict(g_ptr=z, z_ptr=z, out_ptr=z, other_ptr=z, gu_ptr=z,
+             dother_ptr=z, partial_ptr=acc, mean_ptr=acc, rstd_ptr=acc, gamma_ptr=z, beta_ptr=z, R=i, C=i,
+             rows_per_prog=i), dict(NORM=norm, MUL_OTHER=other and mul, NEED_U=norm or (other and mul), TANH=tanh,
+                                    **tile))
+compile_(K._batch_norm_backward_apply_kernel, dict(gu_ptr=z, z_ptr=z, dz_ptr=z, sums_ptr=acc, mean_ptr=acc,
+         rstd_ptr=acc, gamma_ptr=z, R=i, C=i), tile)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests compile the kernels for it")
+def test_triton_kernels_compile_for_sm90():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # C = 128 takes both conv paths of the CPU kernels (csrc/cpu/ram_winograd.h): the Winograd F(4, 3)
@@ -154,8 +404,10 @@ def test_ram_batch_of_one_length_one_eval_and_no_output_tanh(training):
         run_both(12, 1, 1, torch.float64, training)
 
 
-def test_ram_train_steps_update_running_stats_like_batchnorm():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_ram_train_steps_update_running_stats_like_batchnorm(impl):
     """Three train steps (momentum 0.1, and momentum=None's cumulative average), then eval."""
+    impl_arg, forced = impl_context(impl)
     fused, ref = make_pair(RAM(8), torch.float64)
     for module in (fused, ref):
         module.up2[4].momentum = None
@@ -163,7 +415,8 @@ def test_ram_train_steps_update_running_stats_like_batchnorm():
     gen = torch.Generator().manual_seed(3)
     for step in range(3):
         h = torch.randn(2, 8, 9 + step, generator=gen, dtype=torch.float64)
-        assert_close(ram_forward(fused, h), ref(h), torch.float64, f"step {step}")
+        with forced:
+            assert_close(ram_forward(fused, h, impl=impl_arg), ref(h), torch.float64, f"step {step}")
     for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(b, c), name
@@ -171,8 +424,8 @@ def test_ram_train_steps_update_running_stats_like_batchnorm():
     fused.eval()
     ref.eval()
     h = torch.randn(2, 8, 5, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        assert_close(ram_forward(fused, h), ref(h), torch.float64, "eval after training")
+    with torch.no_grad(), forced:
+        assert_close(ram_forward(fused, h, impl=impl_arg), ref(h), torch.float64, "eval after training")
 
 
 def test_folded_eval_equals_unfolded_eval_and_cache_invalidates():
@@ -327,10 +580,11 @@ def test_train_op_rejects_single_value():
 
 # ------------------------------------------------------------------------------------------ CUDA
 @requires_cuda
+@pytest.mark.parametrize("impl", ["extension", "vendor_conv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("b,n", [(1, 2), (3, 4), (2, 4001)])
-def test_ram_cuda_matches_reference(dtype, training, b, n):
+def test_ram_cuda_matches_reference(impl, dtype, training, b, n):
     if dtype == torch.bfloat16:
         # bf16 storage through ten convolutions and five BatchNorms: the error against an fp32
         # run (on the same bf16-rounded parameters and input) is the format's, so the fused path
@@ -349,7 +603,8 @@ def test_ram_cuda_matches_reference(dtype, training, b, n):
         h = torch.randn(b, 16, n, device="cuda").to(torch.bfloat16)
         g = torch.randn(b, 16, n, device="cuda")
         runs = {}
-        for name, module, fn in (("fused", fused, lambda m, x: ram_forward(m, x)), ("eager", eager, lambda m, x: m(x)),
+        for name, module, fn in (("fused", fused, lambda m, x: ram_forward(m, x, impl=impl)),
+                                 ("eager", eager, lambda m, x: m(x)),
                                  ("ref", ref, lambda m, x: m(x))):
             x = (h.float() if name == "ref" else h).detach().requires_grad_()
             out = fn(module, x)
@@ -364,7 +619,10 @@ def test_ram_cuda_matches_reference(dtype, training, b, n):
             assert err <= bound, f"bf16 {what}: error {err:.3g}, eager bf16 {eager_err:.3g}, bound {bound:.3g}"
     else:
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _no_tf32():
-            run_both(16, b, n, dtype, training, device="cuda")
+            run_both(16, b, n, dtype, training, device="cuda", impl=impl)
+            if impl == "vendor_conv":  # odd channel counts, no output tanh, momentum=None steps
+                run_both(13, b, n + 2, dtype, training, output_tanh=False, device="cuda", impl=impl,
+                         momentum=None, steps=2)
 
 
 @requires_cuda

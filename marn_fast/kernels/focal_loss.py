@@ -10,8 +10,14 @@ Math in log space, per element with x the logit, y ∈ [0, 1] the target, e = ex
       dloss/dx = w₋·(γ·(1−p)·sp(x) + p) − w₊·(γ·p·sp(−x) + (1−p))
 Both are finite for any finite x and γ ≥ 0 (0^γ is taken as 1 for γ = 0, 0 otherwise; no
 q^(γ−1) is ever formed). Math runs in fp32 (fp64 for fp64 logits).
+
+`focal_loss_forward` is one launch, the reduction to the scalar loss included (the last program
+to finish sums the per-block partials in a fixed order), for one head or for both heads of the
+multitask loss at once.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -40,15 +46,12 @@ def _one_minus_exp_neg(b, u):
 
 
 @triton.jit
-def focal_loss_kernel(x_ptr, y_ptr, loss_ptr, grad_ptr, n_elements, alpha, gamma, scale,
-                      BALANCED: tl.constexpr, REDUCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-                      FP64: tl.constexpr, BLOCK: tl.constexpr):
-    """Program i handles elements [i·BLOCK, (i+1)·BLOCK) of the flattened, contiguous inputs.
-
-    REDUCE: loss_ptr[i] = scale·Σ loss over the block (the host sums these in a fixed order);
-    else loss_ptr[k] = loss_k in loss_ptr's dtype. COMPUTE_GRAD: grad_ptr[k] = scale·dloss_k/dx_k.
-    """
-    pid = tl.program_id(0)
+def _head(x_ptr, y_ptr, loss_ptr, grad_ptr, pid, n_elements, alpha, gamma, scale,
+          BALANCED: tl.constexpr, REDUCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+          FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Elements [pid·BLOCK, (pid+1)·BLOCK) of one head's flattened, contiguous inputs. Stores
+    grad_ptr[k] = scale·dloss_k/dx_k (COMPUTE_GRAD) and, without REDUCE, loss_ptr[k] = loss_k;
+    returns scale·Σ loss over the block (REDUCE; else 0)."""
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -82,34 +85,98 @@ def focal_loss_kernel(x_ptr, y_ptr, loss_ptr, grad_ptr, n_elements, alpha, gamma
         s = (1.0 - y) * p - y * pm                  # σ(x) − y without cancellation for hard y
         grad = alpha * s * q_gamma * (1.0 + gamma * pt * ratio)
 
-    if REDUCE:
-        tl.store(loss_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0) * scale)
-    else:
-        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_GRAD:
         tl.store(grad_ptr + offs, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+    if REDUCE:
+        part = tl.sum(tl.where(mask, loss, 0.0), axis=0) * scale
+    else:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+        part = 0.0
+    return part
+
+
+@triton.jit
+def focal_loss_kernel(xa_ptr, ya_ptr, xb_ptr, yb_ptr, loss_ptr, grad_ptr, partial_ptr, ticket_ptr,
+                      n_a, n_b, programs_a, alpha, gamma, scale_a, scale_b,
+                      BALANCED: tl.constexpr, REDUCE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                      TWO_HEADS: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Programs [0, programs_a) take head a, the rest head b (TWO_HEADS, REDUCE only); head b's
+    gradient follows head a's in grad_ptr (one buffer of n_a + n_b elements).
+
+    REDUCE: the total Σ_head scale_head·Σ loss is reduced in this launch: each program writes its
+    block's partial sum, then takes a ticket (an integer atomic, after a barrier so that the
+    partial is written first); the program that draws the last ticket sums the partials in index
+    order, writes loss_ptr[0] and resets the ticket counter to 0 for the next launch. The order of
+    the sum never depends on timing: results are deterministic."""
+    pid = tl.program_id(0)
+    if TWO_HEADS:
+        if pid < programs_a:
+            part = _head(xa_ptr, ya_ptr, loss_ptr, grad_ptr, pid, n_a, alpha, gamma, scale_a,
+                         BALANCED, REDUCE, COMPUTE_GRAD, FP64, BLOCK)
+        else:
+            part = _head(xb_ptr, yb_ptr, loss_ptr, grad_ptr + n_a, pid - programs_a, n_b, alpha, gamma, scale_b,
+                         BALANCED, REDUCE, COMPUTE_GRAD, FP64, BLOCK)
+    else:
+        part = _head(xa_ptr, ya_ptr, loss_ptr, grad_ptr, pid, n_a, alpha, gamma, scale_a,
+                     BALANCED, REDUCE, COMPUTE_GRAD, FP64, BLOCK)
+    if REDUCE:
+        tl.store(partial_ptr + pid, part)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        programs = tl.num_programs(0)
+        if ticket == programs - 1:
+            acc = tl.zeros([BLOCK], dtype=part.dtype)
+            for start in range(0, programs, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                acc += tl.load(partial_ptr + offs, mask=offs < programs, other=0.0, volatile=True)
+            tl.store(loss_ptr, tl.sum(acc, axis=0))
+            tl.atomic_xchg(ticket_ptr, 0)
+
+
+# One ticket counter per (device, stream): zero between launches (the last program resets it), so
+# a launch needs no memset; launches on one stream never overlap.
+_TICKETS: dict = {}
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counter = _TICKETS.get(key)
+    if counter is None:
+        counter = _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter
+
+
+def _as_read(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t  # bool targets read as bytes, no copy
 
 
 def focal_loss_forward(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float,
-                       balanced: bool, reduce: bool, scale: float, compute_grad: bool):
-    """One launch. Returns (loss, grad): loss the scalar scale·Σ loss (fp32; fp64 for fp64 logits)
-    when `reduce`, else [B, L] in the logits' dtype; grad = scale·dloss/dx in the logits' dtype,
-    or None without `compute_grad`. bool targets are read as bytes (a view, no conversion)."""
-    x = logits.contiguous()
-    y = targets.contiguous()
-    if y.dtype == torch.bool:
-        y = y.view(torch.uint8)
-    n = x.numel()
-    grid = (triton.cdiv(n, BLOCK_SIZE),)
+                       balanced: bool, reduce: bool, scale: float, compute_grad: bool,
+                       logits_b: Optional[torch.Tensor] = None, targets_b: Optional[torch.Tensor] = None,
+                       scale_b: float = 1.0):
+    """One launch. Returns (loss, grad): loss the scalar scale·Σ loss (+ scale_b·Σ loss_b with a
+    second head; fp32, fp64 for fp64 logits) when `reduce`, else [B, L] in the logits' dtype;
+    grad = scale·dloss/dx in the logits' dtype, or None without `compute_grad`. With a second
+    head (reduce only) grad is one flat buffer: head a's n_a elements, then head b's."""
+    x, y = logits.contiguous(), _as_read(targets)
+    two = logits_b is not None
+    xb, yb = (logits_b.contiguous(), _as_read(targets_b)) if two else (x, y)
+    n_a, n_b = x.numel(), (xb.numel() if two else 0)
+    programs_a = triton.cdiv(n_a, BLOCK_SIZE)
+    grid = (programs_a + triton.cdiv(n_b, BLOCK_SIZE),)
     fp64 = x.dtype == torch.float64
     if reduce:
-        out = torch.empty(grid[0], dtype=torch.float64 if fp64 else torch.float32, device=x.device)
+        loss = torch.empty((), dtype=torch.float64 if fp64 else torch.float32, device=x.device)
+        partial = torch.empty(grid[0], dtype=loss.dtype, device=x.device)
+        ticket = _ticket(x.device)
     else:
-        out = torch.empty_like(x)
-    grad = torch.empty_like(x) if compute_grad else None
-    focal_loss_kernel[grid](x, y, out, out if grad is None else grad, n, float(alpha), float(gamma),
-                            float(scale), BALANCED=bool(balanced), REDUCE=bool(reduce),
-                            COMPUTE_GRAD=bool(compute_grad), FP64=fp64, BLOCK=BLOCK_SIZE,
-                            num_warps=NUM_WARPS)
-    # Deterministic: a fixed-size sum over the per-block partials, no float atomics.
-    return (out.sum() if reduce else out), grad
+        loss = partial = ticket = torch.empty_like(x)
+    grad = torch.empty(n_a + n_b, dtype=x.dtype, device=x.device) if compute_grad else None
+    focal_loss_kernel[grid](x, y, xb, yb, loss, loss if grad is None else grad, partial, ticket, n_a, n_b,
+                            programs_a, float(alpha), float(gamma), float(scale), float(scale_b),
+                            BALANCED=bool(balanced), REDUCE=bool(reduce), COMPUTE_GRAD=bool(compute_grad),
+                            TWO_HEADS=two, FP64=fp64, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    if grad is not None and not two:
+        grad = grad.view(x.shape)
+    return loss, grad

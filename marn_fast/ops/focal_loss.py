@@ -16,43 +16,73 @@ gradient is computed in the forward pass (Liger-style) and stored already scaled
 reduction; backward only multiplies it by the incoming gradient. The formulas are in
 `marn_fast.kernels.focal_loss` (and `marn_fast.reference.focal_loss.focal_loss_elementwise`).
 
-Paths (impl, see `_backend.resolve_impl`): "triton" — one launch of the Triton kernel (per-block
-partial sums summed in a fixed order, no atomics; bool/uint8 targets read as bytes);
+Implementations (`impl`; `available_impls(logits, targets)` lists those that can run):
+"reference" — `marn_fast.reference.focal_loss` (autograd through the transcription);
+"triton" — one launch forward, the reduction to the scalar included, and one launch backward
+(deterministic: a fixed-order sum of per-block partials, no float atomics; bool/uint8 targets
+read as bytes); CUDA, or CPU tensors under TRITON_INTERPRET=1;
 "torch" — on CPU tensors the C++ kernel `torch.ops.marn_fast.focal_loss_forward`
 (csrc/cpu/focal_loss_cpu.cpp: the same math in one vectorised pass, fixed-order sums) when the
 compiled extension is available, else vectorised PyTorch computing loss and gradient together.
-"auto" picks Triton on CUDA, torch on CPU. All run inside the registered op
-`torch.ops.marn_fast.focal_loss` (custom_op + register_fake + register_autograd), opaque to
-torch.compile.
+"auto" picks Triton on CUDA, torch on CPU. `multitask_focal_loss` runs both heads in one launch
+(and one backward launch) on the Triton path.
+
+Per-call cost: nothing on the way synchronises with the device. The check that float/uint8
+targets lie in [0, 1] reads their values (a host synchronisation), so it runs only when asked:
+`check_targets=True`, or `check_targets=None` (the default) with the environment variable
+MARN_FAST_CHECK_TARGETS=1 (read at each call). Shapes, dtypes, devices, α, γ and the reduction
+are always checked (host-side metadata only). In eager mode the op runs through a
+torch.autograd.Function (a registered custom op costs far more Python per call); under
+torch.compile through the registered op `torch.ops.marn_fast.focal_loss` (custom_op +
+register_fake + register_autograd), opaque to the compiler.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..reference.checks import FLOAT_DTYPES, check_shape, check_targets, check_tensor
+import os
+from typing import Optional
+
+from .. import reference
+from ..reference.checks import FLOAT_DTYPES, check_tensor, check_targets as _check_targets
 from ..reference.focal_loss import REDUCTIONS
-from ._backend import resolve_impl
+from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available, extension_available_for
 
+CHECK_TARGETS_ENV = "MARN_FAST_CHECK_TARGETS"
+IMPLS = ("reference", "torch", "triton")
 
-def check_focal_args(logits, targets, alpha, gamma, reduction, name="logits", target_name="targets") -> None:
-    check_tensor(name, logits, ndim=2, dtypes=FLOAT_DTYPES, expected="[B, L] float")
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"{name}: expected a non-empty [B, L] tensor, got shape {tuple(logits.shape)}")
-    if torch.compiler.is_compiling():
-        # The [0, 1] range check reads the values (a host sync, a data-dependent graph break):
-        # under torch.compile only dtype and shape are checked.
-        check_tensor(target_name, targets, dtypes=FLOAT_DTYPES + (torch.bool, torch.uint8),
-                     expected=f"[B, L]={tuple(logits.shape)} float/bool/uint8")
-        check_shape(target_name, targets, logits.shape, "(the logits' shape [B, L])")
-    else:
-        check_targets(target_name, targets, logits.shape)
+
+def target_check_requested(check_targets: Optional[bool]) -> bool:
+    """Whether to check the targets' values: the argument when given, else MARN_FAST_CHECK_TARGETS."""
+    if check_targets is not None:
+        return bool(check_targets)
+    return os.environ.get(CHECK_TARGETS_ENV, "0") not in ("", "0")
+
+
+_LOGITS_DTYPES = frozenset(FLOAT_DTYPES)
+_TARGET_DTYPES = frozenset(FLOAT_DTYPES + (torch.bool, torch.uint8))
+
+
+def check_focal_args(logits, targets, alpha, gamma, reduction, name="logits", target_name="targets",
+                     check_values: bool = False) -> None:
+    """Shapes, dtypes, devices, α, γ, reduction; and, with check_values, the targets' range [0, 1]
+    (a host synchronisation; never under torch.compile, where it would break the graph)."""
+    well_formed = (isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2
+                   and logits.dtype in _LOGITS_DTYPES and targets.dtype in _TARGET_DTYPES
+                   and targets.shape == logits.shape and logits.numel() > 0)
+    if not well_formed or check_values:  # the detailed checks build their messages: only when needed
+        check_tensor(name, logits, ndim=2, dtypes=FLOAT_DTYPES, expected="[B, L] float")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise ValueError(f"{name}: expected a non-empty [B, L] tensor, got shape {tuple(logits.shape)}")
+        _check_targets(target_name, targets, logits.shape,
+                       check_values=check_values and not torch.compiler.is_compiling())
     if targets.device != logits.device:
         raise ValueError(f"{target_name}: expected device {logits.device} ({name}'s device), got {targets.device}")
-    if not 0.0 <= float(alpha) <= 1.0:
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: expected a value in [0, 1], got {alpha}")
-    if not float(gamma) >= 0.0:
+    if not gamma >= 0.0:
         raise ValueError(f"gamma: expected a value >= 0, got {gamma}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
@@ -64,19 +94,19 @@ def _loss_dtype(logits_dtype: torch.dtype, reduction: str) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduction, compute_grad):
-    """The CPU path: the kernel's math as a few fused-where-possible PyTorch ops (fp32 math,
-    fp64 for fp64 logits). Returns (loss, scale·dloss/dx or None)."""
+def _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduce, scale, compute_grad):
+    """The CPU path without the extension: the kernel's math as a few fused-where-possible
+    PyTorch ops (fp32 math, fp64 for fp64 logits). Returns (loss: scale·Σ loss when reduce, else
+    [B, L]; scale·dloss/dx or None)."""
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     y = targets.to(x.dtype)
-    scale = 1.0 / x.numel() if reduction == "mean" else 1.0
     grad = None
     if balanced:
         sp_neg, sp_pos = -F.logsigmoid(x), -F.logsigmoid(-x)        # −log p, −log(1 − p)
         w_pos = torch.exp(sp_pos * -gamma).mul_(y).mul_(alpha)          # α·y·(1 − p)^γ
         w_neg = torch.exp(sp_neg * -gamma).mul_(1 - y).mul_(1 - alpha)  # (1 − α)(1 − y)·p^γ
         elementwise = torch.addcmul(w_pos * sp_neg, w_neg, sp_pos)
-        loss = elementwise if reduction == "none" else elementwise.sum() * scale
+        loss = elementwise.sum() * scale if reduce else elementwise
         if compute_grad:
             p, pm = torch.sigmoid(x), torch.sigmoid(-x)
             grad = (torch.addcmul(p, pm * gamma, sp_pos).mul_(w_neg)
@@ -86,17 +116,34 @@ def _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduction, comput
         q = torch.expm1(-bce).neg_()                            # 1 − p_t
         q_gamma = q.pow(gamma)
         c = alpha * scale
-        if reduction == "none":
-            loss = q_gamma * bce * alpha
-        else:
+        if reduce:
             loss = torch.dot(q_gamma.view(-1), bce.view(-1)) * c
+        else:
+            loss = q_gamma * bce * alpha
         if compute_grad:
             # c·(1 + γ·p_t·b/q); where q = 0 (so b = 0), b/q reads 0, harmless: q^γ·γ = 0 there.
             w = bce.div_(q.clamp_min(torch.finfo(q.dtype).tiny)).mul_(1 - q).mul_(c * gamma).add_(c)
             grad = torch.sigmoid(x).sub_(y).mul_(q_gamma).mul_(w)
     if grad is not None:
         grad = grad.to(logits.dtype)
-    return loss.to(_loss_dtype(logits.dtype, reduction)), grad
+    return loss.to(_loss_dtype(logits.dtype, "sum" if reduce else "none")), grad
+
+
+def _scale(logits: torch.Tensor, reduction: str) -> float:
+    return 1.0 / logits.numel() if reduction == "mean" else 1.0
+
+
+def _run(logits, targets, alpha, gamma, balanced, reduce, scale, compute_grad, use_triton):
+    """(loss, scale·dloss/dx or None) of one head by the chosen path (see the module docstring)."""
+    if use_triton:
+        from ..kernels.focal_loss import focal_loss_forward  # imports triton
+
+        return focal_loss_forward(logits, targets, alpha, gamma, balanced, reduce, scale, compute_grad)
+    if logits.device.type == "cpu" and extension_available_for(logits):
+        loss, grad = torch.ops.marn_fast.focal_loss_forward(logits, targets, alpha, gamma, balanced, reduce,
+                                                            scale, compute_grad)
+        return loss, (grad if compute_grad else None)
+    return _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduce, scale, compute_grad)
 
 
 @torch.library.custom_op("marn_fast::focal_loss", mutates_args=())
@@ -104,18 +151,9 @@ def _focal_loss_op(logits: torch.Tensor, targets: torch.Tensor, alpha: float, ga
                    balanced: bool, reduction: str, compute_grad: bool,
                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dloss/dlogits); the second is computed only with compute_grad (else empty [0]) and
-    is not differentiable."""
-    if use_triton:
-        from ..kernels.focal_loss import focal_loss_forward  # imports triton
-        scale = 1.0 / logits.numel() if reduction == "mean" else 1.0
-        loss, grad = focal_loss_forward(logits, targets, alpha, gamma, balanced,
-                                        reduce=reduction != "none", scale=scale, compute_grad=compute_grad)
-    elif logits.device.type == "cpu" and extension_available_for(logits):
-        scale = 1.0 / logits.numel() if reduction == "mean" else 1.0
-        return torch.ops.marn_fast.focal_loss_forward(logits, targets, alpha, gamma, balanced,
-                                                      reduction != "none", scale, compute_grad)
-    else:
-        loss, grad = _focal_loss_torch(logits, targets, alpha, gamma, balanced, reduction, compute_grad)
+    is not differentiable. The torch.compile path of `focal_loss`."""
+    loss, grad = _run(logits, targets, alpha, gamma, balanced, reduction != "none", _scale(logits, reduction),
+                      compute_grad, use_triton)
     return loss, (grad if grad is not None else logits.new_empty(0))
 
 
@@ -150,33 +188,129 @@ def _backward(ctx, grad_loss, _grad_of_grad):
 _focal_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FocalLoss(torch.autograd.Function):
+    """The eager path: one forward call of the kernel (loss and scaled gradient), backward one
+    multiply. params = (alpha, gamma, balanced, reduce, scale, use_triton): one argument, as
+    Function.apply's per-argument bookkeeping is a good part of the per-call cost."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, params):
+        alpha, gamma, balanced, reduce, scale, use_triton = params
+        loss, grad = _run(logits, targets, alpha, gamma, balanced, reduce, scale, True, use_triton)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return torch.mul(grad, grad_loss), None, None
+
+
+class _MultitaskFocalLoss(torch.autograd.Function):
+    """λ_a·FL(a) + λ_b·FL(b) ("sum"/"mean"): λ folded into each head's scale. Triton: one launch
+    each way (the two gradients share one buffer); CPU: one kernel call per head.
+    params = (scale_a, scale_b, alpha, gamma, balanced, use_triton)."""
+
+    @staticmethod
+    def forward(ctx, xa, ya, xb, yb, params):
+        loss, grads = _multitask_run(xa, ya, xb, yb, *params[:5], True, params[5])
+        ctx.shapes = (xa.shape, xb.shape)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = [torch.mul(g, grad_loss) for g in ctx.saved_tensors]
+        if len(grads) == 1:  # one buffer: head a's elements, then head b's
+            shape_a, shape_b = ctx.shapes
+            n_a = shape_a.numel()
+            grads = [grads[0][:n_a].view(shape_a), grads[0][n_a:].view(shape_b)]
+        return grads[0], None, grads[1], None, None
+
+
+def _multitask_run(xa, ya, xb, yb, scale_a, scale_b, alpha, gamma, balanced, compute_grad, use_triton):
+    """(loss, gradients: one flat buffer (Triton) or one per head; empty without compute_grad)."""
+    if use_triton:
+        from ..kernels.focal_loss import focal_loss_forward  # imports triton
+
+        loss, grad = focal_loss_forward(xa, ya, alpha, gamma, balanced, True, scale_a, compute_grad, xb, yb, scale_b)
+        return loss, (() if grad is None else (grad,))
+    loss_a, grad_a = _run(xa, ya, alpha, gamma, balanced, True, scale_a, compute_grad, False)
+    loss_b, grad_b = _run(xb, yb, alpha, gamma, balanced, True, scale_b, compute_grad, False)
+    return loss_a + loss_b, (() if grad_a is None else (grad_a, grad_b))
+
+
+def _use_triton(impl: str, logits: torch.Tensor, op: str) -> bool:
+    if impl not in ("auto",) + IMPLS:
+        raise ValueError(f"impl: expected 'auto' or one of {IMPLS}, got {impl!r}")
+    return resolve_impl(impl, logits, op) == "triton"
+
+
+def available_impls(logits: torch.Tensor, targets: torch.Tensor) -> tuple[str, ...]:
+    """The implementations that can run on these tensors now ("reference" first, "auto" excluded)."""
+    impls = ["reference", "torch"]
+    if triton_available() and (logits.is_cuda or (logits.device.type == "cpu" and interpreting())):
+        impls.append("triton")
+    return tuple(impls)
+
+
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999, gamma: float = 2.0,
                balanced: bool = False, reduction: str = "mean", *, impl: str = "auto",
-               names: tuple[str, str] = ("logits", "targets")) -> torch.Tensor:
+               check_targets: Optional[bool] = None, names: tuple[str, str] = ("logits", "targets")) -> torch.Tensor:
     """Focal loss of logits [B, L] against targets [B, L]; see the module docstring.
 
-    impl: "auto" (Triton on CUDA, PyTorch on CPU), "triton" (CUDA, or CPU under
-    TRITON_INTERPRET=1), "torch". Raises ValueError naming the argument on bad input; `names`
-    are the names of (logits, targets) in those messages.
+    impl: "auto" (Triton on CUDA, torch on CPU), "reference", "triton" (CUDA, or CPU under
+    TRITON_INTERPRET=1), "torch". check_targets: check that targets lie in [0, 1] (a host sync;
+    None: only when MARN_FAST_CHECK_TARGETS=1). Raises ValueError naming the argument on bad
+    input; `names` are the names of (logits, targets) in those messages.
     """
-    check_focal_args(logits, targets, alpha, gamma, reduction, name=names[0], target_name=names[1])
-    use_triton = resolve_impl(impl, logits, "focal_loss") == "triton"
+    check_focal_args(logits, targets, alpha, gamma, reduction, names[0], names[1],
+                     target_check_requested(check_targets))
+    if impl == "reference":
+        return reference.focal_loss(logits, targets, alpha, gamma, balanced, reduction)
+    use_triton = _use_triton(impl, logits, "focal_loss")
+    alpha, gamma, balanced = float(alpha), float(gamma), bool(balanced)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _focal_loss_op(logits, targets, float(alpha), float(gamma), bool(balanced), reduction,
-                             compute_grad, use_triton)
-    return loss
+    if torch.compiler.is_compiling():
+        return _focal_loss_op(logits, targets, alpha, gamma, balanced, reduction, compute_grad, use_triton)[0]
+    reduce, scale = reduction != "none", _scale(logits, reduction)
+    if compute_grad:
+        return _FocalLoss.apply(logits, targets, (alpha, gamma, balanced, reduce, scale, use_triton))
+    return _run(logits, targets, alpha, gamma, balanced, reduce, scale, False, use_triton)[0]
 
 
 def multitask_focal_loss(icd_logits, icd_targets, ccs_logits, ccs_targets, lambda_icd: float = 0.7,
-                         lambda_ccs: float = 0.3, *, impl: str = "auto", **focal_kwargs) -> torch.Tensor:
+                         lambda_ccs: float = 0.3, *, impl: str = "auto", check_targets: Optional[bool] = None,
+                         **focal_kwargs) -> torch.Tensor:
     """λ_icd·FL(icd_logits, icd_targets) + λ_ccs·FL(ccs_logits, ccs_targets) (paper eq. 17);
     focal_kwargs: alpha, gamma, balanced, reduction of `focal_loss`, shared by both heads.
 
-    Two launches, one per head: choosing one launch for both heads needs a GPU measurement,
-    none was available when this was written (the CPU interpreter does not count), so the
-    simpler form stands until one shows that a joint launch is faster.
+    With reduction "sum"/"mean" both heads run in one call (λ folded into each head's scale):
+    on the Triton path one launch forward and one backward. reduction "none" (a sum of two
+    [B, L] tensors, so equal L) and torch.compile take the two `focal_loss` calls.
     """
-    return (lambda_icd * focal_loss(icd_logits, icd_targets, impl=impl, names=("icd_logits", "icd_targets"),
-                                    **focal_kwargs)
-            + lambda_ccs * focal_loss(ccs_logits, ccs_targets, impl=impl, names=("ccs_logits", "ccs_targets"),
-                                      **focal_kwargs))
+    alpha = focal_kwargs.get("alpha", 0.999)
+    gamma = focal_kwargs.get("gamma", 2.0)
+    reduction = focal_kwargs.get("reduction", "mean")
+    balanced = focal_kwargs.get("balanced", False)
+    unknown = set(focal_kwargs) - {"alpha", "gamma", "reduction", "balanced"}
+    if unknown:
+        raise ValueError(f"focal_kwargs: unexpected {sorted(unknown)}; expected alpha, gamma, balanced, reduction")
+    check_values = target_check_requested(check_targets)
+    check_focal_args(icd_logits, icd_targets, alpha, gamma, reduction, "icd_logits", "icd_targets", check_values)
+    check_focal_args(ccs_logits, ccs_targets, alpha, gamma, reduction, "ccs_logits", "ccs_targets", check_values)
+    if impl == "reference":
+        return reference.multitask_focal_loss(icd_logits, icd_targets, ccs_logits, ccs_targets, lambda_icd,
+                                              lambda_ccs, **focal_kwargs)
+    if (reduction == "none" or torch.compiler.is_compiling() or ccs_logits.device != icd_logits.device
+            or ccs_logits.dtype != icd_logits.dtype):
+        kw = dict(impl=impl, check_targets=False, **focal_kwargs)
+        return (lambda_icd * focal_loss(icd_logits, icd_targets, names=("icd_logits", "icd_targets"), **kw)
+                + lambda_ccs * focal_loss(ccs_logits, ccs_targets, names=("ccs_logits", "ccs_targets"), **kw))
+    use_triton = _use_triton(impl, icd_logits, "multitask_focal_loss")
+    scale_a = float(lambda_icd) * _scale(icd_logits, reduction)
+    scale_b = float(lambda_ccs) * _scale(ccs_logits, reduction)
+    params = (scale_a, scale_b, float(alpha), float(gamma), bool(balanced))
+    if torch.is_grad_enabled() and (icd_logits.requires_grad or ccs_logits.requires_grad):
+        return _MultitaskFocalLoss.apply(icd_logits, icd_targets, ccs_logits, ccs_targets, params + (use_triton,))
+    return _multitask_run(icd_logits, icd_targets, ccs_logits, ccs_targets, *params, False, use_triton)[0]

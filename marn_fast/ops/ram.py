@@ -1,6 +1,14 @@
-"""The RAM (paper §3.2) through fused block ops: h [B, C, n] (H^T) → O [B, C, n].
+"""The RAM (paper §3.2): h [B, C, n] (H^T) → O [B, C, n], by one of three implementations.
 
-Each block conv(k=3) → BN → tanh → conv(k=3) → BN runs as one op of csrc/ (`ram_block_eval`,
+`ram_forward(ram, h, impl)`; `available_impls(ram, h)` names those that can run on h:
+- "reference": the module itself, `ram(h)` (plain nn.Conv1d / BatchNorm1d / tanh), any device.
+- "extension": the fused block ops of csrc/ (below); CPU (fp32, fp64) and CUDA builds.
+- "vendor_conv": the convolutions by cuDNN / oneDNN, BatchNorm, tanh and the epilogues fused in
+  between (`marn_fast.ops.ram_vendor`; Triton passes on CUDA, torch ops on the CPU).
+"auto" is the extension where it has kernels for h, the plain module path elsewhere (block by
+block: a block whose layout differs from the reference's runs its own modules).
+
+"extension": each block conv(k=3) → BN → tanh → conv(k=3) → BN runs as one op of csrc/ (`ram_block_eval`,
 `ram_block_train`) over channels-last activations x [B, n, C] (H's own layout: H^T costs no copy),
 with the block's fusion epilogue:
     D1 = down1(H), D2 = down2(D1), L1 = lateral(D2),
@@ -18,7 +26,8 @@ unbiased variance; num_batches_tracked += 1). Backward: `ram_block_*_backward` i
 from the saved conv outputs and batch statistics.
 
 Parameters and buffers are read from the reference `marn_fast.reference.RAM`, so state_dicts are
-the reference's. Without the extension for h's device/dtype, the plain module path runs.
+the reference's; every implementation updates the running statistics exactly once per training
+call, as the module does.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ from torch import nn
 
 from ..reference.checks import check_same_device, check_tensor
 from ..reference.ram import KERNEL_SIZE, PADDING, RAM
+from . import ram_vendor
+from ._backend import triton_available
 from ._extension import cpu_extension_available, extension_available_for
 from .mul_tanh import mul_tanh
 
@@ -37,6 +48,7 @@ from .mul_tanh import mul_tanh
 EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH = 0, 1, 2, 3
 _DTYPES = {"cpu": (torch.float32, torch.float64),
            "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+IMPLS = ("reference", "extension", "vendor_conv")
 
 if cpu_extension_available():
     def _stats_dtype(x):
@@ -124,8 +136,15 @@ def conv_weight(conv: nn.Module) -> torch.Tensor:
     return conv.weight
 
 
-def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
-    """Whether the block has the reference layout the fused ops implement."""
+def _batch_stats(bn: nn.BatchNorm1d) -> bool:
+    """Whether the BatchNorm normalises with the batch's statistics (else its running ones)."""
+    return bn.training or not bn.track_running_stats
+
+
+def _reference_layout(block: nn.Sequential) -> bool:
+    """Whether the block has the reference layout the fused paths implement."""
+    if len(block) != 5:
+        return False
     conv1, bn1, _, conv2, bn2 = block
     for conv in (conv1, conv2):
         if (not isinstance(conv, (nn.Conv1d, nn.ConvTranspose1d)) or conv.kernel_size != (KERNEL_SIZE,)
@@ -133,9 +152,14 @@ def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
                 or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"
                 or getattr(conv, "output_padding", (0,)) != (0,)):
             return False
-    batch_stats = [bn.training or not bn.track_running_stats for bn in (bn1, bn2)]
-    return (bn1.affine and bn2.affine and batch_stats[0] == batch_stats[1]
-            and x.dtype in _DTYPES.get(x.device.type, ()) and extension_available_for(x))
+    return (isinstance(bn1, nn.BatchNorm1d) and isinstance(bn2, nn.BatchNorm1d) and bn1.affine and bn2.affine
+            and _batch_stats(bn1) == _batch_stats(bn2))
+
+
+def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
+    """Whether the extension's block ops can run this block on x."""
+    return (_reference_layout(block) and x.dtype in _DTYPES.get(x.device.type, ())
+            and extension_available_for(x))
 
 
 def _plain_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor], epilogue: int):
@@ -193,6 +217,14 @@ def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Ten
     torch.ops.marn_fast.ram_bn_update_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
 
 
+def _check_count(x: torch.Tensor) -> int:
+    count = x.shape[0] * x.shape[1]
+    if count <= 1:
+        raise ValueError(f"x: BatchNorm needs more than 1 value per channel when training, got "
+                         f"[B, n] = {list(x.shape[:2])}")
+    return count
+
+
 def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor] = None,
               epilogue: int = EPILOGUE_NONE) -> torch.Tensor:
     """One RAM block plus its epilogue on channels-last x [B, n, C_in] → [B, n, C_out].
@@ -205,11 +237,8 @@ def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tenso
     conv1, bn1, _, conv2, bn2 = block
     x = x.contiguous()
     other = None if other is None else other.contiguous()
-    if bn1.training or not bn1.track_running_stats:
-        count = x.shape[0] * x.shape[1]
-        if count <= 1:
-            raise ValueError(f"x: BatchNorm needs more than 1 value per channel when training, got "
-                             f"[B, n] = {list(x.shape[:2])}")
+    if _batch_stats(bn1):
+        count = _check_count(x)
         out, _, _, _, mean1, var1, mean2, var2 = torch.ops.marn_fast.ram_block_train(
             x, conv_weight(conv1).contiguous(), bn1.weight, bn1.bias, conv_weight(conv2).contiguous(),
             bn2.weight, bn2.bias, other, epilogue, bn1.eps, bn2.eps)
@@ -220,21 +249,89 @@ def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tenso
     return torch.ops.marn_fast.ram_block_eval(x, w1, b1, w2, b2, other, epilogue)[0]
 
 
-def ram_forward(ram: RAM, h: torch.Tensor) -> torch.Tensor:
-    """O [B, C, n] = RAM(h) for h [B, C, n] (H^T); returned as a transposed view of [B, n, C]."""
+# epilogue → (multiply by other instead of adding, tanh after)
+_VENDOR_EPILOGUES = {EPILOGUE_NONE: (False, False), EPILOGUE_ADD: (False, False),
+                     EPILOGUE_MUL: (True, False), EPILOGUE_MUL_TANH: (True, True)}
+
+
+def _vendor_uses_triton(x: torch.Tensor) -> bool:
+    """The vendor_conv candidate's passes: Triton on CUDA, torch ops on the CPU."""
+    return x.is_cuda
+
+
+def vendor_conv_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor] = None,
+                      epilogue: int = EPILOGUE_NONE) -> torch.Tensor:
+    """`ram_block` through the "vendor_conv" candidate (`marn_fast.ops.ram_vendor`)."""
+    if not _reference_layout(block):
+        return _plain_block(block, x, other, epilogue)
+    conv1, bn1, _, conv2, bn2 = block
+    x = x.contiguous()
+    other = None if other is None else other.contiguous()
+    mul, tanh = _VENDOR_EPILOGUES[epilogue]
+    use_triton = _vendor_uses_triton(x)
+    if _batch_stats(bn1):
+        _check_count(x)
+        return ram_vendor.block_batch_stats(x, conv_weight(conv1), bn1, conv_weight(conv2), bn2, other, mul, tanh,
+                                            use_triton)
+    w1, b1, w2, b2 = folded_block(block, x.dtype)
+    return ram_vendor.block_folded(x, w1, b1, w2, b2, other, mul, tanh, use_triton)
+
+
+def _run_dtype(ram: RAM, h: torch.Tensor) -> torch.dtype:
+    """The dtype the fused implementations run in: h's, or the parameters' under autocast."""
+    return ram.down1[0].weight.dtype if torch.is_autocast_enabled(h.device.type) else h.dtype
+
+
+def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
+    """Why `impl` cannot run on h's device in `dtype`, or None. Both fused implementations take
+    the dtypes of _DTYPES (vendor_conv: cuDNN/oneDNN convolutions, Triton or torch passes)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected 'auto' or one of {IMPLS}, got {impl!r}")
+    device = h.device.type
+    if impl != "reference" and dtype not in _DTYPES.get(device, ()):
+        return f"{impl} takes {_DTYPES.get(device, ())} on {device}, got {dtype}"
+    if impl == "extension" and not extension_available_for(h):
+        return f"the compiled extension has no kernels for {device} tensors (not built or not loaded)"
+    if impl == "vendor_conv" and device == "cuda" and not triton_available():
+        return "vendor_conv needs triton for CUDA tensors"
+    return None
+
+
+def available_impls(ram: RAM, h: torch.Tensor) -> tuple[str, ...]:
+    """The implementations that can run `ram_forward(ram, h, impl=...)` now, "reference" first.
+
+    Under autocast the fused ones run in the parameters' dtype (see `ram_forward`)."""
+    dtype = _run_dtype(ram, h)
+    return tuple(impl for impl in IMPLS if _unavailable(impl, h, dtype) is None)
+
+
+def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """O [B, C, n] = RAM(h) for h [B, C, n] (H^T).
+
+    impl: "auto" (the extension where it has kernels, else the module path), "reference",
+    "extension" or "vendor_conv" (see the module docstring); an implementation that cannot run
+    on h raises ValueError with the reason. The fused ones return a transposed view of [B, n, C].
+    """
     check_tensor("h", h, ndim=3, expected="[B, C, n]")
     channels = ram.down1[0].in_channels
     if h.shape[1] != channels:
         raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
     check_same_device(h=h, ram_parameters=ram.down1[0].weight)
+    if impl == "reference":
+        return ram(h)
+    if impl != "auto":
+        reason = _unavailable(impl, h, _run_dtype(ram, h))
+        if reason is not None:
+            raise ValueError(f"impl={impl!r} cannot run here: {reason}")
     if torch.is_autocast_enabled(h.device.type):
         # The fused blocks take their inputs in the parameters' dtype; autocast would re-cast the
         # ATen calls inside them. Run the RAM in the parameters' dtype with autocast off.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return ram_forward(ram, h.to(ram.down1[0].weight.dtype))
+            return ram_forward(ram, h.to(ram.down1[0].weight.dtype), impl)
+    block = vendor_conv_block if impl == "vendor_conv" else ram_block
     x = h.transpose(1, 2)
-    d1 = ram_block(ram.down1, x)
-    l1 = ram_block(ram.lateral, ram_block(ram.down2, d1))
-    u1 = ram_block(ram.up1, l1, d1, EPILOGUE_ADD)
-    out = ram_block(ram.up2, u1, x, EPILOGUE_MUL_TANH if ram.output_tanh else EPILOGUE_MUL)
+    d1 = block(ram.down1, x)
+    l1 = block(ram.lateral, block(ram.down2, d1))
+    u1 = block(ram.up1, l1, d1, EPILOGUE_ADD)
+    out = block(ram.up2, u1, x, EPILOGUE_MUL_TANH if ram.output_tanh else EPILOGUE_MUL)
     return out.transpose(1, 2)

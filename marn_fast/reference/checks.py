@@ -58,12 +58,13 @@ def check_lengths(lengths: Optional[torch.Tensor], batch: int, n: int, device: t
             raise ValueError(f"{name}: every length must lie in [1, n={n}], got values in [{lo}, {hi}]")
 
 
-def check_targets(name: str, targets: torch.Tensor, logits_shape: Sequence[int]) -> None:
-    """Targets: float (soft targets in [0, 1]), bool or uint8, the logits' shape."""
+def check_targets(name: str, targets: torch.Tensor, logits_shape: Sequence[int], check_values: bool = True) -> None:
+    """Targets: float (soft targets in [0, 1]), bool or uint8, the logits' shape. The range check
+    reads the values (a host synchronisation on a GPU); check_values=False skips it."""
     check_tensor(name, targets, dtypes=FLOAT_DTYPES + (torch.bool, torch.uint8),
                  expected=f"[B, L]={tuple(logits_shape)} float/bool/uint8")
     check_shape(name, targets, logits_shape, "(the logits' shape [B, L])")
-    if targets.is_floating_point() or targets.dtype == torch.uint8:
+    if check_values and (targets.is_floating_point() or targets.dtype == torch.uint8):
         if targets.numel():
             lo, hi = (float(v) for v in torch.aminmax(targets))
             if lo < 0 or hi > 1:
