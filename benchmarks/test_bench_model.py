@@ -25,7 +25,5 @@ def test_model(benchmark, impl, labels, mode):
     shape = SHAPES[labels]
     config = shape.config()
     runner = Runner(VARIANT[impl], config, reference_state(config), DEVICE, "fp32")
-    if impl == "fused" and runner.backend != "fused":
-        pytest.skip("marn_fast._C is not built: MARN(backend='auto') fell back to the reference")
     batch = make_batch(shape, DEVICE)
     run(benchmark, f"model {mode} {labels}", impl, runner.call(mode, batch), **shape.describe())

@@ -1,15 +1,21 @@
-"""`marn_fast.MARN`: the drop-in MARN that runs each op on its fastest available path.
+"""`marn_fast.MARN`: the drop-in MARN that runs each op on its fastest implementation.
 
 Same constructor arguments, forward, compute_loss and state_dict keys as
 `marn_fast.reference.MARN` (it subclasses it and replaces only the compute steps), so
 `load_state_dict` works in both directions.
 
 backend:
+  "auto":      each op (BiGRU, RAM, label attention, focal loss) with impl="auto": the measured
+               dispatcher (`marn_fast.ops.dispatch`) runs, per op and shape bucket, the candidate
+               it timed fastest at these shapes (the reference among them), from a shipped table,
+               the user's cache or a measurement on the first call; never an error for lack of a
+               GPU or a build (candidates that cannot run are not timed).
+  "fused":     each op's static fused default (`default_impl`: Triton kernels on CUDA, the
+               compiled C++/CUDA extension for the RAM, the O(n) BiGRU and memory-bounded
+               attention on the CPU), no measurement. Needs the compiled extension.
   "reference": the plain-PyTorch steps, unchanged.
-  "fused":     fused ops (Triton kernels on CUDA; the compiled C++/CUDA extension for RAM; the
-               O(n) BiGRU and memory-bounded attention on the CPU). Needs the compiled extension.
-  "auto":      "fused" where the extension is available, else "reference" (one warning, never an
-               error for lack of a GPU or a build).
+The implementations each op ran are in `marn_fast.ops.dispatch.choices()` (and in every run's
+manifest.json).
 """
 from __future__ import annotations
 
@@ -18,7 +24,14 @@ from typing import Optional
 import torch
 
 from .config import MARNConfig
-from .ops import bigru, cpu_extension_available, focal_loss, label_attention, multitask_focal_loss
+from .ops import cpu_extension_available
+from .ops.bigru import bigru
+from .ops.bigru import default_impl as bigru_default
+from .ops.focal_loss import default_impl as focal_default
+from .ops.focal_loss import focal_loss, multitask_focal_loss
+from .ops.label_attention import default_impl as attention_default
+from .ops.label_attention import label_attention
+from .ops.ram import default_impl as ram_default
 from .ops.ram import ram_forward
 from .reference.model import MARN as ReferenceMARN
 from .reference.model import LabelAttentionHead, MARNOutput
@@ -36,45 +49,50 @@ class MARN(ReferenceMARN):
         if backend == "fused" and not cpu_extension_available():
             raise ValueError("backend='fused' needs the compiled extension marn_fast._C; reinstall with "
                              "`pip install --no-build-isolation .`, or use backend='auto'")
-        if backend == "auto":
-            backend = "fused" if cpu_extension_available() else "reference"
         self.backend = backend
 
     @property
-    def fused(self) -> bool:
-        return self.backend == "fused"
+    def measured(self) -> bool:
+        return self.backend == "auto"
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
 
     def _encode_tokens(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        if not self.fused or self.config.encoder != "bigru":
+        if self.backend == "reference" or self.config.encoder != "bigru":
             return super()._encode_tokens(x, lengths)
-        return bigru(x, lengths, self.encoder._flat_weights)
+        weights = self.encoder._flat_weights
+        impl = "auto" if self.measured else bigru_default(x, lengths)
+        return bigru(x, lengths, weights, impl)
 
     def _recalibrate(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
+        if self.backend == "reference":
             return super()._recalibrate(h)
-        return ram_forward(self.ram, h.transpose(1, 2)).transpose(1, 2)
+        h = h.transpose(1, 2)
+        impl = "auto" if self.measured else ram_default(self.ram, h)
+        return ram_forward(self.ram, h, impl).transpose(1, 2)
 
     def _head_logits(self, head: LabelAttentionHead, features: torch.Tensor,
                      lengths: Optional[torch.Tensor]) -> torch.Tensor:
-        if not self.fused:
+        if self.backend == "reference":
             return super()._head_logits(head, features, lengths)
-        return label_attention(features, head.U.weight, head.final.weight, head.final.bias, lengths)
+        impl = "auto" if self.measured else attention_default(features)
+        return label_attention(features, head.U.weight, head.final.weight, head.final.bias, lengths, impl=impl)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if not self.fused or cfg.loss != "focal":
+        if self.backend == "reference" or cfg.loss != "focal":
             return super()._loss(logits, targets)
-        return focal_loss(logits, targets, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma,
-                          balanced=cfg.focal_balanced)
+        impl = "auto" if self.measured else focal_default(logits)
+        return focal_loss(logits, targets, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, balanced=cfg.focal_balanced,
+                          impl=impl)
 
     def _multitask_loss(self, output: MARNOutput, icd_targets: torch.Tensor,
                         ccs_targets: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if not self.fused or cfg.loss != "focal":
+        if self.backend == "reference" or cfg.loss != "focal":
             return super()._multitask_loss(output, icd_targets, ccs_targets)
+        impl = "auto" if self.measured else focal_default(output.icd_logits)
         return multitask_focal_loss(output.icd_logits, icd_targets, output.ccs_logits, ccs_targets,
-                                    lambda_icd=cfg.lambda_icd, lambda_ccs=cfg.lambda_ccs,
+                                    lambda_icd=cfg.lambda_icd, lambda_ccs=cfg.lambda_ccs, impl=impl,
                                     alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, balanced=cfg.focal_balanced)

@@ -32,7 +32,7 @@ def toy(x: torch.Tensor, impl: str = "auto", candidates=tuple(TOY_IMPLS), defaul
         train = torch.is_grad_enabled() and x.requires_grad
         impl = dispatch.choose(
             "toy", device=x.device, dtype=x.dtype, train=train, sizes={"n": x.shape[0], "c": x.shape[1]},
-            candidates=candidates, default=default,
+            candidates=lambda: candidates, default=default,
             trial=lambda: dispatch.autograd_trial(lambda i, t: toy(t, impl=i), [x], train))
     return TOY_IMPLS[impl](x)
 
@@ -197,7 +197,7 @@ def test_all_candidates_failing_falls_back_to_default():
 
     with pytest.warns(RuntimeWarning, match="no candidate of toy ran"):
         impl = dispatch.choose("toy", device=torch.device("cpu"), dtype=torch.float32, train=False,
-                               sizes={"n": 2}, candidates=("crash", "fast"), default="fast", trial=lambda: failing)
+                               sizes={"n": 2}, candidates=lambda: ("crash", "fast"), default="fast", trial=lambda: failing)
     assert impl == "fast"
     assert (_only_choice()["impl"], _only_choice()["source"]) == ("fast", "default")
 

@@ -195,6 +195,6 @@ def test_run_writes_manifest_and_metrics(corpus, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["model"]["hidden_size"] == HIDDEN and manifest["seeds"]["train"] == 0
     assert manifest["label_spaces"]["icd"]["size"] == report["data"]["icd_labels"]
-    assert manifest["versions"]["torch"] == torch.__version__ and manifest["backend"] in ("fused", "reference")
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["backend"] == "auto"
     assert manifest["preprocessing"]["max_length"] == settings.max_length
     assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == report["warnings"]

@@ -28,8 +28,13 @@ Implementations (`bigru(..., impl=...)`, `available_impls(x, lengths, weights)`)
   — still a candidate for the dispatcher to time (benchmarks/bench_bigru.py reports which kernels ran).
 - "persistent": the persistent recurrence of `marn_fast.ops.bigru_persistent` (CUDA kernels; on the
   CPU their step-exact twins). Opt-in: listed on CUDA only where its launch fits (fallback_reason).
-- "auto": unchanged behaviour: without lengths one bidirectional GRU call on the batch; with them
-  "packed" on CUDA and "split" on the CPU.
+- "auto": the measured dispatcher's choice for the call's key (ops/dispatch.py) among
+  `dispatch_candidates`: the available impls except "persistent" on CUDA (opt-in until a GPU run
+  of scripts/gpu_check.sh has validated its kernels), "cudnn_persistent" on the CPU (there only a
+  test of its padding, never faster than "split") and, when training on the CPU beyond
+  QUADRATIC_MAX_N steps, "reference" (its backward is quadratic in n). Where nothing is
+  measured, the static `default_impl`: without lengths one bidirectional GRU call on the
+  batch ("reference"); with them "packed" on CUDA and "split" on the CPU.
 """
 from __future__ import annotations
 
@@ -40,10 +45,14 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
+from . import dispatch
 from ._extension import cuda_extension_available
 
 NUM_WEIGHTS = 8
 IMPLS = ("auto", "reference", "split", "packed", "persistent", "cudnn_persistent")
+# "auto" does not time the packed reference when training on the CPU beyond this many steps:
+# its backward is quadratic in n (toolchain note: 17 s at B=16, n=1,000, h=300).
+QUADRATIC_MAX_N = 512
 PERSIST_MULTIPLE = 128  # cuDNN's persistent GRU wants hidden and input sizes that are multiples of this
 
 
@@ -161,6 +170,32 @@ def available_impls(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: S
     return tuple(found)
 
 
+def default_impl(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> str:
+    """The static choice: "reference" without lengths (one call on the batch); with them "packed"
+    on CUDA, "split" on the CPU."""
+    return "reference" if lengths is None else ("packed" if x.is_cuda else "split")
+
+
+def dispatch_candidates(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+                        train: bool) -> tuple:
+    """The impls "auto" measures (see the module docstring)."""
+    excluded = {"persistent" if x.is_cuda else "cudnn_persistent"}
+    if train and not x.is_cuda and x.shape[1] > QUADRATIC_MAX_N:
+        excluded.add("reference")
+    return tuple(impl for impl in available_impls(x, lengths, weights) if impl not in excluded)
+
+
+def _measured_impl(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> str:
+    train = dispatch.grad_flows(x, *weights)
+    batch, n, embed = x.shape
+    return dispatch.choose(
+        "bigru", device=x.device, dtype=x.dtype, train=train,
+        sizes={"B": batch, "n": n, "d_e": embed, "h": weights[1].shape[1]},
+        candidates=lambda: dispatch_candidates(x, lengths, weights, train), default=default_impl(x, lengths),
+        trial=lambda: dispatch.autograd_trial(lambda impl, t, lens, *w: bigru(t, lens, w, impl), [x, lengths, *weights],
+                                              train))
+
+
 def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
           impl: str = "auto") -> torch.Tensor:
     """The BiGRU (module docstring) through implementation `impl`; a ValueError names why an impl
@@ -170,7 +205,7 @@ def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[to
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _check(x, lengths, weights)
     if impl == "auto":
-        impl = "reference" if lengths is None else ("packed" if x.is_cuda else "split")
+        impl = _measured_impl(x, lengths, weights)
     reason = _unavailable(impl, x)
     if reason is not None:
         raise ValueError(f"impl={impl!r} cannot run here: {reason}")

@@ -25,8 +25,9 @@ to the first of:
      among those that passed the check wins and is written to the cache file (atomically);
   6. the op's static default (what `MARN(backend="fused")` runs).
 MARN_FAST_DISPATCH=table skips 5; MARN_FAST_DISPATCH=off skips 3–5 (no file is read).
-Nothing is measured under torch.compile (steps 1, 2 and 6 only): resolve the keys with one eager
-call (or `marn-fast tune`) before compiling, and the compiled graph uses the same choice.
+Nothing is measured, forced or read from files under torch.compile: a key resolved in this
+process (by an eager call, or `marn-fast tune`) keeps its choice in the compiled graph, any other
+key takes the static default. So run one eager call before compiling.
 
 Every answer is recorded (`choices()`) with where it came from, for run manifests and
 `marn-fast info`. This module knows no op's math: each op passes its candidate names, its
@@ -189,6 +190,7 @@ def table_path(device: torch.device) -> Path:
 # ------------------------------------------------------------------------------------------ state
 _LOCK = threading.RLock()
 _CHOICES: Dict[Key, Choice] = {}
+_MEMO: Dict[tuple, str] = {}  # the per-call fast path: raw (unbucketed) call facts → impl
 _FILES: Dict[Path, Dict[str, dict]] = {}
 _IGNORE_FILES = False
 
@@ -232,6 +234,7 @@ def reset() -> None:
     """Forget this process's answers and the files read (tests; a new cache file)."""
     with _LOCK:
         _CHOICES.clear()
+        _MEMO.clear()
         _FILES.clear()
 
 
@@ -261,19 +264,28 @@ def fresh_measurements():
 
 # ------------------------------------------------------------------------------------------ choosing
 def choose(op: str, *, device: torch.device, dtype: torch.dtype, train: bool, sizes: Mapping[str, int],
-           candidates: Sequence[str], default: str, trial: Callable[[], Trial]) -> str:
+           candidates: Callable[[], Sequence[str]], default: str, trial: Callable[[], Trial]) -> str:
     """The impl to run for this call (see the module docstring).
 
-    candidates: the impls available for these inputs (the reference among them where it can run);
-    default: the static choice; trial(): a function impl → the tensors to compare (the forward
-    outputs, then the gradients when training), run on copies of this call's inputs, built only
-    when a measurement is needed.
+    candidates(): the impls available for these inputs (the reference among them where it can
+    run); default: the static choice; trial(): a function impl → the tensors to compare (the
+    forward outputs, then the gradients when training), run on copies of this call's inputs.
+    Both are called only when the key is new to this process.
     """
     if torch.compiler.is_compiling():
-        return _resolved(op, device, dtype, train, tuple(sizes.items()), tuple(candidates), default)
+        return _resolved(op, device, dtype, train, tuple(sizes.items()), default)
+    memo = (op, device, dtype, train, torch.get_num_threads(), tuple(sizes.values()))
+    impl = _MEMO.get(memo)
+    if impl is None:
+        impl = _MEMO[memo] = _resolve(op, make_key(op, device, dtype, train, sizes), tuple(candidates()), default,
+                                      trial, device, dtype)
+    return impl
+
+
+def _resolve(op: str, key: Key, candidates: Tuple[str, ...], default: str, trial: Callable[[], Trial],
+             device: torch.device, dtype: torch.dtype) -> str:
     if default not in candidates:
-        raise ValueError(f"{op}: default impl {default!r} is not among the candidates {tuple(candidates)}")
-    key = make_key(op, device, dtype, train, sizes)
+        raise ValueError(f"{op}: default impl {default!r} is not among the candidates {candidates}")
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit.impl
@@ -299,21 +311,19 @@ def choose(op: str, *, device: torch.device, dtype: torch.dtype, train: bool, si
             write_table(cache_path(device), key.device, {key.text(): choice.entry()})
         except OSError as exc:
             warnings.warn(f"marn_fast dispatch: could not write the cache {cache_path(device)} ({exc}); "
-                          "the choice holds for this process only", RuntimeWarning, stacklevel=2)
+                          "the choice holds for this process only", RuntimeWarning, stacklevel=3)
         return choice.impl
 
 
 @torch.compiler.assume_constant_result
 def _resolved(op: str, device: torch.device, dtype: torch.dtype, train: bool, sizes: Tuple[Tuple[str, int], ...],
-              candidates: Tuple[str, ...], default: str) -> str:
+              default: str) -> str:
     """The choice under torch.compile, run once at trace time and baked into the graph as a
-    constant: this process's earlier answer, a forced impl, else the static default."""
+    constant: this process's earlier answer (measured, forced, from a table...), else the static
+    default. Nothing is measured or read from files while tracing."""
     key = make_key(op, device, dtype, train, dict(sizes))
     hit = _CHOICES.get(key)
-    if hit is not None:
-        return hit.impl
-    forced_impl = forced(op, candidates)
-    return _record(key, Choice(forced_impl, "forced") if forced_impl else Choice(default, "default"))
+    return hit.impl if hit is not None else _record(key, Choice(default, "default"))
 
 
 def _record(key: Key, choice: Choice) -> str:

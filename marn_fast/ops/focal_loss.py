@@ -24,7 +24,8 @@ read as bytes); CUDA, or CPU tensors under TRITON_INTERPRET=1;
 "torch" — on CPU tensors the C++ kernel `torch.ops.marn_fast.focal_loss_forward`
 (csrc/cpu/focal_loss_cpu.cpp: the same math in one vectorised pass, fixed-order sums) when the
 compiled extension is available, else vectorised PyTorch computing loss and gradient together.
-"auto" picks Triton on CUDA, torch on CPU. `multitask_focal_loss` runs both heads in one launch
+"auto" is the measured dispatcher's choice for the call's key (ops/dispatch.py); where nothing
+is measured, the static `default_impl`: Triton on CUDA, torch on CPU. `multitask_focal_loss` runs both heads in one launch
 (and one backward launch) on the Triton path.
 
 Per-call cost: nothing on the way synchronises with the device. The check that float/uint8
@@ -42,11 +43,12 @@ import torch
 import torch.nn.functional as F
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 from .. import reference
 from ..reference.checks import FLOAT_DTYPES, check_tensor, check_targets as _check_targets
 from ..reference.focal_loss import REDUCTIONS
+from . import dispatch
 from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available, extension_available_for
 
@@ -254,18 +256,38 @@ def available_impls(logits: torch.Tensor, targets: torch.Tensor) -> tuple[str, .
     return tuple(impls)
 
 
+def default_impl(logits: torch.Tensor) -> str:
+    """The static choice: "triton" on CUDA (when installed), else "torch"."""
+    return resolve_impl("auto", logits, "focal_loss")
+
+
+def _measured_impl(op: str, logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], run) -> str:
+    """impl="auto": the measured dispatcher's choice for this key; run(impl, *logits, *targets)
+    is the op on copies of the inputs."""
+    train = dispatch.grad_flows(*logits)
+    first = logits[0]
+    sizes = {"B": first.shape[0], **{f"L{i}": x.shape[1] for i, x in enumerate(logits)}}
+    return dispatch.choose(
+        op, device=first.device, dtype=first.dtype, train=train, sizes=sizes,
+        candidates=lambda: available_impls(first, targets[0]), default=default_impl(first),
+        trial=lambda: dispatch.autograd_trial(run, [*logits, *targets], train))
+
+
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999, gamma: float = 2.0,
                balanced: bool = False, reduction: str = "mean", *, impl: str = "auto",
                check_targets: Optional[bool] = None, names: tuple[str, str] = ("logits", "targets")) -> torch.Tensor:
     """Focal loss of logits [B, L] against targets [B, L]; see the module docstring.
 
-    impl: "auto" (Triton on CUDA, torch on CPU), "reference", "triton" (CUDA, or CPU under
+    impl: "auto" (measured dispatch, see the module docstring), "reference", "triton" (CUDA, or CPU under
     TRITON_INTERPRET=1), "torch". check_targets: check that targets lie in [0, 1] (a host sync;
     None: only when MARN_FAST_CHECK_TARGETS=1). Raises ValueError naming the argument on bad
     input; `names` are the names of (logits, targets) in those messages.
     """
     check_focal_args(logits, targets, alpha, gamma, reduction, names[0], names[1],
                      target_check_requested(check_targets))
+    if impl == "auto":
+        impl = _measured_impl("focal_loss", [logits], [targets], lambda i, x, y: focal_loss(
+            x, y, alpha, gamma, balanced, reduction, impl=i, check_targets=False))
     if impl == "reference":
         return reference.focal_loss(logits, targets, alpha, gamma, balanced, reduction)
     use_triton = _use_triton(impl, logits, "focal_loss")
@@ -299,6 +321,11 @@ def multitask_focal_loss(icd_logits, icd_targets, ccs_logits, ccs_targets, lambd
     check_values = target_check_requested(check_targets)
     check_focal_args(icd_logits, icd_targets, alpha, gamma, reduction, "icd_logits", "icd_targets", check_values)
     check_focal_args(ccs_logits, ccs_targets, alpha, gamma, reduction, "ccs_logits", "ccs_targets", check_values)
+    if impl == "auto":
+        impl = _measured_impl("multitask_focal_loss", [icd_logits, ccs_logits], [icd_targets, ccs_targets],
+                              lambda i, xa, xb, ya, yb: multitask_focal_loss(
+                                  xa, ya, xb, yb, lambda_icd, lambda_ccs, impl=i, check_targets=False,
+                                  **focal_kwargs))
     if impl == "reference":
         return reference.multitask_focal_loss(icd_logits, icd_targets, ccs_logits, ccs_targets, lambda_icd,
                                               lambda_ccs, **focal_kwargs)

@@ -720,7 +720,7 @@ def _measured_impl(features: Tensor, queries: Tensor, weights: Tensor, bias: Ten
     inputs = (features, queries, weights, bias, lengths)
     return dispatch.choose(
         "label_attention", device=features.device, dtype=features.dtype, train=train,
-        sizes={"B": batch, "n": n, "C": c, "L": queries.shape[0]}, candidates=available_impls(*inputs),
+        sizes={"B": batch, "n": n, "C": c, "L": queries.shape[0]}, candidates=lambda: available_impls(*inputs),
         default=default_impl(features),
         trial=lambda: dispatch.autograd_trial(lambda impl, *t: label_attention(*t, impl=impl), inputs, train))
 

@@ -5,8 +5,11 @@
 - "extension": the fused block ops of csrc/ (below); CPU (fp32, fp64) and CUDA builds.
 - "vendor_conv": the convolutions by cuDNN / oneDNN, BatchNorm, tanh and the epilogues fused in
   between (`marn_fast.ops.ram_vendor`; Triton passes on CUDA, torch ops on the CPU).
-"auto" is the extension where it has kernels for h, the plain module path elsewhere (block by
-block: a block whose layout differs from the reference's runs its own modules).
+"auto" is the measured dispatcher's choice among `available_impls` for this call's key
+(ops/dispatch.py; the trial runs on a copy of the module, so only the real call updates the
+running statistics); where nothing is measured, the static `default_impl`: the extension where
+it has kernels for h, the plain module path elsewhere (block by block: a block whose layout
+differs from the reference's runs its own modules).
 
 "extension": each block conv(k=3) → BN → tanh → conv(k=3) → BN runs as one op of csrc/ (`ram_block_eval`,
 `ram_block_train`) over channels-last activations x [B, n, C] (H's own layout: H^T costs no copy),
@@ -32,6 +35,7 @@ call, as the module does.
 from __future__ import annotations
 
 import weakref
+from copy import deepcopy
 from typing import Optional
 
 import torch
@@ -39,7 +43,7 @@ from torch import nn
 
 from ..reference.checks import check_same_device, check_tensor
 from ..reference.ram import KERNEL_SIZE, PADDING, RAM
-from . import ram_vendor
+from . import dispatch, ram_vendor
 from ._backend import triton_available
 from ._extension import cpu_extension_available, extension_available_for
 from .mul_tanh import mul_tanh
@@ -305,10 +309,33 @@ def available_impls(ram: RAM, h: torch.Tensor) -> tuple[str, ...]:
     return tuple(impl for impl in IMPLS if _unavailable(impl, h, dtype) is None)
 
 
+def default_impl(ram: RAM, h: torch.Tensor) -> str:
+    """The static choice: "extension" where it can run on h, else "reference"."""
+    return "extension" if _unavailable("extension", h, _run_dtype(ram, h)) is None else "reference"
+
+
+def _measured_impl(ram: RAM, h: torch.Tensor) -> str:
+    """impl="auto": the measured dispatcher's choice for this key (mode: whether a gradient flows;
+    batch_stats: whether the BatchNorms normalise by the batch's statistics)."""
+    parameters = list(ram.parameters())
+    train = dispatch.grad_flows(h, *parameters)
+    batch, channels, n = h.shape
+
+    def trial():
+        copy = deepcopy(ram)  # the trial's training calls update the copy's running statistics
+        return dispatch.autograd_trial(lambda impl, x: ram_forward(copy, x, impl), [h], train,
+                                       params=list(copy.parameters()))
+
+    return dispatch.choose(
+        "ram", device=h.device, dtype=_run_dtype(ram, h), train=train,
+        sizes={"B": batch, "C": channels, "n": n, "batch_stats": int(_batch_stats(ram.down1[1]))},
+        candidates=lambda: available_impls(ram, h), default=default_impl(ram, h), trial=trial)
+
+
 def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """O [B, C, n] = RAM(h) for h [B, C, n] (H^T).
 
-    impl: "auto" (the extension where it has kernels, else the module path), "reference",
+    impl: "auto" (measured dispatch; see the module docstring), "reference",
     "extension" or "vendor_conv" (see the module docstring); an implementation that cannot run
     on h raises ValueError with the reason. The fused ones return a transposed view of [B, n, C].
     """
@@ -317,12 +344,13 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     if h.shape[1] != channels:
         raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
     check_same_device(h=h, ram_parameters=ram.down1[0].weight)
+    if impl == "auto":
+        impl = _measured_impl(ram, h)
     if impl == "reference":
         return ram(h)
-    if impl != "auto":
-        reason = _unavailable(impl, h, _run_dtype(ram, h))
-        if reason is not None:
-            raise ValueError(f"impl={impl!r} cannot run here: {reason}")
+    reason = _unavailable(impl, h, _run_dtype(ram, h))
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run here: {reason}")
     if torch.is_autocast_enabled(h.device.type):
         # The fused blocks take their inputs in the parameters' dtype; autocast would re-cast the
         # ATen calls inside them. Run the RAM in the parameters' dtype with autocast off.

@@ -1,0 +1,112 @@
+"""`marn-fast tune`: resolve the measured dispatch ahead of time at given shapes.
+
+For each shape B×n×L_icd[×L_ccs] it builds `marn_fast.MARN(backend="auto")` (random weights, a
+small vocabulary: the vocabulary size does not enter any op's key) and runs one training step
+(forward, loss, backward) and one inference call on a random batch whose first document is n
+tokens long and the others shorter. Every op resolves its dispatch key on the way (measured
+unless a cache or shipped table already holds it; `fresh=True` measures anyway), and the
+resolved table is returned: per op and key, the candidates' milliseconds and the one chosen.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .config import MARNConfig
+from .model import MARN
+from .ops import dispatch
+
+SHAPE_PATTERN = re.compile(r"^(\d+)x(\d+)x(\d+)(?:x(\d+))?$")
+MODES = ("train", "infer")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TUNE_VOCAB = 1000
+
+
+@dataclass(frozen=True)
+class TuneShape:
+    batch: int
+    n: int
+    num_icd: int
+    num_ccs: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "TuneShape":
+        match = SHAPE_PATTERN.match(text.strip())
+        if not match or any(int(v) < 1 for v in match.groups()[:3]):
+            raise ValueError(f"shape: expected BxNxL_ICD[xL_CCS] with positive sizes (e.g. 4x500x8921x295), "
+                             f"got {text!r}")
+        b, n, icd, ccs = match.groups()
+        return cls(int(b), int(n), int(icd), int(ccs or 0))
+
+
+def _batch(shape: TuneShape, device: torch.device, generator: torch.Generator):
+    lengths = torch.tensor([max(1, shape.n - (i * shape.n) // (2 * shape.batch)) for i in range(shape.batch)])
+    tokens = torch.randint(2, TUNE_VOCAB, (shape.batch, shape.n), generator=generator)
+    tokens[torch.arange(shape.n)[None, :] >= lengths[:, None]] = 0
+    icd = (torch.rand(shape.batch, shape.num_icd, generator=generator) < 0.05).float()
+    ccs = (torch.rand(shape.batch, shape.num_ccs, generator=generator) < 0.1).float() if shape.num_ccs else None
+    move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+    return move(tokens), move(lengths), move(icd), move(ccs)
+
+
+def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: str = "fp32",
+         device: str | torch.device = "cpu", modes: Sequence[str] = MODES, fresh: bool = False) -> List[dict]:
+    """Resolve every op's key at these shapes (see the module docstring) → dispatch.choices()
+    rows of the keys met here."""
+    device = torch.device(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"modes: expected values in {MODES}, got {m!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no GPU is visible")
+    generator = torch.Generator().manual_seed(0)
+    seen = {row["key"] for row in dispatch.choices()}
+    context = dispatch.fresh_measurements() if fresh else contextlib.nullcontext()
+    with context:
+        for shape in shapes:
+            config = MARNConfig(vocab_size=TUNE_VOCAB, num_icd=shape.num_icd, num_ccs=shape.num_ccs,
+                                max_length=max(shape.n, MARNConfig().max_length),
+                                **({"hidden_size": hidden_size} if hidden_size else {}))
+            model = MARN(config, backend="auto").to(device)
+            tokens, lengths, icd, ccs = _batch(shape, device, generator)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+            if "train" in modes:
+                model.train()
+                with autocast:
+                    loss = model.compute_loss(model(tokens, lengths), icd, ccs)
+                loss.backward()
+            if "infer" in modes:
+                model.eval()
+                with torch.no_grad(), autocast:
+                    model(tokens, lengths)
+    return [row for row in dispatch.choices() if row["key"] not in seen]
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """One line per key: op, mode, dtype, bucketed sizes, the chosen impl and where it came from,
+    then every candidate's milliseconds (measured keys) and the rejected ones."""
+    lines = [f"{'op':<16} {'mode':<5} {'dtype':<8} {'sizes':<32} {'chosen':<14} {'source':<9} candidates (ms)"]
+    for row in rows:
+        sizes = ",".join(f"{k}={v}" for k, v in row["sizes"].items())
+        ms = "  ".join(f"{impl} {value:.2f}" for impl, value in sorted(row["ms"].items(), key=lambda kv: kv[1]))
+        rejected = "  ".join(f"{impl}: {why}" for impl, why in row["rejected"].items())
+        lines.append(f"{row['op']:<16} {row['mode']:<5} {row['dtype']:<8} {sizes:<32} {row['impl']:<14} "
+                     f"{row['source']:<9} {ms}{'  rejected: ' + rejected if rejected else ''}")
+    return "\n".join(lines)
+
+
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    """Merge the measured rows into a dispatch table file (e.g. one shipped in
+    marn_fast/ops/dispatch_tables/); rows resolved otherwise (cache, table, default) are left out."""
+    measured = [row for row in rows if row["source"] == "measured"]
+    if measured:
+        dispatch.write_table(Path(path), measured[0]["device"],
+                             {row["key"]: {"impl": row["impl"], "ms": row["ms"], "rejected": row["rejected"]}
+                              for row in measured})

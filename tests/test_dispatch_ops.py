@@ -1,0 +1,193 @@
+"""The measured dispatch through the real ops and the model: every candidate forced in turn through
+impl="auto" matches the reference (forward and backward), a measurement rejects no candidate,
+the RAM's running statistics move once per call, and MARN(backend="auto") measures, records and
+compiles."""
+from __future__ import annotations
+
+import copy
+from importlib import import_module
+
+import pytest
+import torch
+
+from marn_fast import MARN, MARNConfig, reference
+from marn_fast.ops import dispatch
+
+# the op modules (marn_fast.ops exports functions of the same names)
+bigru_mod, focal_mod, attention_mod, ram_mod = (import_module(f"marn_fast.ops.{name}")
+                                                for name in ("bigru", "focal_loss", "label_attention", "ram"))
+
+# fp32 on the CPU; different summation orders (and the interpreter's Triton) stay within these.
+ATOL, RTOL = 2e-5, 2e-4
+
+
+@pytest.fixture(autouse=True)
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_MODE, "tune")
+    monkeypatch.setenv(dispatch.ENV_CACHE, str(tmp_path / "cache.json"))
+    monkeypatch.delenv(dispatch.ENV_FORCE, raising=False)
+    monkeypatch.setattr(dispatch, "TABLES_DIR", tmp_path / "no-tables")
+    dispatch.reset()
+    yield
+    dispatch.reset()
+
+
+def leaf(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g)).requires_grad_()
+
+
+def grads_of(out, tensors, seed=5):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad(out, tensors, g, allow_unused=True)
+
+
+# ------------------------------------------------------------------ one case per op
+def attention_case():
+    b, n, c, labels = 3, 11, 10, 7
+    features = leaf(b, n, c, seed=1)
+    q, w = leaf(labels, c, seed=2, scale=c ** -0.5), leaf(labels, c, seed=3, scale=c ** -0.5)
+    bias = leaf(labels, seed=4)
+    lengths = torch.tensor([11, 5, 1])
+    args = (features, q, w, bias, lengths)
+    return ("label_attention", attention_mod.available_impls(*args),
+            lambda: attention_mod.label_attention(*args), lambda: reference.label_attention(*args),
+            [features, q, w, bias])
+
+
+def focal_case():
+    logits = leaf(3, 9, seed=6, scale=2.0)
+    targets = (torch.rand(3, 9, generator=torch.Generator().manual_seed(7)) < 0.3).float()
+    return ("focal_loss", focal_mod.available_impls(logits, targets),
+            lambda: focal_mod.focal_loss(logits, targets), lambda: reference.focal_loss(logits, targets), [logits])
+
+
+def multitask_case():
+    xa, xb = leaf(2, 9, seed=8), leaf(2, 4, seed=9)
+    g = torch.Generator().manual_seed(10)
+    ya, yb = (torch.rand(2, 9, generator=g) < 0.3).float(), (torch.rand(2, 4, generator=g) < 0.3).float()
+    return ("multitask_focal_loss", focal_mod.available_impls(xa, ya),
+            lambda: focal_mod.multitask_focal_loss(xa, ya, xb, yb),
+            lambda: reference.multitask_focal_loss(xa, ya, xb, yb, 0.7, 0.3), [xa, xb])
+
+
+def bigru_case():
+    torch.manual_seed(11)
+    gru = torch.nn.GRU(5, 6, batch_first=True, bidirectional=True)
+    x = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(12))
+    lengths = torch.tensor([8, 3, 1])
+    weights = gru._flat_weights
+    candidates = bigru_mod.dispatch_candidates(x, lengths, weights, train=True)
+    return ("bigru", candidates, lambda: bigru_mod.bigru(x, lengths, weights),
+            lambda: reference.packed_bigru(gru, x, lengths), list(weights))
+
+
+def ram_case():
+    torch.manual_seed(13)
+    ram = reference.RAM(8).train()
+    h = leaf(2, 8, 9, seed=14)
+    return ("ram", ram_mod.available_impls(ram, h), lambda: ram_mod.ram_forward(ram, h), lambda: ram(h),
+            [h, *ram.parameters()])
+
+
+CASES = {"label_attention": attention_case, "focal_loss": focal_case, "multitask_focal_loss": multitask_case,
+         "bigru": bigru_case, "ram": ram_case}
+
+
+def _forced_pairs():
+    return [(op, impl) for op, case in CASES.items() for impl in case()[1]]
+
+
+@pytest.mark.parametrize("op,impl", _forced_pairs())
+def test_each_candidate_forced_through_auto_matches_the_reference(op, impl, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_FORCE, f"{op}={impl}")
+    name, _, fast, slow, tensors = CASES[op]()
+    out = fast()
+    (row,) = [c for c in dispatch.choices() if c["op"] == name]
+    assert (row["impl"], row["source"]) == (impl, "forced")
+    expected = slow()
+    torch.testing.assert_close(out.float(), expected.float(), atol=ATOL, rtol=RTOL)
+    for got, want in zip(grads_of(out, tensors), grads_of(expected, tensors)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_measurement_rejects_no_candidate(op):
+    name, candidates, fast, slow, _ = CASES[op]()
+    out = fast()
+    (row,) = [c for c in dispatch.choices() if c["op"] == name]
+    assert row["source"] == "measured" and row["mode"] == "train"
+    assert row["rejected"] == {}
+    assert set(row["ms"]) == set(candidates) and row["impl"] in candidates
+    torch.testing.assert_close(out.float(), slow().float(), atol=ATOL, rtol=RTOL)
+
+
+def test_ram_measurement_leaves_running_statistics_to_the_real_call():
+    torch.manual_seed(15)
+    ram = reference.RAM(8).train()
+    twin = copy.deepcopy(ram)
+    h = torch.randn(2, 8, 9)
+    ram_mod.ram_forward(ram, h)  # measures on a copy, then runs once
+    twin(h)
+    assert dispatch.choices()[0]["source"] == "measured"
+    for (name, a), b in zip(ram.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_bigru_does_not_time_the_quadratic_reference_when_training_long_documents():
+    gru = torch.nn.GRU(4, 3, batch_first=True, bidirectional=True)
+    n = bigru_mod.QUADRATIC_MAX_N + 1
+    x = torch.randn(1, n, 4)
+    lengths = torch.tensor([n])
+    assert "reference" not in bigru_mod.dispatch_candidates(x, lengths, gru._flat_weights, train=True)
+    assert "reference" in bigru_mod.dispatch_candidates(x, lengths, gru._flat_weights, train=False)
+
+
+# ------------------------------------------------------------------ the model
+def tiny_config(**overrides):
+    return MARNConfig(vocab_size=40, num_icd=9, num_ccs=4, hidden_size=6, embed_dim=5, dropout=0.0, **overrides)
+
+
+def tiny_batch():
+    g = torch.Generator().manual_seed(16)
+    lengths = torch.tensor([10, 6, 3])
+    tokens = torch.randint(2, 40, (3, 10), generator=g)
+    tokens[torch.arange(10)[None, :] >= lengths[:, None]] = 0
+    return tokens, lengths, (torch.rand(3, 9, generator=g) < 0.3).float(), (torch.rand(3, 4, generator=g) < 0.3).float()
+
+
+def test_model_auto_measures_records_and_matches_the_reference():
+    torch.manual_seed(17)
+    ref = reference.MARN(tiny_config()).train()
+    model = MARN(tiny_config(), backend="auto").train()
+    model.load_state_dict(ref.state_dict())
+    tokens, lengths, y_icd, y_ccs = tiny_batch()
+    loss = model.compute_loss(model(tokens, lengths), y_icd, y_ccs)
+    expected = ref.compute_loss(ref(tokens, lengths), y_icd, y_ccs)
+    torch.testing.assert_close(loss, expected, atol=ATOL, rtol=RTOL)
+    loss.backward(), expected.backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=ATOL, rtol=RTOL, msg=name)
+    for (name, a), b in zip(ref.named_buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=name)
+    rows = dispatch.choices()
+    assert {r["op"] for r in rows} == {"bigru", "ram", "label_attention", "multitask_focal_loss"}
+    assert all(r["source"] == "measured" and r["mode"] == "train" and not r["rejected"] for r in rows)
+    assert len([r for r in rows if r["op"] == "label_attention"]) == 2  # ICD and CCS heads: two keys
+
+
+def test_model_compiles_fullgraph_with_the_eager_choices(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_FORCE, "label_attention=gemm,ram=vendor_conv,bigru=split")
+    torch.manual_seed(18)
+    model = MARN(tiny_config(), backend="auto").eval()
+    tokens, lengths, _, _ = tiny_batch()
+    with torch.no_grad():
+        eager = model(tokens, lengths).icd_logits
+        resolved = {(r["op"], r["impl"]) for r in dispatch.choices()}
+        monkeypatch.delenv(dispatch.ENV_FORCE)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch._dynamo.config.patch(allow_rnn=True):  # dynamo refuses nn.GRU modules otherwise
+            torch.testing.assert_close(compiled(tokens, lengths).icd_logits, eager, atol=ATOL, rtol=RTOL)
+    assert {("label_attention", "gemm"), ("ram", "vendor_conv"), ("bigru", "split")} <= resolved
+    assert {(r["op"], r["impl"]) for r in dispatch.choices()} == resolved  # tracing added no new choice
