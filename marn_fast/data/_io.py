@@ -58,9 +58,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         _fsync(tmp_path)
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # A failed write (ENOSPC, EIO, ...) names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
         raise
     _fsync(final.parent, directory=True)
 
