@@ -247,8 +247,8 @@ def make_bad_checkpoint(kind, base_run, path):
 
 
 BAD = {"truncated": "truncated or damaged", "empty": "empty file", "state_dict": "bare state_dict",
-       "pickle": "other than tensors", "text": "not a torch checkpoint file", "misfit": "config needs|another model config",
-       "other_config": "another model config"}
+       "pickle": "other than tensors", "text": "not a torch checkpoint file",
+       "misfit": "config needs|another model config", "other_config": "another model config"}
 
 
 def one_line_error(capsys, argv, code=2):

@@ -20,6 +20,7 @@ import warnings
 
 import pytest
 import torch
+from fuzzing import fuzz
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,8 +29,6 @@ from marn_fast.data import read_caml_csv, tokenize
 from marn_fast.data.codiesp import load_codiesp
 from marn_fast.predict import Predictor
 from marn_fast.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
-from fuzzing import fuzz
 
 NASTY = [b"", b"\x00", b"\xff", b"\xef\xbb\xbf", b'"', b",", b";", b"\t", b"\n", b"\r\n", b"\r", b" ",
          b"\xc3\xa9", b"9", b"a", b"\xe2\x80\xa8", b"\\", b"'", b"#"]
@@ -267,7 +266,8 @@ def test_predict_note_text(predictor, text):
         assert not tokenize(text) and "no word tokens" in str(exc)
         return
     tokens = tokenize(text)[: predictor.config.max_length]
-    assert result["tokens"] == len(tokens) and result["truncated"] == (len(tokenize(text)) > predictor.config.max_length)
+    assert result["tokens"] == len(tokens)
+    assert result["truncated"] == (len(tokenize(text)) > predictor.config.max_length)
     ids = torch.as_tensor(predictor.vocab.encode(tokens))[None, :]
     with torch.no_grad():
         probs = torch.sigmoid(ref(ids).icd_logits[0].float())

@@ -18,6 +18,7 @@ import math
 
 import pytest
 import torch
+from fuzzing import fuzz
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,8 +27,6 @@ from marn_fast.ops import (bigru, focal_loss, label_attention, label_attention_t
                            mul_tanh, multitask_focal_loss)
 from marn_fast.ops._backend import interpreting
 from marn_fast.ops.ram import ram_forward
-
-from fuzzing import fuzz
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-4, 2e-5), torch.float16: (3e-2, 3e-2),

@@ -97,8 +97,9 @@ def _check_structure(path: Path, payload) -> None:
     if "format" not in payload:
         if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise CheckpointError(path, f"a bare state_dict ({len(payload)} tensors), not a marn_fast checkpoint; "
-                                        "weights of the official MARN code are converted by `marn-fast import-official`")
-        raise CheckpointError(path, f"not a marn_fast checkpoint (no 'format' key; keys {sorted(map(str, payload))[:6]})")
+                                        "the official MARN code's are converted by `marn-fast import-official`")
+        keys = sorted(map(str, payload))[:6]
+        raise CheckpointError(path, f"not a marn_fast checkpoint (no 'format' key; keys {keys})")
     if payload["format"] != FORMAT:
         raise CheckpointError(path, f"format {payload['format']!r}, expected {FORMAT!r}")
     missing = [k for k in REQUIRED_KEYS if k not in payload]

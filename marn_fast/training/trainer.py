@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import metrics as metric_fns
 from ..data._io import remove_stale_temporaries
-from .checkpoint import CheckpointError, one_line, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, one_line, save_checkpoint
 from .distributed import gather_objects, is_main_process, world
 
 BEST_CHECKPOINT = "best.pt"
