@@ -68,12 +68,13 @@ run_version() {  # $1 = torch version; writes $OUT/torch-$1.{log,xml,json}
         python -m pytest -q -p no:cacheprovider -o addopts="" --junitxml="$OUT/torch-$v.xml" "${selection[@]}") \
         || status=tests-failed
     fi
-    python - "$v" "$status" "$(( $(date +%s) - start ))" "$OUT" <<'EOF'
+    python - "$v" "$status" "$(( $(date +%s) - start ))" "$OUT" "$TESTS" <<'EOF'
 import json, platform, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 version, status, seconds, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
-row = {"requested": version, "status": status, "seconds": seconds, "python": platform.python_version()}
+row = {"requested": version, "status": status, "seconds": seconds, "python": platform.python_version(),
+       "tests_selected": sys.argv[5]}
 for name in ("torch", "triton", "numpy"):
     try:
         row[name] = __import__(name).__version__
@@ -112,13 +113,15 @@ out, tests, versions = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 rows = [json.loads((out / f"torch-{v}.json").read_text()) for v in versions if (out / f"torch-{v}.json").is_file()]
 (out / "summary.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "tests": tests, "runs": rows},
                                              indent=2) + "\n")
-lines = [f"# torch matrix ({time.strftime('%Y-%m-%d')}; tests: {tests}; written by scripts/torch_matrix.sh)", "",
-         "| torch | triton | numpy | python | status | passed | failed | errors | skipped | minutes |",
-         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+lines = [f"# torch matrix ({time.strftime('%Y-%m-%d')}; written by scripts/torch_matrix.sh)", "",
+         "CPU only, Triton kernels under TRITON_INTERPRET=1; `skipped` includes xfailed tests (JUnit counts "
+         "them so).", "",
+         "| torch | triton | numpy | python | status | passed | failed | errors | skipped | minutes | tests |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for r in rows:
     lines.append(f"| {r['torch']} | {r['triton']} | {r['numpy']} | {r['python']} | {r['status']} | "
                  f"{r.get('passed', '-')} | {r.get('failed', '-')} | {r.get('errors', '-')} | {r.get('skipped', '-')} | "
-                 f"{r['seconds'] / 60:.1f} |")
+                 f"{r['seconds'] / 60:.1f} | {r.get('tests_selected', tests)} |")
 for r in rows:
     if r.get("not_passed"):
         lines += ["", f"Not passed under torch {r['torch']}:", *[f"- `{t}`" for t in r["not_passed"]]]

@@ -13,9 +13,11 @@ every loader, a full disk while a run folder is written, and a DDP worker that d
 - Full disk: a real tmpfs just larger than the run folder when this process may mount one
   (root), and an injected ENOSPC in the write otherwise/also: a one-line error (exit 1), the
   previous checkpoint byte-identical, no temporary file left.
-- DDP: two `marn-fast train` workers (gloo, the environment torchrun gives them) and one of them
-  SIGKILLed mid-run, or stopped (SIGSTOP) so that it hangs: the other exits with a one-line
-  error within a bounded time (the process group's timeout, MARN_FAST_DIST_TIMEOUT).
+- DDP: two `marn-fast train` workers (gloo on the CPU) started with the environment that
+  `torchrun --nproc-per-node 2` gives its workers (RANK, WORLD_SIZE, MASTER_ADDR, ...), but
+  without torchrun's agent, which would tear the survivor down itself and hide a hang; one
+  worker is SIGKILLed mid-run, or stopped (SIGSTOP) so that it hangs: the other exits with a
+  one-line error within a bounded time (the process group's timeout, MARN_FAST_DIST_TIMEOUT).
 """
 import json
 import os
