@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class CLIError(Exception):
@@ -199,10 +200,16 @@ def _train_settings(args):
 
 
 def _train(args) -> int:
-    from .training.distributed import init_from_environment
-    from .training.run import train_and_report
+    from .training.distributed import init_from_environment, worker_failures
 
     init_from_environment()
+    with worker_failures():  # a lost DDP worker: one line, not a hang or a traceback
+        return _train_in_process_group(args)
+
+
+def _train_in_process_group(args) -> int:
+    from .training.run import train_and_report
+
     settings, train, model_options = _train_settings(args)
     codiesp_options = {"baseline": not args.no_baseline, "evidence_k": args.evidence_k}
     if args.seeds:
@@ -386,8 +393,8 @@ def _read_notes(paths) -> list:
 def _predict(args) -> int:
     from .predict import Predictor
 
+    predictor = Predictor(args.checkpoint, backend=args.backend)  # a bad checkpoint fails before stdin is read
     texts = _read_notes(args.files)
-    predictor = Predictor(args.checkpoint, backend=args.backend)
     results = predictor.predict(texts, top=args.top, evidence=args.evidence, threshold=args.threshold)
     names = args.files or ["stdin"]
     if args.format == "json":
@@ -487,6 +494,9 @@ def main(argv=None) -> int:
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the machine, not the input: a full disk, a permission, a lost worker's socket
+        print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"marn-fast {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,12 +7,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import MARNConfig
 from .data import Vocabulary, tokenize
 from .data.descriptions import describe
-from .model import MARN
 from .ops import label_attention_topk
-from .training.checkpoint import load_checkpoint
+from .training.checkpoint import load_model
 
 
 @dataclass
@@ -27,17 +25,13 @@ class Predictor:
     """Loads a checkpoint once; `predict(texts)` codes raw note texts."""
 
     def __init__(self, checkpoint_path, backend: str = "auto", device: Optional[str] = None) -> None:
-        payload = load_checkpoint(checkpoint_path)
-        self.config = MARNConfig.from_dict(payload["config"])
+        # load_model checks the file, its config and that the vocabulary and labels fit the config
+        self.model, payload = load_model(checkpoint_path, backend=backend)
+        self.config = self.model.config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = MARN(self.config, backend=backend)
-        self.model.load_state_dict(payload["model"])
         self.model.to(self.device).eval()
         self.vocab = Vocabulary(payload["vocab"])
         self.icd_labels = list(payload["icd_labels"])
-        if len(self.vocab) != self.config.vocab_size or len(self.icd_labels) != self.config.num_icd:
-            raise ValueError(f"checkpoint: vocabulary ({len(self.vocab)}) or ICD labels ({len(self.icd_labels)}) do "
-                             f"not match the model ({self.config.vocab_size}, {self.config.num_icd})")
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], top: int = 10, evidence: int = 5,

@@ -66,6 +66,8 @@ def test_bad_input_gives_one_line_errors(quick_run, tmp_path, capsys, monkeypatc
     assert main(["synth", "--out", str(other), "--preset", "test", "--seed", "9"]) == 0
     capsys.readouterr()
     assert "does not match" in _one_line_error(capsys, ["evaluate", ckpt, "--data-dir", str(other)])
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "last.pt").write_bytes(b"not a checkpoint")  # (no last.pt at all: a fresh start)
     assert "last.pt" in _one_line_error(capsys, ["train", "--resume", "--out", str(tmp_path / "fresh"),
                                                  "--data-dir", str(other), "--synth-preset", "test"])
 

@@ -143,8 +143,11 @@ class CodiEspCorpus(CamlCorpus):
 
 def _read_text(path: Path) -> str:
     # newline="": keep "\r\n" as two characters, so X.tsv offsets index the text exactly.
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        return handle.read()
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return handle.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def read_codiesp_codes(path: str | Path) -> dict[str, list[str]]:
@@ -161,11 +164,15 @@ def read_codiesp_codes(path: str | Path) -> dict[str, list[str]]:
 def _tsv_rows(path: str | Path):
     """(where, line, fields) for each non-blank line of a CodiEsp TSV file; where = 'path, line N'."""
     path = Path(path)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield f"{path}, line {line_no}", line, line.split("\t")
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield f"{path}, line {line_no}", line, line.split("\t")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}, near line {line_no + 1}: not UTF-8 text ({exc.reason})") from exc
 
 
 def _parse_segments(value: str, where: str) -> tuple:

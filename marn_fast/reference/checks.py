@@ -1,7 +1,9 @@
 """Argument checks shared by the reference and the fused paths (torch only).
 
 Every check raises ValueError naming the argument, the expected and the received
-shape/dtype/device, so bad input never fails deep inside a kernel.
+shape/dtype/device, so bad input never fails deep inside a kernel. Checks that read values
+(lengths in range, targets in [0, 1]) skip meta tensors, which have none: shape inference on the
+meta device works.
 """
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for tensors without data (the meta device) and while torch.compile traces (reading
+    values is a data-dependent graph break): checks that read values skip them."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling()
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -53,7 +61,7 @@ def check_lengths(lengths: Optional[torch.Tensor], batch: int, n: int, device: t
     check_shape(name, lengths, (batch,), "[B] int64 (one length per document)")
     if lengths.device != device:
         raise ValueError(f"{name}: expected device {device} (the data's device), got {lengths.device}")
-    if batch and not torch.compiler.is_compiling():  # reading values is a data-dependent graph break
+    if batch and has_values(lengths):
         lo, hi = (int(v) for v in torch.aminmax(lengths))
         if lo < 1 or hi > n:
             raise ValueError(f"{name}: every length must lie in [1, n={n}], got values in [{lo}, {hi}]")
@@ -66,7 +74,7 @@ def check_targets(name: str, targets: torch.Tensor, logits_shape: Sequence[int],
                  expected=f"[B, L]={tuple(logits_shape)} float/bool/uint8")
     check_shape(name, targets, logits_shape, "(the logits' shape [B, L])")
     if check_values and (targets.is_floating_point() or targets.dtype == torch.uint8):
-        if targets.numel():
+        if targets.numel() and has_values(targets):
             lo, hi = (float(v) for v in torch.aminmax(targets))
             if lo < 0 or hi > 1:
                 raise ValueError(f"{name}: values must lie in [0, 1], got values in [{lo}, {hi}]")

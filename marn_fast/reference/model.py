@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import MARNConfig
 from .bigru import packed_bigru
-from .checks import check_lengths, check_shape, check_targets, check_tensor
+from .checks import check_lengths, check_shape, check_targets, check_tensor, has_values
 from .encoders import CNNEncoder, MultiResCNNEncoder
 from .focal_loss import bce_loss, focal_loss
 from .label_attention import label_attention
@@ -102,7 +102,7 @@ class MARN(nn.Module):
         if n > self.config.max_length:
             raise ValueError(f"tokens: n={n} exceeds config.max_length={self.config.max_length}; "
                              "truncate documents when batching (the data module does and counts it)")
-        if not torch.compiler.is_compiling():  # reading values is a data-dependent graph break
+        if has_values(tokens):
             lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens: ids must lie in [0, vocab_size={self.config.vocab_size}), "

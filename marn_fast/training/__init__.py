@@ -1,7 +1,7 @@
 """Training, evaluation and checkpoints for MARN."""
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from .experiment import DataSettings, Experiment
 from .trainer import EvalResult, TrainConfig, Trainer, evaluate_result, predict_loader
 
-__all__ = ["DataSettings", "EvalResult", "Experiment", "TrainConfig", "Trainer", "evaluate_result",
-           "load_checkpoint", "predict_loader", "save_checkpoint"]
+__all__ = ["CheckpointError", "DataSettings", "EvalResult", "Experiment", "TrainConfig", "Trainer",
+           "evaluate_result", "load_checkpoint", "load_model", "predict_loader", "save_checkpoint"]

@@ -9,9 +9,7 @@ from typing import Optional
 import torch
 
 from .. import metrics
-from ..config import MARNConfig
-from ..model import MARN
-from .checkpoint import load_checkpoint
+from .checkpoint import load_model
 from .experiment import DataSettings, Experiment
 from .manifest import evaluation_manifest, manifest_path
 from .report import comparison_table, write_json
@@ -29,8 +27,8 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
                         threshold: Optional[float] = None, backend: str = "auto",
                         out: Optional[str] = None) -> dict:
     """Metrics of a checkpoint on `split` (threshold tuned on dev unless given)."""
-    payload = load_checkpoint(checkpoint)
-    config = MARNConfig.from_dict(payload["config"])
+    model, payload = load_model(checkpoint, backend=backend)
+    config = model.config
     stored = dict(payload.get("data", {}))
     known = {f.name for f in fields(DataSettings)}
     if not (data_dir or stored.get("data_dir")):
@@ -49,8 +47,6 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
         if ours != theirs:
             raise ValueError(f"the data does not match the checkpoint: {_difference(name, ours, theirs)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = MARN(config, backend=backend)
-    model.load_state_dict(payload["model"])
     model.to(device)
     threshold_source = "given" if threshold is not None else "tuned on dev"
     if threshold is None:

@@ -18,7 +18,7 @@ from .alarms import degenerate_run_warnings
 from .experiment import DataSettings, Experiment
 from .manifest import run_manifest
 from .report import comparison_table, plot_frequency_buckets, plot_history, write_json
-from .trainer import BEST_CHECKPOINT, TrainConfig, Trainer, evaluate_result, predict_loader
+from .trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, Trainer, evaluate_result, predict_loader
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -61,6 +61,9 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
         log(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  dev loss {record['dev_loss']:.5f}  "
             f"dev {train_config.metric} {record[train_config.metric]:.4f}  {record['seconds']:.1f} s")
 
+    if resume and not (out_dir / LAST_CHECKPOINT).is_file():
+        log(f"resume: no {out_dir / LAST_CHECKPOINT} yet (killed before the first epoch ended?); starting from epoch 1")
+        resume = False
     trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end)
     state = trainer.fit(exp.loader("train"), exp.loader("dev"), resume=resume)
     trainer.load_best()

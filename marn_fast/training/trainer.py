@@ -20,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import metrics as metric_fns
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..data._io import remove_stale_temporaries
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, one_line, save_checkpoint
 from .distributed import gather_objects, is_main_process, world
 
 BEST_CHECKPOINT = "best.pt"
@@ -208,14 +209,26 @@ class Trainer:
             save_checkpoint(self.out_dir / name, self._payload(with_train_state))
 
     def resume(self) -> None:
-        """Continue from out_dir/last.pt: model, optimiser, RNG and early-stopping state."""
-        payload = load_checkpoint(self.out_dir / LAST_CHECKPOINT, map_location=self.device)
-        if "train" not in payload:
-            raise ValueError(f"resume: {self.out_dir / LAST_CHECKPOINT} holds no training state")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["train"]["optimizer"])
-        _set_rng_state(payload["train"]["rng"])
-        self.state = TrainState(**payload["train"]["state"])
+        """Continue from out_dir/last.pt: model, optimiser, RNG and early-stopping state.
+
+        CheckpointError (one line) when last.pt is unusable, was written for another model
+        config or another vocabulary/label space, or holds no training state."""
+        path = self.out_dir / LAST_CHECKPOINT
+        payload = load_checkpoint(path, map_location=self.device)
+        train = payload.get("train")
+        if not isinstance(train, dict) or not {"optimizer", "rng", "state"} <= set(train):
+            raise CheckpointError(path, "holds no training state to resume from (a best.pt or an imported model?)")
+        load_weights(self.model, payload, path)
+        for key in ("vocab", "icd_labels", "ccs_labels"):
+            if key in self.metadata and list(payload[key]) != list(self.metadata[key]):
+                raise CheckpointError(path, f"written for other data: its {key} ({len(payload[key])}) differ from "
+                                            f"this run's ({len(self.metadata[key])}); use another --out")
+        try:
+            self.optimizer.load_state_dict(train["optimizer"])
+            _set_rng_state(train["rng"])
+            self.state = TrainState(**train["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(path, f"its training state does not fit this run ({one_line(exc)})") from exc
 
     # -------------------------------------------------------------- loops
     def train_epoch(self, loader, epoch: int) -> float:
@@ -278,12 +291,16 @@ class Trainer:
 
     def fit(self, train_loader, dev_loader, resume: bool = False) -> TrainState:
         cfg = self.config
+        if is_main_process() and self.out_dir.is_dir():
+            remove_stale_temporaries(self.out_dir)  # left by a process killed mid-write
         if resume:
             self.resume()
         else:
             seed_everything(cfg.seed)
         start = time.perf_counter()
         for epoch in range(self.state.epoch + 1, cfg.max_epochs):
+            if self.state.bad_epochs >= cfg.patience:  # a resumed run that had stopped early
+                break
             epoch_start = time.perf_counter()
             train_loss = self.train_epoch(train_loader, epoch)
             if cfg.bn_recalibrate:
@@ -316,5 +333,5 @@ class Trainer:
         return self.state
 
     def load_best(self) -> None:
-        payload = load_checkpoint(self.out_dir / BEST_CHECKPOINT, map_location=self.device)
-        self.model.load_state_dict(payload["model"])
+        path = self.out_dir / BEST_CHECKPOINT
+        load_weights(self.model, load_checkpoint(path, map_location=self.device), path)
