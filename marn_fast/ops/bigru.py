@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
+from ..reference.checks import FLOAT_DTYPES, check_lengths, check_same_device, check_tensor
 from . import dispatch
 from ._extension import cuda_extension_available
 
@@ -141,9 +141,15 @@ _FUNCTIONS = {"reference": packed_bigru, "packed": packed_bigru, "split": split_
 
 def _check(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> None:
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
+    if x.shape[1] == 0:
+        raise ValueError(f"x: expected at least one token (n >= 1), got shape {tuple(x.shape)}")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
                          f"got {len(weights)}")
+    if weights[0].dim() != 2 or weights[0].shape[1] != x.shape[2]:
+        raise ValueError(f"x: expected [B, n, d_e={weights[0].shape[-1]}] (the GRU's input size, from w_ih "
+                         f"{tuple(weights[0].shape)}), got shape {tuple(x.shape)}")
+    check_same_device(x=x, **{f"weights[{i}]": w for i, w in enumerate(weights)})
     check_lengths(lengths, x.shape[0], x.shape[1], x.device)
 
 
@@ -153,6 +159,8 @@ def _unavailable(impl: str, x: torch.Tensor) -> Optional[str]:
         return f"it is cuDNN's packed RNN and needs CUDA tensors, got device {x.device}"
     if impl == "cudnn_persistent" and x.is_cuda and x.dtype == torch.float64:
         return "it computes in fp16 on CUDA, pointless for float64 inputs"
+    if impl == "persistent" and x.device.type == "meta":
+        return "its processing order is computed from the lengths' values, which meta tensors do not have"
     if impl == "persistent" and x.is_cuda and not cuda_extension_available():
         return "its CUDA kernels need the compiled extension marn_fast._C_cuda (pip install --no-build-isolation .)"
     return None

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..reference.checks import check_same_device, check_tensor
+from ..reference.checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference.ram import KERNEL_SIZE, PADDING, RAM
 from . import dispatch, ram_vendor
 from ._backend import triton_available
@@ -339,11 +339,17 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     "extension" or "vendor_conv" (see the module docstring); an implementation that cannot run
     on h raises ValueError with the reason. The fused ones return a transposed view of [B, n, C].
     """
-    check_tensor("h", h, ndim=3, expected="[B, C, n]")
+    check_tensor("h", h, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, C, n] float")
     channels = ram.down1[0].in_channels
     if h.shape[1] != channels:
         raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
+    if h.shape[2] == 0:
+        raise ValueError(f"h: expected at least one token (n >= 1), got shape {tuple(h.shape)}")
     check_same_device(h=h, ram_parameters=ram.down1[0].weight)
+    parameter_dtype = ram.down1[0].weight.dtype
+    if h.dtype != parameter_dtype and not torch.is_autocast_enabled(h.device.type):
+        raise ValueError(f"h: expected dtype {parameter_dtype} (the RAM's parameters; or run under autocast), "
+                         f"got {h.dtype}")
     if impl == "auto":
         impl = _measured_impl(ram, h)
     if impl == "reference":
