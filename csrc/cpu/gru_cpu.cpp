@@ -28,6 +28,14 @@
 
 #include "fast_math.h"
 
+// The gate passes also get an AVX-512 clone: on the Sapphire Rapids CPU it makes them ~1.3× faster
+// than the AVX2 one (16 lanes; they are bound by exp and division).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MARN_FAST_GRU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MARN_FAST_GRU_CLONES
+#endif
+
 namespace marn_fast {
 namespace {
 
@@ -95,11 +103,11 @@ __attribute__((always_inline)) inline void backward_gates(const T* __restrict__ 
   }
 }
 
-MARN_FAST_VECTOR_CLONES void forward_gates_f32(const float* gx, const float* gh, const float* bias, const float* hprev,
+MARN_FAST_GRU_CLONES void forward_gates_f32(const float* gx, const float* gh, const float* bias, const float* hprev,
                                                float* hnext, float* out, int64_t H) {
   forward_gates(gx, gh, bias, hprev, hnext, out, H);
 }
-MARN_FAST_VECTOR_CLONES void backward_gates_f32(const float* gx, const float* gh, const float* dout,
+MARN_FAST_GRU_CLONES void backward_gates_f32(const float* gx, const float* gh, const float* dout,
                                                 const float* hprev, const float* dh, float* carry, float* dgx,
                                                 float* dgh, float* dgh_copy, int64_t H) {
   backward_gates(gx, gh, dout, hprev, dh, carry, dgx, dgh, dgh_copy, H);
@@ -138,6 +146,21 @@ Order order_by_length(const at::Tensor& lengths, int64_t steps) {
   std::stable_sort(o.doc.begin(), o.doc.end(), [&](int64_t a, int64_t b) { return len[a] > len[b]; });
   for (int64_t i = 0; i < B; ++i) o.length[i] = std::min(len[o.doc[i]], steps);
   return o;
+}
+
+// dst [cols, rows] = srcᵀ for src [rows, cols], in cache-sized blocks (a strided copy_ of the
+// transposed view is ~10× slower, and this one runs inside the direction's own thread).
+template <typename T>
+void transpose(const T* __restrict__ src, int64_t rows, int64_t cols, T* __restrict__ dst) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock) {
+      const int64_t r1 = std::min(rows, r0 + kBlock), c1 = std::min(cols, c0 + kBlock);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+      }
+    }
+  }
 }
 
 // Rows [lengths[b], T) of document b in x [B, T, width] (one direction) set to zero.
@@ -179,16 +202,18 @@ void check_common(const at::Tensor& lengths, const at::Tensor& w_hh, const at::T
 }
 
 template <typename T>
-void forward_impl(const at::Tensor& gx, const Order& o, const at::Tensor& w_hh_t, const at::Tensor& b_hh,
+void forward_impl(const at::Tensor& gx, const Order& o, const at::Tensor& w_hh, const at::Tensor& b_hh,
                   at::Tensor& hproc, int64_t steps) {
-  const int64_t B = gx.size(1), T_ = gx.size(2), H = w_hh_t.size(1);
-  const at::Tensor state = at::zeros({2, 2, B, H}, gx.options());  // [direction, parity, B, h]
-  const at::Tensor gh = at::zeros({2, B, 3 * H}, gx.options());    // G_h of the step; 0 at s = 0
+  const int64_t B = gx.size(1), T_ = gx.size(2), H = w_hh.size(2);
+  const at::Tensor w_hh_t = at::empty({2, H, 3 * H}, gx.options());  // W_hhᵀ per direction
+  const at::Tensor state = at::zeros({2, 2, B, H}, gx.options());   // [direction, parity, B, h]
+  const at::Tensor gh = at::zeros({2, B, 3 * H}, gx.options());     // G_h of the step; 0 at s = 0
   for_each_direction([&](int64_t d) {
     const T* g = gx.const_data_ptr<T>() + d * B * T_ * 3 * H;
     const T* bias = b_hh.const_data_ptr<T>() + d * 3 * H;
     T* out = hproc.mutable_data_ptr<T>() + d * B * T_ * H;
     const at::Tensor w = w_hh_t.select(0, d), gh_d = gh.select(0, d);
+    transpose(w_hh.const_data_ptr<T>() + d * 3 * H * H, 3 * H, H, w.mutable_data_ptr<T>());
     std::vector<at::Tensor> gh_rows, h_rows[2];  // views of the first `rows` documents
     for (int64_t rows = 0; rows <= B; ++rows) {
       gh_rows.push_back(gh_d.narrow(0, 0, rows));
@@ -258,12 +283,11 @@ at::Tensor bigru_persistent_forward_cpu(const at::Tensor& gx_in, const at::Tenso
   const int64_t B = gx_in.size(1), T = gx_in.size(2), H = gx_in.size(3) / 3;
   check_common(lengths, w_hh_in, gx_in, B, T, H, steps, op);
   check_input(b_hh_in, "b_hh", {2, 3 * H}, gx_in, op);
-  const at::Tensor gx = gx_in.contiguous(), b_hh = b_hh_in.contiguous();
+  const at::Tensor gx = gx_in.contiguous(), b_hh = b_hh_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor hproc = at::empty({2, B, T, H}, gx.options());
   const Order o = order_by_length(lengths.contiguous(), steps);
-  const at::Tensor w_hh_t = w_hh_in.transpose(1, 2).contiguous();  // [2, h, 3h]
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "bigru_persistent_forward_cpu", [&] {
-    forward_impl<scalar_t>(gx, o, w_hh_t, b_hh, hproc, steps);
+    forward_impl<scalar_t>(gx, o, w_hh, b_hh, hproc, steps);
   });
   return hproc;
 }
