@@ -27,14 +27,17 @@ The algorithm (what the kernel does, and what this module runs on the CPU):
         dG_x,s = [da_r, da_z, da_n],  dG_h,s = [da_r, da_z, da_n ⊙ r],
         dh ← g z + dG_h,s·W_hh   (block k adds dG_h's slice times its rows of W_hh)
      and after it dW_hh = Σ dG_hᵀ·H_prev, db_hh = Σ dG_h, dX = dG_x·W_ih, dW_ih = dG_xᵀ·X,
-     db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves only H (and X).
+     db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves H and G_x (and X).
 
 `persistent_bigru` runs it: the recurrences are the CUDA kernels of csrc/cuda/gru_cuda.cu on CUDA
-tensors and their step-exact PyTorch twins (`_recurrence_forward`, `_recurrence_backward`: a
-Python loop over steps, a test oracle rather than a fast path) on the CPU; everything around them
-(the input GEMM, the processing-order gathers, the all-steps G_h GEMM, the weight gradients) is
-the same code on both. Not yet the model's default: the CUDA kernels have been compile-checked
-only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_check.sh).
+tensors and the C++ kernels of csrc/cpu/gru_cpu.cpp on CPU tensors (the two directions on two
+threads, the step's product with W_hh by the vendor GEMM on the still-active documents, one
+vectorised gate pass; fp32, and fp64 for fp64 inputs); `_recurrence_forward` and
+`_recurrence_backward` (a Python loop over steps) are their step-exact oracle, and the CPU path
+when the extension is not built. Everything around them (the input GEMM, the processing-order
+gathers, the all-steps G_h GEMM, the weight gradients) is the same code on both devices. Not yet
+the model's default: the CUDA kernels have been compile-checked only, and replace cuDNN once a GPU
+run has tested and timed them (scripts/gpu_check.sh).
 """
 from __future__ import annotations
 
@@ -213,7 +216,7 @@ def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: 
                      num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
     """The persistent BiGRU (see the module docstring); differentiable through its own
     reverse-time backward. Computes in fp32 (fp64 for fp64 inputs on the CPU) and returns x's
-    dtype. num_slices: blocks per direction of the CPU twin (the CUDA kernel sizes its own)."""
+    dtype. num_slices: blocks per direction of the Python twin (the compiled kernels size their own)."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
