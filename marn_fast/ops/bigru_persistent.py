@@ -193,7 +193,7 @@ class _PersistentBiGRU(torch.autograd.Function):
         _, batch, n, hidden = hproc.shape
         _, backward_kernel = _kernels(x.device, ctx.num_slices)
         dout = _grad_processing_order(grad, rev)
-        hprev = torch.nn.functional.pad(hproc[:, :, :-1], (0, 0, 1, 0))  # h_{s−1}, zero at s = 0
+        hprev = torch.cat([hproc.new_zeros(2, batch, 1, hidden), hproc[:, :, :-1]], dim=2)  # h_{s−1}, 0 at s = 0
         flat = lambda t: t.view(2, batch * n, t.shape[-1])  # noqa: E731
         gh = torch.baddbmm(b_hh[:, None], flat(hprev), w_hh.transpose(1, 2)).view_as(gx)  # every step, one GEMM
         d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh, ctx.steps)
@@ -203,7 +203,8 @@ class _PersistentBiGRU(torch.autograd.Function):
             dx = (d_x_proc[0] + d_x_proc[1].index_select(0, rev)).view(x.shape)
         if need_w:
             # dW_ih and db_ih in one GEMM: X_proc with a column of ones.
-            x_ones = torch.nn.functional.pad(_processing_order(x, rev), (0, 1), value=1.0)
+            x_proc = _processing_order(x, rev)
+            x_ones = torch.cat([x_proc, x_proc.new_ones(2, batch * n, 1)], dim=2)
             d_w_ih = torch.bmm(flat(d_gx).transpose(1, 2), x_ones)
             d_w_hh = torch.bmm(flat(d_gh).transpose(1, 2), flat(hprev))
             # dG_h equals dG_x on the r and z gates: only the n gate's bias gradient needs a sum.
