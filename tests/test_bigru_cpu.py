@@ -194,3 +194,17 @@ def test_inference_keeps_no_graph():
         out = persistent_bigru(x, lengths, gru._flat_weights)
     assert out.grad_fn is None and not out.requires_grad
     _close(out, reference_bigru(gru, x, lengths).detach(), 2e-5)
+
+
+def test_without_the_extension_the_python_twins_run(monkeypatch):
+    import marn_fast.ops.bigru_persistent as module
+    monkeypatch.setattr(module, "cpu_extension_available", lambda: False)
+    forward, _ = module._kernels(torch.device("cpu"), 2)
+    assert forward is not FORWARD
+    gru, x, lengths = _gru_case(3, 11, 4, 5, [11, 1, 6], torch.float64, seed=11)
+    want = reference_bigru(gru, x, lengths)
+    got = persistent_bigru(x, lengths, gru._flat_weights, num_slices=2)
+    _close(got, want, 1e-10)
+    leaves = [x, *gru.parameters()]
+    for w, g in zip(torch.autograd.grad(want.sum(), leaves), torch.autograd.grad(got.sum(), leaves)):
+        _close(g, w, 1e-10)
