@@ -28,15 +28,18 @@ The algorithm (what the kernel does, and what this module runs on the CPU):
         dG_x,s = [da_r, da_z, da_n],  dG_h,s = [da_r, da_z, da_n ⊙ r],
         dh ← g z + dG_h,s·W_hh   (block k adds dG_h's slice times its rows of W_hh)
      and after it dW_hh = Σ dG_hᵀ·H_prev, db_hh = Σ dG_h, dX = dG_x·W_ih, dW_ih = dG_xᵀ·X,
-     db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves only H (and X).
+     db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves H and G_x (and X).
 
 `persistent_bigru` runs it: the recurrences are the CUDA kernels of csrc/cuda/gru_cuda.cu on CUDA
-tensors and their step-exact PyTorch twins (`_recurrence_forward`, `_recurrence_backward`: a
-Python loop over steps, a test oracle rather than a fast path) on the CPU; everything around them
-(the input GEMM, the processing-order gathers, the all-steps G_h GEMM, the weight gradients) is
-the same code on both. Not yet the model's default: the CUDA kernels have been compile-checked
-only, and replace cuDNN once a GPU run has tested and timed them (scripts/gpu_check.sh). Where
-they cannot launch (see `fallback_reason`), `persistent_bigru` returns cuDNN's packed result.
+tensors and the C++ kernels of csrc/cpu/gru_cpu.cpp on CPU tensors (the two directions on two
+threads, the step's product with W_hh by the vendor GEMM on the still-active documents, one
+vectorised gate pass; fp32, and fp64 for fp64 inputs); `_recurrence_forward` and
+`_recurrence_backward` (a Python loop over steps) are their step-exact oracle, and the CPU path
+when the extension is not built. Everything around them (the input GEMM, the processing-order
+gathers, the all-steps G_h GEMM, the weight gradients) is the same code on both devices. Not yet
+the model's default: the CUDA kernels have been compile-checked only, and replace cuDNN once a GPU
+run has tested and timed them (scripts/gpu_check.sh). Where they cannot launch (see
+`fallback_reason`), `persistent_bigru` returns cuDNN's packed result.
 """
 from __future__ import annotations
 
@@ -48,8 +51,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
-from ._extension import cuda_extension_available
-from .bigru import NUM_WEIGHTS, gather_time, needs_grad, packed_bigru, reverse_within_lengths_index
+from ._extension import cpu_extension_available, cuda_extension_available
+from .bigru import NUM_WEIGHTS, needs_grad, packed_bigru, reverse_within_lengths_index
 
 DEFAULT_SLICES = 4
 
@@ -127,57 +130,92 @@ def _recurrence_backward(dout: torch.Tensor, hprev: torch.Tensor, gx: torch.Tens
 
 
 def _kernels(device: torch.device, num_slices: int):
-    """(forward, backward) recurrence kernels for the device: the CUDA ops, or their CPU twins."""
+    """(forward, backward) recurrence kernels for the device: the compiled ops (CUDA kernels of
+    csrc/cuda/gru_cuda.cu, C++ kernels of csrc/cpu/gru_cpu.cpp), or on a CPU without the compiled
+    extension their step-by-step twins above (num_slices applies to these only)."""
     if device.type == "cuda":
         if not cuda_extension_available():
             raise ValueError("persistent BiGRU on CUDA needs the compiled extension marn_fast._C_cuda; "
                              "reinstall with `pip install --no-build-isolation .` on a CUDA build of torch")
-        return (torch.ops.marn_fast.bigru_persistent_forward,
-                lambda *args: tuple(torch.ops.marn_fast.bigru_persistent_backward(*args)))
-    return (lambda *args: _recurrence_forward(*args, num_slices),
-            lambda *args: _recurrence_backward(*args, num_slices))
+    elif not cpu_extension_available():
+        return (lambda *args: _recurrence_forward(*args, num_slices),
+                lambda *args: _recurrence_backward(*args, num_slices))
+    return (torch.ops.marn_fast.bigru_persistent_forward,
+            lambda *args: tuple(torch.ops.marn_fast.bigru_persistent_backward(*args)))
 
 
 # ----------------------------------------------------------------- host side (both devices)
-def _processing_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, n, ·] → [2, B, n, ·]: as is for the forward direction, reversed within each document's
-    length for the reverse one (the index is an involution, so this also maps back)."""
-    return torch.stack([x, gather_time(x, index)])
+def _reverse_rows(index: torch.Tensor) -> torch.Tensor:
+    """[B·n] int64: the row b·n + index[b, t] of a flattened [B·n, ·] tensor that the reverse
+    direction reads at (b, t) — a permutation and an involution, like the index."""
+    batch, n = index.shape
+    return (index + torch.arange(0, batch * n, n, device=index.device)[:, None]).reshape(-1)
+
+
+def _processing_order(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """[B, n, ·] → [2, B·n, ·] (one gather): as is for the forward direction, reversed within each
+    document's length for the reverse one (rev = _reverse_rows(index))."""
+    rows = torch.cat([torch.arange(rev.numel(), device=rev.device), rev])
+    return x.reshape(rev.numel(), x.shape[-1]).index_select(0, rows).view(2, rev.numel(), x.shape[-1])
+
+
+def _natural_order(hproc: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """States [2, B, n, h] in processing order → H [B, n, 2h] (one gather): row (b, t) is
+    [forward state at t, reverse state at index[b, t]]."""
+    _, batch, n, hidden = hproc.shape
+    rows = torch.stack([torch.arange(rev.numel(), device=rev.device), rev + rev.numel()], dim=1).reshape(-1)
+    return hproc.reshape(-1, hidden).index_select(0, rows).view(batch, n, 2 * hidden)
+
+
+def _grad_processing_order(grad: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """dH [B, n, 2h] → [2, B, n, h] in processing order (one gather; the inverse of _natural_order)."""
+    batch, n, two_h = grad.shape
+    rows = torch.cat([torch.arange(0, 2 * rev.numel(), 2, device=rev.device), 2 * rev + 1])
+    return grad.reshape(-1, two_h // 2).index_select(0, rows).view(2, batch, n, two_h // 2)
 
 
 class _PersistentBiGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lengths, num_slices, *weights):
+        batch, n, _ = x.shape
         steps = int(lengths.max()) if lengths.numel() else 0
         forward_kernel, _ = _kernels(x.device, num_slices)
-        index = reverse_within_lengths_index(lengths, x.shape[1])
+        rev = _reverse_rows(reverse_within_lengths_index(lengths, n))
         w_ih, w_hh = torch.stack([weights[0], weights[4]]), torch.stack([weights[1], weights[5]])
         b_ih, b_hh = torch.stack([weights[2], weights[6]]), torch.stack([weights[3], weights[7]])
-        x_proc = _processing_order(x, index)
-        gx = (x_proc @ w_ih.transpose(1, 2)[:, None] + b_ih[:, None, None]).contiguous()  # both directions' input GEMM
-        hproc = forward_kernel(gx, lengths, w_hh.contiguous(), b_hh.contiguous(), steps)
-        ctx.save_for_backward(x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh)
+        # Both directions' input GEMM: G_x = X_proc·W_ihᵀ + b_ih → [2, B, n, 3h], contiguous.
+        gx = torch.baddbmm(b_ih[:, None], _processing_order(x, rev), w_ih.transpose(1, 2)).view(2, batch, n, -1)
+        hproc = forward_kernel(gx, lengths, w_hh, b_hh, steps)
+        # G_x is kept for the backward (3× the states' memory) rather than recomputed: one GEMM less.
+        ctx.save_for_backward(x, lengths, rev, hproc, gx, w_ih, w_hh, b_hh)
         ctx.num_slices, ctx.steps = num_slices, steps
-        return torch.cat([hproc[0], gather_time(hproc[1], index)], dim=2)
+        return _natural_order(hproc, rev)
 
     @staticmethod
     def backward(ctx, grad):
-        x_proc, lengths, index, hproc, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
-        hidden = w_hh.shape[2]
-        _, backward_kernel = _kernels(x_proc.device, ctx.num_slices)
-        dout = torch.stack([grad[..., :hidden], gather_time(grad[..., hidden:], index)]).contiguous()
-        hprev = torch.cat([hproc.new_zeros(2, hproc.shape[1], 1, hidden), hproc[:, :, :-1]], dim=2).contiguous()
-        gx = (x_proc @ w_ih.transpose(1, 2)[:, None] + b_ih[:, None, None]).contiguous()  # recomputed, not saved
-        gh = (hprev @ w_hh.transpose(1, 2)[:, None] + b_hh[:, None, None]).contiguous()  # every step in one GEMM
-        d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh.contiguous(), ctx.steps)
-        d_x_proc = d_gx @ w_ih[:, None]
-        dx = d_x_proc[0] + gather_time(d_x_proc[1], index)
-        flat = lambda t: t.reshape(2, -1, t.shape[-1])  # noqa: E731
-        d_w_ih = flat(d_gx).transpose(1, 2) @ flat(x_proc)
-        d_w_hh = flat(d_gh).transpose(1, 2) @ flat(hprev)
-        d_b_ih, d_b_hh = d_gx.sum(dim=(1, 2)), d_gh.sum(dim=(1, 2))
-        grads = [g for d in range(2) for g in (d_w_ih[d], d_w_hh[d], d_b_ih[d], d_b_hh[d])]
-        return (dx, None, None, *grads)
+        x, lengths, rev, hproc, gx, w_ih, w_hh, b_hh = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
+        _, batch, n, hidden = hproc.shape
+        _, backward_kernel = _kernels(x.device, ctx.num_slices)
+        dout = _grad_processing_order(grad, rev)
+        hprev = torch.cat([hproc.new_zeros(2, batch, 1, hidden), hproc[:, :, :-1]], dim=2)  # h_{s−1}, 0 at s = 0
+        flat = lambda t: t.view(2, batch * n, t.shape[-1])  # noqa: E731
+        gh = torch.baddbmm(b_hh[:, None], flat(hprev), w_hh.transpose(1, 2)).view_as(gx)  # every step, one GEMM
+        d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh, ctx.steps)
+        dx = grads = None
+        if need_x:
+            d_x_proc = torch.bmm(flat(d_gx), w_ih)  # [2, B·n, d_e]
+            dx = (d_x_proc[0] + d_x_proc[1].index_select(0, rev)).view(x.shape)
+        if need_w:
+            # dW_ih and db_ih in one GEMM: X_proc with a column of ones.
+            x_proc = _processing_order(x, rev)
+            x_ones = torch.cat([x_proc, x_proc.new_ones(2, batch * n, 1)], dim=2)
+            d_w_ih = torch.bmm(flat(d_gx).transpose(1, 2), x_ones)
+            d_w_hh = torch.bmm(flat(d_gh).transpose(1, 2), flat(hprev))
+            # dG_h equals dG_x on the r and z gates: only the n gate's bias gradient needs a sum.
+            d_b_hh = torch.cat([d_w_ih[:, :2 * hidden, -1], flat(d_gh)[..., 2 * hidden:].sum(1)], dim=1)
+            grads = [g for d in range(2) for g in (d_w_ih[d, :, :-1], d_w_hh[d], d_w_ih[d, :, -1], d_b_hh[d])]
+        return (dx, None, None, *(grads or [None] * NUM_WEIGHTS))
 
 
 # ----------------------------------------------------------------- fall-back to cuDNN (CUDA)
@@ -282,7 +320,7 @@ def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: 
                      num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
     """The persistent BiGRU (see the module docstring); differentiable through its own
     reverse-time backward. Computes in fp32 (fp64 for fp64 inputs on the CPU) and returns x's
-    dtype. num_slices: blocks per direction of the CPU twin (the CUDA kernel sizes its own).
+    dtype. num_slices: blocks per direction of the Python twin (the compiled kernels size their own).
     Where the CUDA kernels cannot launch (shared memory, SMs, cooperative launch: see
     fallback_reason) it returns cuDNN's packed result instead, with a one-time warning."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
