@@ -55,9 +55,11 @@ def _batch(shape: TuneShape, device: torch.device, generator: torch.Generator):
 
 
 def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: str = "fp32",
-         device: str | torch.device = "cpu", modes: Sequence[str] = MODES, fresh: bool = False) -> List[dict]:
+         device: str | torch.device = "cpu", modes: Sequence[str] = MODES, fresh: bool = False,
+         rounds: int = dispatch.ROUNDS) -> List[dict]:
     """Resolve every op's key at these shapes (see the module docstring) → dispatch.choices()
-    rows of the keys met here."""
+    rows of the keys met here. fresh: measure even where a cache or table has the key, with up
+    to `rounds` timed rounds per key."""
     device = torch.device(device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
@@ -68,7 +70,8 @@ def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: 
         raise ValueError("device: cuda requested but no GPU is visible")
     generator = torch.Generator().manual_seed(0)
     seen = {row["key"] for row in dispatch.choices()}
-    context = dispatch.fresh_measurements() if fresh else contextlib.nullcontext()
+    context = (dispatch.fresh_measurements(rounds, budget_s=rounds * dispatch.TIME_BUDGET_S / dispatch.ROUNDS)
+               if fresh else contextlib.nullcontext())
     with context:
         for shape in shapes:
             config = MARNConfig(vocab_size=TUNE_VOCAB, num_icd=shape.num_icd, num_ccs=shape.num_ccs,

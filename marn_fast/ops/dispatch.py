@@ -193,6 +193,7 @@ _CHOICES: Dict[Key, Choice] = {}
 _MEMO: Dict[tuple, str] = {}  # the per-call fast path: raw (unbucketed) call facts → impl
 _FILES: Dict[Path, Dict[str, dict]] = {}
 _IGNORE_FILES = False
+_ROUNDS, _BUDGET_S = ROUNDS, TIME_BUDGET_S
 
 
 def _read_entries(path: Path) -> Dict[str, dict]:
@@ -248,18 +249,22 @@ def choices() -> List[dict]:
 
 
 @contextlib.contextmanager
-def fresh_measurements():
+def fresh_measurements(rounds: int = ROUNDS, budget_s: float = TIME_BUDGET_S):
     """Within the block, keys not yet resolved in this process are measured (when
-    MARN_FAST_DISPATCH allows) without reading the cache file or the shipped tables: what
-    `marn-fast tune --fresh` uses to write a new table."""
-    global _IGNORE_FILES
+    MARN_FAST_DISPATCH allows) without reading the cache file or the shipped tables, with up to
+    `rounds` timed rounds in `budget_s` seconds per key: what `marn-fast tune --fresh` uses to
+    write a new table."""
+    global _IGNORE_FILES, _ROUNDS, _BUDGET_S
+    if rounds < 1 or budget_s <= 0:
+        raise ValueError(f"rounds, budget_s: expected >= 1 and > 0, got {rounds}, {budget_s}")
     with _LOCK:
-        previous, _IGNORE_FILES = _IGNORE_FILES, True
+        previous = (_IGNORE_FILES, _ROUNDS, _BUDGET_S)
+        _IGNORE_FILES, _ROUNDS, _BUDGET_S = True, rounds, budget_s
     try:
         yield
     finally:
         with _LOCK:
-            _IGNORE_FILES = previous
+            _IGNORE_FILES, _ROUNDS, _BUDGET_S = previous
 
 
 # ------------------------------------------------------------------------------------------ choosing
@@ -411,13 +416,13 @@ def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device
     contenders = [i for i, s in warm.items() if s <= max(SLOW_FACTOR * fastest, SLOW_FLOOR_S)]
     times: Dict[str, List[float]] = {i: [] for i in contenders}
     spent = 0.0
-    for _ in range(ROUNDS if len(contenders) > 1 else 0):
+    for _ in range(_ROUNDS if len(contenders) > 1 else 0):
         for impl in contenders:
             seconds, out = _timed(run, impl, device)
             del out
             times[impl].append(seconds)
             spent += seconds
-        if spent > TIME_BUDGET_S:
+        if spent > _BUDGET_S:
             break
     ms = {i: 1e3 * (statistics.median(times[i]) if times.get(i) else s) for i, s in warm.items()}
     best = min(contenders, key=lambda i: ms[i])
