@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 EXIT_USAGE = 2
 
@@ -131,38 +132,182 @@ MODEL_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "fo
                "lambda_icd", "lambda_ccs", "encoder", "num_filter_maps", "filter_size")
 
 
-def _load_config_file(path) -> dict:
-    """JSON (or YAML when PyYAML is installed) mapping of flag names (dashes or underscores) to values."""
+# ----------------------------------------------------------------------------- configs (recipes)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+RECIPES = ("auto", "official")
+# Options a config file may not set: they choose the config itself.
+CONFIG_ONLY_FLAGS = ("config", "recipe")
+
+
+def shipped_config_dir() -> Path:
+    """The folder of the shipped recipes: `marn_fast/configs/` in an installed package (the
+    repository's `configs/` shipped as package data), else `configs/` of the source checkout
+    (an in-place or editable install)."""
+    package = Path(__file__).resolve().parent
+    if (package / "configs").is_dir():
+        return package / "configs"
+    checkout = package.parent
+    if (checkout / "configs").is_dir() and (checkout / "pyproject.toml").is_file():
+        return checkout / "configs"
+    raise CLIError(f"the shipped configs are missing (looked in {package / 'configs'} and {checkout / 'configs'}); "
+                   "reinstall with `pip install --no-build-isolation .`")
+
+
+def shipped_configs() -> list[Path]:
+    """Every shipped recipe, sorted by name."""
+    return sorted(shipped_config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A config file: `spec` as a path when it exists, else a shipped config of that name
+    (`codiesp-en-D`, `codiesp-en-D.yaml` or `configs/codiesp-en-D.yaml`, from any directory)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        name = path.name if path.suffix in CONFIG_SUFFIXES else f"{path.name}.yaml"
+        shipped = shipped_config_dir() / name
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(p.stem for p in shipped_configs())
+    raise CLIError(f"--config {spec}: no such file, and no shipped config of that name (shipped: {names})")
+
+
+def load_config_file(path) -> dict:
+    """A YAML (needs PyYAML) or JSON mapping of option names (dashes or underscores) to values."""
     text = Path(path).read_text(encoding="utf-8")
-    if str(path).endswith((".yaml", ".yml")):
+    if Path(path).suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as exc:
-            raise CLIError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or use JSON") from exc
-        values = yaml.safe_load(text) or {}
+            raise CLIError(f"config {path}: YAML needs PyYAML: `pip install pyyaml` "
+                           "(it is in requirements/data.txt), or give a JSON file") from exc
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise CLIError(f"config {path}: not valid YAML ({' '.join(str(exc).split())})") from exc
     else:
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise CLIError(f"--config {path}: not valid JSON ({exc})") from exc
+            raise CLIError(f"config {path}: not valid JSON ({exc})") from exc
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise CLIError(f"--config {path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+        raise CLIError(f"config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def _apply_config_file(parser, args, argv) -> None:
-    """Values from --config fill the options not given on the command line; unknown keys are errors."""
-    if not getattr(args, "config", None):
-        return
-    values = _load_config_file(args.config)
-    known = {a.dest for a in parser._subparsers._group_actions[0].choices[args.command]._actions}
-    unknown = sorted(set(values) - known - {"command", "func"})
+def _coerce(action: argparse.Action, value, where: str):
+    """`value` as the option `action` would parse it; CLIError naming the key when it cannot be."""
+    key = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise CLIError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise CLIError(f"{where}: {key} cannot be null")
+        return None
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list) or (action.nargs == "+" and not value):
+            raise CLIError(f"{where}: {key} must be a list, got {value!r}")
+        return [_coerce_scalar(action, v, where) for v in value]
+    return _coerce_scalar(action, value, where)
+
+
+def _coerce_scalar(action: argparse.Action, value, where: str):
+    key, kind = action.dest, action.type or str
+    try:
+        if isinstance(value, (bool, dict, list)) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(value)
+        if kind is str:  # `labels: 50` reads as an int in YAML
+            if not isinstance(value, (str, int)):
+                raise ValueError(value)
+            converted = str(value)
+        else:  # YAML reads 3e-2 (no dot) as a string: float("3e-2") takes it
+            converted = kind(int(value) if kind is int and isinstance(value, float) else value)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"{where}: {key} must be a {kind.__name__}, got {value!r}") from exc
+    if action.choices is not None and converted not in action.choices:
+        raise CLIError(f"{where}: {key} must be one of {list(action.choices)}, got {converted!r}")
+    return converted
+
+
+def config_values(subparser: argparse.ArgumentParser, path) -> dict:
+    """The config file's options, checked against `subparser`'s: unknown keys, wrong types and
+    values outside an option's choices are errors naming the key."""
+    values = load_config_file(path)
+    actions = {a.dest: a for a in subparser._actions if a.dest not in ("help",) + CONFIG_ONLY_FLAGS}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise CLIError(f"--config {args.config}: unknown keys {unknown}")
-    given = {tok.split("=", 1)[0].lstrip("-").replace("-", "_") for tok in (argv or sys.argv[1:]) if tok.startswith("--")}
+        raise CLIError(f"config {path}: unknown keys {unknown}")
+    return {key: _coerce(actions[key], value, f"config {path}") for key, value in values.items()}
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _given_options(subparser: argparse.ArgumentParser, argv: list) -> set:
+    """The options given on the command line (parsed again with every default suppressed)."""
+    saved = [(a, a.default) for a in subparser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = subparser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(given)) - set(subparser._defaults)
+
+
+def default_recipe(args) -> Optional[Path]:
+    """The shipped config a run applies when no --config is given: `demo.yaml` for `demo`, the
+    CodiEsp recipe of the language for `train --data codiesp` (measured on diagnoses: codiesp-<lang>-D
+    also for --codes P/DP), none otherwise (the package defaults are the official MARN recipe)."""
+    if getattr(args, "recipe", "official") == "official":
+        return None
+    if args.command == "demo":
+        return shipped_config_dir() / "demo.yaml"
+    if args.command == "train" and args.data == "codiesp":
+        return shipped_config_dir() / f"codiesp-{args.language}-D.yaml"
+    return None
+
+
+def apply_config(parser: argparse.ArgumentParser, args, argv: Optional[list]) -> Optional[dict]:
+    """Fill the options not given on the command line from --config FILE, or from the shipped
+    recipe a run applies by default (`default_recipe`); print which config was applied.
+    Returns the record a run's manifest keeps (None when no config applies)."""
+    if args.command not in ("train", "demo"):
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subparser = _subparser(parser, args.command)
+    if args.config:
+        path, how = resolve_config_path(args.config), "--config"
+    else:
+        path = default_recipe(args)
+        if path is None:
+            return None
+        how = "the demo's default" if args.command == "demo" else \
+            f"the default for --data codiesp --language {args.language}"
+    values = config_values(subparser, path)
+    given = _given_options(subparser, argv[1:])
+    overridden = {key: getattr(args, key) for key in sorted(given & set(values)) if getattr(args, key) != values[key]}
     for key, value in values.items():
         if key not in given:
             setattr(args, key, value)
+    shipped = path.resolve().parent == shipped_config_dir().resolve()
+    record = {"name": path.name, "path": str(path.resolve()), "shipped": shipped, "applied": how,
+              "values": values, "overridden_by_flags": overridden}
+    line = f"config: {path.name}" + (" (shipped recipe" if shipped else " (") + f", {how}): {path}"
+    if overridden:
+        line += "; overridden by flags: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overridden.items())
+    if how != "--config":
+        line += "; `--recipe official` runs the package defaults (the official MARN recipe) instead"
+        if args.command == "train" and args.codes != "D":
+            line += f". Its values were measured on diagnoses (codes D), not on --codes {args.codes}"
+    print(line, flush=True)
+    return record
 
 
 def _train_settings(args):
@@ -210,13 +355,13 @@ def _train(args) -> int:
 
         from .training.seeds import SUMMARY_FILE, train_seeds
 
-        run = functools.partial(train_and_report, codiesp_options=codiesp_options)
+        run = functools.partial(train_and_report, codiesp_options=codiesp_options, config_file=args.applied_config)
         if train_seeds(settings, model_options, train, args.out, args.seeds, backend=args.backend, resume=args.resume,
                        run=run):
             print(f"\nruns in {args.out}/seed-<n>/; mean ± sample std in {Path(args.out) / SUMMARY_FILE}")
         return 0
     report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume,
-                              codiesp_options=codiesp_options)
+                              codiesp_options=codiesp_options, config_file=args.applied_config)
     if report:
         print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
     return 0
@@ -233,8 +378,10 @@ def _demo(args) -> int:
             setattr(args, key, value)
     settings, train, model_options = _train_settings(args)
     print(f"marn-fast demo: synthetic MIMIC-shaped corpus → MARN (d_r={args.hidden_size}) → test metrics; "
-          f"up to {args.max_minutes} min of training on {torch_threads()} CPU threads")
-    report = train_and_report(settings, model_options, train, args.out, backend=args.backend)
+          f"up to {args.epochs} epochs" + (f" or {args.max_minutes:g} min" if args.max_minutes else "") +
+          f" of training on {torch_threads()} CPU threads")
+    report = train_and_report(settings, model_options, train, args.out, backend=args.backend,
+                              config_file=args.applied_config)
     t = report["test_at_tuned_threshold"]
     print(f"\ntest at the dev-tuned threshold {report['tuned_threshold']:.3f}: micro-F1 {t['f1_micro']:.3f}, "
           f"macro-F1 {t['f1_macro']:.3f}, P@5 {t['p@5']:.3f}, MAP {t['map']:.3f}")
@@ -266,7 +413,13 @@ def _add_training_options(p, demo: bool) -> None:
     from .data.labels import TOP50_SOURCES
     from .training import DataSettings, TrainConfig
 
-    p.add_argument("--config", default=None, help="JSON (or YAML) file of options; flags override it")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML (or JSON) file of options, or the name of a shipped one (marn-fast info lists them); "
+                        "flags override it; replaces the default recipe")
+    p.add_argument("--recipe", choices=RECIPES, default="auto",
+                   help="auto: " + ("apply the shipped demo.yaml" if demo else
+                                    "--data codiesp applies the shipped CodiEsp recipe codiesp-<language>-D.yaml") +
+                        "; official: no shipped config, the package defaults (the official MARN recipe)")
     p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run folder (report, checkpoints)")
     p.add_argument("--data", choices=("synth", "caml", "codiesp"), default="synth",
                    help="synth: the embedded corpus; caml: a CAML-format folder (MIMIC prepared by prepare-mimic3/4); "
@@ -304,7 +457,7 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--focal-balanced", action="store_true", help="the paper's eq. 16 instead of the official form")
     p.add_argument("--lambda-icd", type=float, default=model_default("lambda_icd"))
     p.add_argument("--lambda-ccs", type=float, default=model_default("lambda_ccs"))
-    p.add_argument("--hidden-size", type=int, default=DEMO_HIDDEN if demo else model_default("hidden_size"), help="d_r per GRU direction")
+    p.add_argument("--hidden-size", type=int, default=model_default("hidden_size"), help="d_r per GRU direction")
     p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
     p.add_argument("--encoder", choices=ENCODERS, default=model_default("encoder"),
                    help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's blocks on top")
@@ -323,17 +476,18 @@ def _add_training_options(p, demo: bool) -> None:
                    help="weight decay on weight matrices and conv kernels only, not on biases and BatchNorm "
                         "scales/shifts (default: on every parameter, as torch's AdamW)")
     p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS if demo else _default(TrainConfig, "max_epochs"))
+    p.add_argument("--epochs", type=int, default=_default(TrainConfig, "max_epochs"))
     p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))
     p.add_argument("--metric", default=None, help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...; "
                    f"default {_default(TrainConfig, 'metric')}, map with --data codiesp)")
-    p.add_argument("--max-minutes", type=float, default=DEMO_MINUTES if demo else None,
+    p.add_argument("--max-minutes", type=float, default=None,
                    help="stop starting epochs after this many minutes")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if _default(TrainConfig, "bf16") else "fp32",
                    help="CUDA training and evaluation under bf16 autocast or in fp32 (the CPU always runs fp32)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal; one line per epoch always)")
     if demo:
         p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
     else:
@@ -343,16 +497,12 @@ def _add_training_options(p, demo: bool) -> None:
                             "OUT/seeds_summary.json (instead of --seed)")
 
 
-DEMO_HIDDEN = 64
-DEMO_EPOCHS = 16
-DEMO_MINUTES = 15.0
-
-
 def _add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train MARN (early stopping on dev), evaluate the best checkpoint on test")
     _add_training_options(p, demo=False)
     p.set_defaults(func=_train)
-    p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report")
+    p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report "
+                                    "(settings from the shipped demo.yaml)")
     _add_training_options(p, demo=True)
     p.set_defaults(func=_demo)
 
@@ -482,7 +632,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _apply_config_file(parser, args, argv)
+        args.applied_config = apply_config(parser, args, argv)
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)

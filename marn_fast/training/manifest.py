@@ -9,6 +9,7 @@ import platform
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,9 +53,13 @@ def _top50(experiment):
     return stats.get("top50") if isinstance(stats, dict) else None
 
 
-def run_manifest(model, settings, train_config, experiment) -> dict:
+def run_manifest(model, settings, train_config, experiment, config_file: Optional[dict] = None) -> dict:
+    """manifest.json of a train run; `config_file` records the config file the run applied (its
+    name, path, whether it is a shipped recipe, how it was chosen, its values and the flags that
+    overrode them), or None when it ran on flags and the package defaults alone."""
     cuda = torch.cuda.is_available()
     return {
+        "config_file": config_file,
         "model": model.config.to_dict(), "backend": model.backend,
         "dtype": "bfloat16 autocast" if (cuda and train_config.bf16) else "float32",
         "train": asdict(train_config), "seeds": {"train": train_config.seed, "data": settings.seed},

@@ -7,12 +7,14 @@ official code scored) is the one to evaluate on test.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA; ignored on the CPU
     max_minutes: Optional[float] = None  # stop starting new epochs after this wall time
-    progress: bool = True
+    progress: bool = True  # progress bars, shown only when stderr is a terminal (show_progress_bars)
     # After each training epoch, recompute every BatchNorm's running statistics as the exact
     # average over one pass of the training data (dropout off, no gradients): eval-mode
     # BatchNorm then sees the statistics of the current weights instead of a momentum-lagged
@@ -104,6 +106,27 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(state["python"]), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def show_progress_bars(enabled: bool, stream: Optional[TextIO] = None) -> bool:
+    """Whether to draw tqdm bars: when enabled, on the main process, and only if the bars' stream
+    (stderr by default) is a terminal. A redirected log gets one line per epoch (`epoch_line`)
+    instead of every bar refresh and its carriage returns."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(enabled and is_main_process() and callable(isatty) and isatty())
+
+
+def epoch_line(record: dict, config: TrainConfig) -> str:
+    """The log line of one epoch: training loss, throughput, dev loss and metric, the epoch's and
+    the run's elapsed time, e.g.
+    `epoch  3/16  train loss 0.01234  91.2 docs/s  dev loss 0.01301  dev map 0.2345 (best: 3)  12.3 s  elapsed 0:00:37`."""
+    speed = record.get("docs_per_second")
+    elapsed = datetime.timedelta(seconds=round(record.get("elapsed_seconds", record["seconds"])))
+    return (f"epoch {record['epoch']:>3}/{config.max_epochs}  train loss {record['train_loss']:.5f}  "
+            + (f"{speed:.1f} docs/s  " if speed is not None else "")
+            + f"dev loss {record['dev_loss']:.5f}  dev {config.metric} {record[config.metric]:.4f} "
+            f"(best: {record['best_epoch']})  {record['seconds']:.1f} s  elapsed {elapsed}")
 
 
 def _unwrap(model):
@@ -224,8 +247,7 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         total, docs, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not (self.config.progress and is_main_process()))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress_bars(self.config.progress))
         for step, batch in enumerate(bar):
             tokens, lengths = batch.tokens.to(self.device), batch.lengths.to(self.device)
             icd_t = batch.icd_targets.to(self.device)
@@ -300,7 +322,8 @@ class Trainer:
             else:
                 self.state.bad_epochs += 1
             record = {"epoch": epoch + 1, "train_loss": train_loss, "dev_loss": dev["loss"],
-                      cfg.metric: value, "seconds": train_seconds,
+                      cfg.metric: value, "best_epoch": self.state.best_epoch + 1, "seconds": train_seconds,
+                      "elapsed_seconds": time.perf_counter() - start,
                       "docs_per_second": len(train_loader.dataset) / max(train_seconds, 1e-9) if hasattr(train_loader, "dataset") else None,
                       "dev": {k: v for k, v in dev.items() if not isinstance(v, dict)}}
             self.state.history.append(record)
