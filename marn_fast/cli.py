@@ -217,6 +217,7 @@ def _coerce(action: argparse.Action, value, where: str):
 
 def _coerce_scalar(action: argparse.Action, value, where: str):
     key, kind = action.dest, action.type or str
+    kind_name = {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
     try:
         if isinstance(value, (bool, dict, list)) or (kind is int and isinstance(value, float) and not value.is_integer()):
             raise ValueError(value)
@@ -227,7 +228,7 @@ def _coerce_scalar(action: argparse.Action, value, where: str):
         else:  # YAML reads 3e-2 (no dot) as a string: float("3e-2") takes it
             converted = kind(int(value) if kind is int and isinstance(value, float) else value)
     except (TypeError, ValueError) as exc:
-        raise CLIError(f"{where}: {key} must be a {kind.__name__}, got {value!r}") from exc
+        raise CLIError(f"{where}: {key} must be {kind_name}, got {value!r}") from exc
     if action.choices is not None and converted not in action.choices:
         raise CLIError(f"{where}: {key} must be one of {list(action.choices)}, got {converted!r}")
     return converted
@@ -311,8 +312,8 @@ def apply_config(parser: argparse.ArgumentParser, args, argv: Optional[list]) ->
 
 
 def _train_settings(args):
-    from .training import DataSettings, TrainConfig
-
+    """(DataSettings, TrainConfig, model options) of a train/demo run; writes the synthetic corpus
+    first when --data synth has none yet."""
     if args.data == "synth":
         data_dir = Path(args.data_dir or Path(args.out) / "data")
         if not (data_dir / "train_full.csv").exists():
@@ -323,6 +324,14 @@ def _train_settings(args):
         if not args.data_dir:
             raise CLIError(f"--data-dir is required with --data {args.data}")
         data_dir = Path(args.data_dir)
+    return settings_from_args(args, data_dir)
+
+
+def settings_from_args(args, data_dir) -> tuple:
+    """The options of a train/demo run as (DataSettings, TrainConfig, model options); each checks
+    its values (ValueError naming the option)."""
+    from .training import DataSettings, TrainConfig
+
     settings = DataSettings(data_dir=str(data_dir), setting=args.labels, top50=args.top50,
                             ccs="none" if args.no_mtl else args.ccs,
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
@@ -616,6 +625,20 @@ def _add_codiesp_report(sub) -> None:
     p.set_defaults(func=_codiesp_report)
 
 
+# ----------------------------------------------------------------------------- info
+def _info(args) -> int:
+    from .info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, device, compiled extensions (and the fix when one did not load), "
+                                    "the implementation of each op here, the shipped configs: paste it into bug reports")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_info)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marn-fast", description="Fast, exact MARN for automated ICD coding.")
@@ -625,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_codiesp_report(sub)
     _add_bench_step(sub)
+    _add_info(sub)
     return parser
 
 

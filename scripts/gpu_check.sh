@@ -104,7 +104,7 @@ stage_codiesp() {
   run codiesp_main 240 env PYTHON=python3 PARTS="w2v main backends report" SEEDS="0" \
     bash scripts/codiesp_experiments.sh "$dir" runs/codiesp --hidden-size 300 --no-progress
   run codiesp_bf16 200 python3 scripts/bf16_accuracy.py --name codiesp --out runs/bf16_codiesp -- \
-    --data codiesp --data-dir "$dir" --language en --codes D --aux ccsr --epochs 40 --patience 10 --no-baseline
+    --data codiesp --recipe official --data-dir "$dir" --language en --codes D --aux ccsr --epochs 40 --patience 10 --no-baseline
 }
 
 stage_diag_throw() { run diag_throw 150 bash scripts/diag_throw.sh; }
