@@ -10,7 +10,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+if TYPE_CHECKING:
+    from .training import DataSettings, TrainConfig
 
 EXIT_USAGE = 2
 
@@ -173,7 +176,7 @@ def resolve_config_path(spec: str) -> Path:
     raise CLIError(f"--config {spec}: no such file, and no shipped config of that name (shipped: {names})")
 
 
-def load_config_file(path) -> dict:
+def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (needs PyYAML) or JSON mapping of option names (dashes or underscores) to values."""
     text = Path(path).read_text(encoding="utf-8")
     if Path(path).suffix in (".yaml", ".yml"):
@@ -197,7 +200,7 @@ def load_config_file(path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-def _coerce(action: argparse.Action, value, where: str):
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
     """`value` as the option `action` would parse it; CLIError naming the key when it cannot be."""
     key = action.dest
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
@@ -215,11 +218,13 @@ def _coerce(action: argparse.Action, value, where: str):
     return _coerce_scalar(action, value, where)
 
 
-def _coerce_scalar(action: argparse.Action, value, where: str):
-    key, kind = action.dest, action.type or str
-    kind_name = {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__)
+def _coerce_scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    key = action.dest
+    kind: Any = action.type or str
+    kind_name = {int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", "?"))
     try:
-        if isinstance(value, (bool, dict, list)) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        fractional = kind is int and isinstance(value, float) and not value.is_integer()
+        if isinstance(value, (bool, dict, list)) or fractional:
             raise ValueError(value)
         if kind is str:  # `labels: 50` reads as an int in YAML
             if not isinstance(value, (str, int)):
@@ -234,7 +239,7 @@ def _coerce_scalar(action: argparse.Action, value, where: str):
     return converted
 
 
-def config_values(subparser: argparse.ArgumentParser, path) -> dict:
+def config_values(subparser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
     """The config file's options, checked against `subparser`'s: unknown keys, wrong types and
     values outside an option's choices are errors naming the key."""
     values = load_config_file(path)
@@ -246,10 +251,11 @@ def config_values(subparser: argparse.ArgumentParser, path) -> dict:
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
-    return parser._subparsers._group_actions[0].choices[command]
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
-def _given_options(subparser: argparse.ArgumentParser, argv: list) -> set:
+def _given_options(subparser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The options given on the command line (parsed again with every default suppressed)."""
     saved = [(a, a.default) for a in subparser._actions]
     try:
@@ -262,7 +268,7 @@ def _given_options(subparser: argparse.ArgumentParser, argv: list) -> set:
     return set(vars(given)) - set(subparser._defaults)
 
 
-def default_recipe(args) -> Optional[Path]:
+def default_recipe(args: argparse.Namespace) -> Optional[Path]:
     """The shipped config a run applies when no --config is given: `demo.yaml` for `demo`, the
     CodiEsp recipe of the language for `train --data codiesp` (measured on diagnoses: codiesp-<lang>-D
     also for --codes P/DP), none otherwise (the package defaults are the official MARN recipe)."""
@@ -275,7 +281,8 @@ def default_recipe(args) -> Optional[Path]:
     return None
 
 
-def apply_config(parser: argparse.ArgumentParser, args, argv: Optional[list]) -> Optional[dict]:
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 argv: Optional[Sequence[str]]) -> Optional[dict[str, Any]]:
     """Fill the options not given on the command line from --config FILE, or from the shipped
     recipe a run applies by default (`default_recipe`); print which config was applied.
     Returns the record a run's manifest keeps (None when no config applies)."""
@@ -283,6 +290,7 @@ def apply_config(parser: argparse.ArgumentParser, args, argv: Optional[list]) ->
         return None
     argv = list(sys.argv[1:] if argv is None else argv)
     subparser = _subparser(parser, args.command)
+    path: Optional[Path]
     if args.config:
         path, how = resolve_config_path(args.config), "--config"
     else:
@@ -311,7 +319,7 @@ def apply_config(parser: argparse.ArgumentParser, args, argv: Optional[list]) ->
     return record
 
 
-def _train_settings(args):
+def _train_settings(args: argparse.Namespace) -> tuple["DataSettings", "TrainConfig", dict[str, Any]]:
     """(DataSettings, TrainConfig, model options) of a train/demo run; writes the synthetic corpus
     first when --data synth has none yet."""
     if args.data == "synth":
@@ -327,7 +335,8 @@ def _train_settings(args):
     return settings_from_args(args, data_dir)
 
 
-def settings_from_args(args, data_dir) -> tuple:
+def settings_from_args(args: argparse.Namespace,
+                       data_dir: str | Path) -> tuple["DataSettings", "TrainConfig", dict[str, Any]]:
     """The options of a train/demo run as (DataSettings, TrainConfig, model options); each checks
     its values (ValueError naming the option)."""
     from .training import DataSettings, TrainConfig
@@ -405,12 +414,12 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _default(cls, name: str):
+def _default(cls: type, name: str) -> Any:
     """A dataclass field's default: flags take theirs from the one source of truth."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def model_default(name: str):
+def model_default(name: str) -> Any:
     from .config import MARNConfig
 
     return _default(MARNConfig, name)
@@ -633,8 +642,9 @@ def _info(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="versions, device, compiled extensions (and the fix when one did not load), "
-                                    "the implementation of each op here, the shipped configs: paste it into bug reports")
+    p = sub.add_parser("info", help="versions, device, compiled extensions (and the fix when one did not "
+                                    "load), the implementation of each op here, the shipped configs: paste it "
+                                    "into bug reports")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_info)
 
@@ -652,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

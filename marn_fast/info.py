@@ -117,7 +117,8 @@ def op_implementations() -> dict[str, dict[str, str]]:
         if attention == "triton":
             table["label_attention"][device] = "Triton kernels, forward and backward"
         elif _cpu_kernel_applies(t):
-            table["label_attention"][device] = "C++ forward (marn_fast::label_attention_forward), chunked PyTorch backward"
+            table["label_attention"][device] = ("C++ forward (marn_fast::label_attention_forward), "
+                                                "chunked PyTorch backward")
         else:
             table["label_attention"][device] = "chunked PyTorch, forward and backward"
         if resolve_impl("auto", t, "focal_loss") == "triton":
@@ -153,14 +154,16 @@ def collect() -> dict:
 def format_report(info: dict) -> str:
     """The report as text: paste all of it into a bug report."""
     v = info["versions"]
-    lines = [f"marn_fast {v['marn_fast']} at {info['package_dir']}" + (f" (commit {info['commit']})" if info["commit"] else ""),
+    commit = f" (commit {info['commit']})" if info["commit"] else ""
+    lines = [f"marn_fast {v['marn_fast']} at {info['package_dir']}{commit}",
              f"python    {v['python']} on {info['device']['platform']}",
              f"torch     {v['torch']} (CUDA {v['torch CUDA'] or 'none: CPU build'}, cuDNN {v['cuDNN'] or 'none'})",
              f"triton    {v['triton'] or 'not installed (the CUDA paths of label attention and focal loss need it)'}",
              "packages  " + ", ".join(f"{k} {v[k] or '-'}" for k in PACKAGES),
              f"cpu       {info['device']['cpu']}"]
     gpus = info["device"]["gpus"]
-    lines += [f"gpu {g['index']}     {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB)" for g in gpus]
+    lines += [f"gpu {g['index']}     {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB)"
+              for g in gpus]
     if not gpus:
         lines.append(f"gpu       none: {info['device']['no_gpu_reason']}")
     lines.append("extensions")
@@ -180,7 +183,8 @@ def format_report(info: dict) -> str:
     lines.append(f"configs   {', '.join(configs['names'])} in {configs['dir']}" if configs["dir"]
                  else f"configs   {configs['error']}")
     env = info["environment"]
-    lines.append("env       " + (" ".join(f"{k}={val}" for k, val in env.items()) if env else "(none of the relevant variables set)"))
+    lines.append("env       " + (" ".join(f"{k}={val}" for k, val in env.items()) if env
+                                 else "(none of the relevant variables set)"))
     return "\n".join(lines)
 
 

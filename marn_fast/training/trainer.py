@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Iterable, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -117,10 +117,11 @@ def show_progress_bars(enabled: bool, stream: Optional[TextIO] = None) -> bool:
     return bool(enabled and is_main_process() and callable(isatty) and isatty())
 
 
-def epoch_line(record: dict, config: TrainConfig) -> str:
+def epoch_line(record: dict[str, Any], config: TrainConfig) -> str:
     """The log line of one epoch: training loss, throughput, dev loss and metric, the epoch's and
     the run's elapsed time, e.g.
-    `epoch  3/16  train loss 0.01234  91.2 docs/s  dev loss 0.01301  dev map 0.2345 (best: 3)  12.3 s  elapsed 0:00:37`."""
+    `epoch  3/16  train loss 0.01234  91.2 docs/s  dev loss 0.01301  dev map 0.2345 (best: 3)  12.3 s
+    elapsed 0:00:37` (one line)."""
     speed = record.get("docs_per_second")
     elapsed = datetime.timedelta(seconds=round(record.get("elapsed_seconds", record["seconds"])))
     return (f"epoch {record['epoch']:>3}/{config.max_epochs}  train loss {record['train_loss']:.5f}  "
@@ -138,7 +139,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_loader(model, loader, device: torch.device, bf16: bool = True) -> EvalResult:
+def predict_loader(model: torch.nn.Module, loader: Iterable[Any], device: torch.device,
+                   bf16: bool = True) -> EvalResult:
     """Run `model` over `loader`; gather sigmoid probabilities and targets from every rank,
     dropping the duplicates a distributed sampler pads with."""
     core = _unwrap(model)
@@ -176,7 +178,7 @@ def predict_loader(model, loader, device: torch.device, bf16: bool = True) -> Ev
                       ccs_scores=cat(3), ccs_targets=cat(4), loss=total / max(len(all_ids), 1))
 
 
-def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -> dict:
+def evaluate_result(result: EvalResult, threshold: float = 0.5, ks: Sequence[int] = (5, 8, 15)) -> dict[str, Any]:
     """marn_fast.metrics.evaluate on the ICD head (and the CCS head under 'ccs')."""
     out = metric_fns.evaluate(result.icd_scores, result.icd_targets, ks=ks, threshold=threshold)
     out["loss"] = result.loss
@@ -185,7 +187,7 @@ def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -
     return out
 
 
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """The trainable parameters as AdamW groups: one group at `config.weight_decay`, or with
     `decay_matrices_only` the 2+-dimensional ones at it and the rest (biases, norm affines) at 0."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -202,7 +204,7 @@ class Trainer:
     checkpoint alone can serve predict/evaluate.
     """
 
-    def __init__(self, model, config: TrainConfig, out_dir, metadata: dict,
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, out_dir: str | Path, metadata: dict[str, Any],
                  device: Optional[torch.device] = None,
                  on_epoch_end: Optional[Callable[[dict], None]] = None) -> None:
         self.config = config
@@ -241,7 +243,7 @@ class Trainer:
         self.state = TrainState(**payload["train"]["state"])
 
     # -------------------------------------------------------------- loops
-    def train_epoch(self, loader, epoch: int) -> float:
+    def train_epoch(self, loader: Iterable[Any], epoch: int) -> float:
         self.wrapped.train()
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
@@ -269,7 +271,7 @@ class Trainer:
         return total / max(docs, 1)
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, loader) -> int:
+    def recalibrate_batchnorm(self, loader: Iterable[Any]) -> int:
         """Reset every BatchNorm's running mean/var and refill them with the cumulative average
         (momentum None) of the batch statistics over one pass of `loader`, in train mode with
         dropout off and no gradients. Only `encode` runs (the BatchNorms are in the encoder and the
@@ -298,7 +300,7 @@ class Trainer:
             core.train(was_training)
         return len(norms)
 
-    def fit(self, train_loader, dev_loader, resume: bool = False) -> TrainState:
+    def fit(self, train_loader: Iterable[Any], dev_loader: Iterable[Any], resume: bool = False) -> TrainState:
         cfg = self.config
         if resume:
             self.resume()
