@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -315,7 +316,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
         line += "; `--recipe official` runs the package defaults (the official MARN recipe) instead"
         if args.command == "train" and args.codes != "D":
             line += f". Its values were measured on diagnoses (codes D), not on --codes {args.codes}"
-    print(line, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        print(line, flush=True)
     return record
 
 
