@@ -132,11 +132,11 @@ def op_implementations() -> dict[str, dict[str, str]]:
 
 
 def _shipped_configs() -> dict:
-    from .cli import CLIError, shipped_config_dir
+    from .config_files import shipped_config_dir
 
     try:
         folder = shipped_config_dir()
-    except CLIError as exc:
+    except ValueError as exc:
         return {"dir": None, "names": [], "error": str(exc)}
     return {"dir": str(folder), "names": sorted(p.stem for p in folder.glob("*.yaml")), "error": None}
 

@@ -176,7 +176,8 @@ def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):
 
 
 def _applied(argv, capsys):
-    from marn_fast.cli import apply_config, build_parser
+    from marn_fast.cli import build_parser
+    from marn_fast.config_files import apply_config
 
     parser = build_parser()
     args = parser.parse_args(argv)

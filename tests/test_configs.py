@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("yaml")
 
 from marn_fast import MARNConfig  # noqa: E402
-from marn_fast.cli import (CLIError, apply_config, build_parser, config_values, settings_from_args,  # noqa: E402
-                           shipped_config_dir, shipped_configs)
+from marn_fast.cli import build_parser, settings_from_args  # noqa: E402
+from marn_fast.config_files import apply_config, config_values, shipped_config_dir, shipped_configs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"codiesp-en-D", "codiesp-es-D", "demo", "mimic3-50", "mimic3-full"}
@@ -102,7 +102,7 @@ def test_yaml_values_are_coerced_and_checked(tmp_path):
     for text, message in cases.items():
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
-        with pytest.raises(CLIError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             config_values(sub, bad)
 
 
@@ -110,5 +110,5 @@ def test_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in ("demo", "demo.yaml", "configs/demo.yaml"):
         assert _apply(["demo", "--config", spec])[1]["path"] == str((shipped_config_dir() / "demo.yaml").resolve())
-    with pytest.raises(CLIError, match="no shipped config of that name.*codiesp-en-D"):
+    with pytest.raises(ValueError, match="no shipped config of that name.*codiesp-en-D"):
         _apply(["train", "--config", "nope"])

@@ -43,7 +43,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     CodiEsp data (settings.source "codiesp") adds a "codiesp" section: the track's MAP, the
     TF-IDF baseline and the evidence scores (training/codiesp.py; `codiesp_options` are its
     keyword options, e.g. baseline=False, evidence_k=5). `config_file`: the record of the config file
-    the run applied (marn_fast.cli.apply_config), kept in manifest.json.
+    the run applied (marn_fast.config_files.apply_config), kept in manifest.json.
     Returns the report dict (also written to out_dir/metrics.json)."""
     out_dir = Path(out_dir)
     log = log or (lambda line: print(line, flush=True))
