@@ -10,6 +10,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from .config_files import RECIPES, apply_config
+
+if TYPE_CHECKING:
+    from .training import DataSettings, TrainConfig
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -132,43 +138,9 @@ MODEL_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "fo
                "lambda_icd", "lambda_ccs", "encoder", "num_filter_maps", "filter_size")
 
 
-def _load_config_file(path) -> dict:
-    """JSON (or YAML when PyYAML is installed) mapping of flag names (dashes or underscores) to values."""
-    text = Path(path).read_text(encoding="utf-8")
-    if str(path).endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as exc:
-            raise CLIError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or use JSON") from exc
-        values = yaml.safe_load(text) or {}
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"--config {path}: not valid JSON ({exc})") from exc
-    if not isinstance(values, dict):
-        raise CLIError(f"--config {path}: expected a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
-def _apply_config_file(parser, args, argv) -> None:
-    """Values from --config fill the options not given on the command line; unknown keys are errors."""
-    if not getattr(args, "config", None):
-        return
-    values = _load_config_file(args.config)
-    known = {a.dest for a in parser._subparsers._group_actions[0].choices[args.command]._actions}
-    unknown = sorted(set(values) - known - {"command", "func"})
-    if unknown:
-        raise CLIError(f"--config {args.config}: unknown keys {unknown}")
-    given = {tok.split("=", 1)[0].lstrip("-").replace("-", "_") for tok in (argv or sys.argv[1:]) if tok.startswith("--")}
-    for key, value in values.items():
-        if key not in given:
-            setattr(args, key, value)
-
-
-def _train_settings(args):
-    from .training import DataSettings, TrainConfig
-
+def _train_settings(args: argparse.Namespace) -> tuple["DataSettings", "TrainConfig", dict[str, Any]]:
+    """(DataSettings, TrainConfig, model options) of a train/demo run; writes the synthetic corpus
+    first when --data synth has none yet."""
     if args.data == "synth":
         data_dir = Path(args.data_dir or Path(args.out) / "data")
         if not (data_dir / "train_full.csv").exists():
@@ -179,6 +151,15 @@ def _train_settings(args):
         if not args.data_dir:
             raise CLIError(f"--data-dir is required with --data {args.data}")
         data_dir = Path(args.data_dir)
+    return settings_from_args(args, data_dir)
+
+
+def settings_from_args(args: argparse.Namespace,
+                       data_dir: str | Path) -> tuple["DataSettings", "TrainConfig", dict[str, Any]]:
+    """The options of a train/demo run as (DataSettings, TrainConfig, model options); each checks
+    its values (ValueError naming the option)."""
+    from .training import DataSettings, TrainConfig
+
     settings = DataSettings(data_dir=str(data_dir), setting=args.labels, top50=args.top50,
                             ccs="none" if args.no_mtl else args.ccs,
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
@@ -217,13 +198,13 @@ def _train_in_process_group(args) -> int:
 
         from .training.seeds import SUMMARY_FILE, train_seeds
 
-        run = functools.partial(train_and_report, codiesp_options=codiesp_options)
+        run = functools.partial(train_and_report, codiesp_options=codiesp_options, config_file=args.applied_config)
         if train_seeds(settings, model_options, train, args.out, args.seeds, backend=args.backend, resume=args.resume,
                        run=run):
             print(f"\nruns in {args.out}/seed-<n>/; mean ± sample std in {Path(args.out) / SUMMARY_FILE}")
         return 0
     report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume,
-                              codiesp_options=codiesp_options)
+                              codiesp_options=codiesp_options, config_file=args.applied_config)
     if report:
         print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
     return 0
@@ -240,8 +221,10 @@ def _demo(args) -> int:
             setattr(args, key, value)
     settings, train, model_options = _train_settings(args)
     print(f"marn-fast demo: synthetic MIMIC-shaped corpus → MARN (d_r={args.hidden_size}) → test metrics; "
-          f"up to {args.max_minutes} min of training on {torch_threads()} CPU threads")
-    report = train_and_report(settings, model_options, train, args.out, backend=args.backend)
+          f"up to {args.epochs} epochs" + (f" or {args.max_minutes:g} min" if args.max_minutes else "") +
+          f" of training on {torch_threads()} CPU threads")
+    report = train_and_report(settings, model_options, train, args.out, backend=args.backend,
+                              config_file=args.applied_config)
     t = report["test_at_tuned_threshold"]
     print(f"\ntest at the dev-tuned threshold {report['tuned_threshold']:.3f}: micro-F1 {t['f1_micro']:.3f}, "
           f"macro-F1 {t['f1_macro']:.3f}, P@5 {t['p@5']:.3f}, MAP {t['map']:.3f}")
@@ -256,12 +239,12 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _default(cls, name: str):
+def _default(cls: type, name: str) -> Any:
     """A dataclass field's default: flags take theirs from the one source of truth."""
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
-def model_default(name: str):
+def model_default(name: str) -> Any:
     from .config import MARNConfig
 
     return _default(MARNConfig, name)
@@ -273,7 +256,13 @@ def _add_training_options(p, demo: bool) -> None:
     from .data.labels import TOP50_SOURCES
     from .training import DataSettings, TrainConfig
 
-    p.add_argument("--config", default=None, help="JSON (or YAML) file of options; flags override it")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML (or JSON) file of options, or the name of a shipped one (marn-fast info lists them); "
+                        "flags override it; replaces the default recipe")
+    p.add_argument("--recipe", choices=RECIPES, default="auto",
+                   help="auto: " + ("apply the shipped demo.yaml" if demo else
+                                    "--data codiesp applies the shipped CodiEsp recipe codiesp-<language>-D.yaml") +
+                        "; official: no shipped config, the package defaults (the official MARN recipe)")
     p.add_argument("--out", default="runs/demo" if demo else "runs/train", help="run folder (report, checkpoints)")
     p.add_argument("--data", choices=("synth", "caml", "codiesp"), default="synth",
                    help="synth: the embedded corpus; caml: a CAML-format folder (MIMIC prepared by prepare-mimic3/4); "
@@ -311,7 +300,7 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--focal-balanced", action="store_true", help="the paper's eq. 16 instead of the official form")
     p.add_argument("--lambda-icd", type=float, default=model_default("lambda_icd"))
     p.add_argument("--lambda-ccs", type=float, default=model_default("lambda_ccs"))
-    p.add_argument("--hidden-size", type=int, default=DEMO_HIDDEN if demo else model_default("hidden_size"), help="d_r per GRU direction")
+    p.add_argument("--hidden-size", type=int, default=model_default("hidden_size"), help="d_r per GRU direction")
     p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
     p.add_argument("--encoder", choices=ENCODERS, default=model_default("encoder"),
                    help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's blocks on top")
@@ -330,17 +319,18 @@ def _add_training_options(p, demo: bool) -> None:
                    help="weight decay on weight matrices and conv kernels only, not on biases and BatchNorm "
                         "scales/shifts (default: on every parameter, as torch's AdamW)")
     p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
-    p.add_argument("--epochs", type=int, default=DEMO_EPOCHS if demo else _default(TrainConfig, "max_epochs"))
+    p.add_argument("--epochs", type=int, default=_default(TrainConfig, "max_epochs"))
     p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))
     p.add_argument("--metric", default=None, help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...; "
                    f"default {_default(TrainConfig, 'metric')}, map with --data codiesp)")
-    p.add_argument("--max-minutes", type=float, default=DEMO_MINUTES if demo else None,
+    p.add_argument("--max-minutes", type=float, default=None,
                    help="stop starting epochs after this many minutes")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if _default(TrainConfig, "bf16") else "fp32",
                    help="CUDA training and evaluation under bf16 autocast or in fp32 (the CPU always runs fp32)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal; one line per epoch always)")
     if demo:
         p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
     else:
@@ -350,16 +340,12 @@ def _add_training_options(p, demo: bool) -> None:
                             "OUT/seeds_summary.json (instead of --seed)")
 
 
-DEMO_HIDDEN = 64
-DEMO_EPOCHS = 16
-DEMO_MINUTES = 15.0
-
-
 def _add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train MARN (early stopping on dev), evaluate the best checkpoint on test")
     _add_training_options(p, demo=False)
     p.set_defaults(func=_train)
-    p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report")
+    p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report "
+                                    "(settings from the shipped demo.yaml)")
     _add_training_options(p, demo=True)
     p.set_defaults(func=_demo)
 
@@ -473,6 +459,21 @@ def _add_codiesp_report(sub) -> None:
     p.set_defaults(func=_codiesp_report)
 
 
+# ----------------------------------------------------------------------------- info
+def _info(args) -> int:
+    from .info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, device, compiled extensions (and the fix when one did not "
+                                    "load), the implementation of each op here, the shipped configs: paste it "
+                                    "into bug reports")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_info)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marn-fast", description="Fast, exact MARN for automated ICD coding.")
@@ -482,14 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(sub)
     _add_codiesp_report(sub)
     _add_bench_step(sub)
+    _add_info(sub)
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _apply_config_file(parser, args, argv)
+        args.applied_config = apply_config(parser, args, argv)
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)

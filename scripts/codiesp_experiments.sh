@@ -80,7 +80,8 @@ train() {  # train NAME LANGUAGE [flags...]: one run per seed in OUT/NAME/seed-<
     seed_caches "$run"
     log "train $name ($language; seeds ${SEED_LIST[*]}) $*"
     local start=$SECONDS
-    "${MARN[@]}" train --data codiesp --data-dir "$DATA" --language "$language" --codes D \
+    # --recipe official: every part states its flags against the package defaults, not the shipped recipe
+    "${MARN[@]}" train --data codiesp --recipe official --data-dir "$DATA" --language "$language" --codes D \
         --seeds "${SEED_LIST[@]}" --out "$run" --resume "$@" "${COMMON[@]}" "${EXTRA[@]}" > "$run.log" 2>&1 \
         || { log "FAILED: $name (see $run.log)"; return 1; }
     log "done $name in $((SECONDS - start)) s"

@@ -233,7 +233,7 @@ stage_codiesp() {
   run codiesp_main 240 env PYTHON=$PY PARTS="w2v main backends report" SEEDS="0" \
     bash scripts/codiesp_experiments.sh "$dir" runs/codiesp --hidden-size 300 --no-progress
   run codiesp_bf16 200 $PY scripts/bf16_accuracy.py --name codiesp --out runs/bf16_codiesp -- \
-    --data codiesp --data-dir "$dir" --language en --codes D --aux ccsr --epochs 40 --patience 10 --no-baseline
+    --data codiesp --recipe official --data-dir "$dir" --language en --codes D --aux ccsr --epochs 40 --patience 10 --no-baseline
 }
 
 stage_report() {

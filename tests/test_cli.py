@@ -1,7 +1,10 @@
-"""The marn-fast command line: demo --quick end to end, predict/evaluate on its checkpoint, and
-bad input turned into a one-line error with a non-zero exit (no traceback)."""
+"""The marn-fast command line: demo --quick end to end (its log redirected to files, as a batch
+job's), predict/evaluate on its checkpoint, the shipped recipes a run applies, and bad input
+turned into a one-line error with a non-zero exit (no traceback)."""
 import io
 import json
+import re
+import subprocess
 import sys
 
 import pytest
@@ -11,9 +14,50 @@ from marn_fast.cli import main
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`marn-fast demo --quick > stdout.log 2> stderr.log`, run from outside the source tree (so
+    it imports the installed package), progress bars left on."""
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    with open(out / "stdout.log", "wb") as stdout, open(out / "stderr.log", "wb") as stderr:
+        done = subprocess.run([sys.executable, "-m", "marn_fast", "demo", "--quick", "--out", str(out)],
+                              stdout=stdout, stderr=stderr, cwd=out, timeout=900)
+    assert done.returncode == 0, (out / "stderr.log").read_text()
     return out
+
+
+def test_redirected_log_has_one_line_per_epoch_and_no_bar_refreshes(quick_run):
+    stdout = (quick_run / "stdout.log").read_bytes().decode()
+    stderr = (quick_run / "stderr.log").read_bytes().decode()
+    assert "\r" not in stdout and "\r" not in stderr  # tqdm refreshes write carriage returns
+    report = json.loads((quick_run / "metrics.json").read_text())
+    epochs = [line for line in stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == report["epochs_run"] >= 1
+    for i, line in enumerate(epochs, 1):
+        assert re.match(rf"epoch +{i}/\d+  train loss [0-9.]+  [0-9.]+ docs/s  dev loss [0-9.]+  "
+                        rf"dev f1_micro [0-9.]+ \(best: \d+\)  [0-9.]+ s  elapsed \d+:\d\d:\d\d$", line), line
+
+
+def test_progress_bars_only_on_a_terminal():
+    from marn_fast.training.trainer import show_progress_bars
+
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    assert show_progress_bars(True, Stream(True))
+    assert not show_progress_bars(True, Stream(False))
+    assert not show_progress_bars(False, Stream(True))  # --no-progress
+    assert not show_progress_bars(True, object())  # a stream without isatty
+
+
+def test_demo_applies_its_shipped_config_and_the_manifest_names_it(quick_run):
+    assert "config: demo.yaml (shipped recipe" in (quick_run / "stdout.log").read_text()
+    record = json.loads((quick_run / "manifest.json").read_text())["config_file"]
+    assert record["name"] == "demo.yaml" and record["shipped"] and record["values"]["epochs"] == 16
+    assert record["overridden_by_flags"] == {}  # --quick is applied after the config, not a flag override
 
 
 def test_demo_quick_writes_the_report(quick_run):
@@ -131,3 +175,44 @@ def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):
     hook.remove()
     means = torch.stack([o.mean(dim=(0, 2)) for o in seen])
     assert torch.allclose(recalibrated, means.mean(0), atol=1e-6)
+
+
+def _applied(argv, capsys):
+    from marn_fast.cli import build_parser
+    from marn_fast.config_files import apply_config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    record = apply_config(parser, args, argv)
+    return args, record, capsys.readouterr().out
+
+
+def test_train_on_codiesp_applies_the_recipe_of_its_language(capsys):
+    base = ["train", "--data", "codiesp", "--data-dir", "CODIESP", "--seed", "0"]
+    args, record, out = _applied(base, capsys)
+    assert record["name"] == "codiesp-en-D.yaml" and record["applied"].startswith("the default for --data codiesp")
+    assert "config: codiesp-en-D.yaml" in out and "--recipe official" in out
+    assert (args.lr, args.hidden_size, args.word2vec_epochs, args.patience, args.epochs) == (3e-2, 64, 100, 15, 100)
+    assert args.decay_matrices_only and args.bn_recalibrate and args.seed == 0
+    args, record, _ = _applied(base + ["--language", "es"], capsys)
+    assert record["name"] == "codiesp-es-D.yaml" and args.language == "es"
+    # flags override the recipe, and the record says which
+    args, record, out = _applied(base + ["--lr", "0.01", "--patience", "15", "--codes", "P"], capsys)
+    assert args.lr == 0.01 and args.codes == "P" and record["overridden_by_flags"] == {"lr": 0.01, "codes": "P"}
+    assert "--lr 0.01" in out and "measured on diagnoses" in out
+    # the official recipe stays one flag away; --config replaces the recipe
+    args, record, out = _applied(base + ["--recipe", "official"], capsys)
+    assert record is None and out == "" and (args.lr, args.hidden_size, args.epochs) == (1e-3, 300, 50)
+    args, record, _ = _applied(base + ["--config", "mimic3-full"], capsys)
+    assert record["name"] == "mimic3-full.yaml" and record["applied"] == "--config" and args.lr == 1e-3
+    # other data take no config: the package defaults are the official recipe
+    args, record, out = _applied(["train", "--data", "caml", "--data-dir", "D"], capsys)
+    assert record is None and out == "" and args.lr == 1e-3
+
+
+def test_info_reports_the_build(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("marn_fast ") and "torch" in out and "marn_fast._C " in out and "focal_loss" in out
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ops"]["label_attention"]["cpu"]

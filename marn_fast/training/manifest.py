@@ -9,20 +9,26 @@ import platform
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from ..data import MIN_DOC_FREQ
 
+if TYPE_CHECKING:
+    from ..model import MARN
+    from .experiment import DataSettings, Experiment
+    from .trainer import TrainConfig
 
-def _version(package: str):
+
+def _version(package: str) -> Optional[str]:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def git_commit(source_dir=None) -> str | None:
+def git_commit(source_dir: Optional[str | Path] = None) -> Optional[str]:
     """The commit of the marn_fast source tree (or of `source_dir`), when it is a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -32,7 +38,7 @@ def git_commit(source_dir=None) -> str | None:
     return out.stdout.strip() or None
 
 
-def environment(source_dir=None) -> dict:
+def environment(source_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Package versions, device, git commit (of marn_fast's tree, or of `source_dir`: a
     benchmark's checkout when marn_fast is installed elsewhere) and the date."""
     cuda = torch.cuda.is_available()
@@ -52,9 +58,14 @@ def _top50(experiment):
     return stats.get("top50") if isinstance(stats, dict) else None
 
 
-def run_manifest(model, settings, train_config, experiment) -> dict:
+def run_manifest(model: "MARN", settings: "DataSettings", train_config: "TrainConfig", experiment: "Experiment",
+                 config_file: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """manifest.json of a train run; `config_file` records the config file the run applied (its
+    name, path, whether it is a shipped recipe, how it was chosen, its values and the flags that
+    overrode them), or None when it ran on flags and the package defaults alone."""
     cuda = torch.cuda.is_available()
     return {
+        "config_file": config_file,
         "model": model.config.to_dict(), "backend": model.backend,
         "dtype": "bfloat16 autocast" if (cuda and train_config.bf16) else "float32",
         "train": asdict(train_config), "seeds": {"train": train_config.seed, "data": settings.seed},
@@ -72,7 +83,8 @@ def run_manifest(model, settings, train_config, experiment) -> dict:
     }
 
 
-def evaluation_manifest(checkpoint, payload: dict, model, settings, experiment, split: str, threshold: float,
+def evaluation_manifest(checkpoint: str | Path, payload: dict[str, Any], model: "MARN", settings: "DataSettings",
+                        experiment: "Experiment", split: str, threshold: float,
                         threshold_source: str) -> dict:
     """manifest.json of `marn-fast evaluate`: the checkpoint and its config, the data settings, the
     label-space and vocabulary sizes, the threshold and where it came from, and the environment."""
@@ -91,7 +103,7 @@ def evaluation_manifest(checkpoint, payload: dict, model, settings, experiment, 
     }
 
 
-def manifest_path(metrics_path) -> Path:
+def manifest_path(metrics_path: str | Path) -> Path:
     """Where the manifest of a metrics file goes: `eval/test.json` → `eval/test.manifest.json`
     (beside it; never over a train run's manifest.json)."""
     path = Path(metrics_path)

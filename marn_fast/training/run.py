@@ -18,7 +18,8 @@ from .alarms import degenerate_run_warnings
 from .experiment import DataSettings, Experiment
 from .manifest import run_manifest
 from .report import comparison_table, plot_frequency_buckets, plot_history, write_json
-from .trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, Trainer, evaluate_result, predict_loader
+from .trainer import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, Trainer, epoch_line, evaluate_result,
+                      predict_loader)
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
@@ -36,12 +37,14 @@ def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: O
 
 def train_and_report(settings: DataSettings, model_options: dict, train_config: TrainConfig, out_dir,
                      backend: str = "auto", resume: bool = False,
-                     log: Optional[Callable[[str], None]] = None, codiesp_options: Optional[dict] = None) -> dict:
+                     log: Optional[Callable[[str], None]] = None, codiesp_options: Optional[dict] = None,
+                     config_file: Optional[dict] = None) -> dict:
     """Train, pick the best dev epoch, tune the threshold on dev, score test; write the report.
 
     CodiEsp data (settings.source "codiesp") adds a "codiesp" section: the track's MAP, the
     TF-IDF baseline and the evidence scores (training/codiesp.py; `codiesp_options` are its
-    keyword options, e.g. baseline=False, evidence_k=5).
+    keyword options, e.g. baseline=False, evidence_k=5). `config_file`: the record of the config file
+    the run applied (marn_fast.config_files.apply_config), kept in manifest.json.
     Returns the report dict (also written to out_dir/metrics.json)."""
     out_dir = Path(out_dir)
     log = log or (lambda line: print(line, flush=True))
@@ -58,8 +61,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
                                             "train": asdict(train_config), "backend": model.backend})
 
     def on_epoch_end(record: dict) -> None:
-        log(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  dev loss {record['dev_loss']:.5f}  "
-            f"dev {train_config.metric} {record[train_config.metric]:.4f}  {record['seconds']:.1f} s")
+        log(epoch_line(record, train_config))
 
     if resume and not (out_dir / LAST_CHECKPOINT).is_file():
         log(f"resume: no {out_dir / LAST_CHECKPOINT} yet (killed before the first epoch ended?); starting from epoch 1")
@@ -96,7 +98,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
                                            **(codiesp_options or {}))
         report["seconds"] = time.perf_counter() - started
     write_json(out_dir / METRICS_FILE, report)
-    write_json(out_dir / MANIFEST_FILE, run_manifest(model, settings, train_config, exp))
+    write_json(out_dir / MANIFEST_FILE, run_manifest(model, settings, train_config, exp, config_file=config_file))
     plot_history(state.history, out_dir / "loss_curve.png")
     plot_frequency_buckets(report["frequency_buckets"], out_dir / "f1_by_frequency.png")
     if settings.source != "codiesp":  # the MIMIC-III paper numbers mean nothing next to CodiEsp

@@ -7,12 +7,14 @@ official code scored) is the one to evaluate on test.
 """
 from __future__ import annotations
 
+import datetime
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA; ignored on the CPU
     max_minutes: Optional[float] = None  # stop starting new epochs after this wall time
-    progress: bool = True
+    progress: bool = True  # progress bars, shown only when stderr is a terminal (show_progress_bars)
     # After each training epoch, recompute every BatchNorm's running statistics as the exact
     # average over one pass of the training data (dropout off, no gradients): eval-mode
     # BatchNorm then sees the statistics of the current weights instead of a momentum-lagged
@@ -107,6 +109,28 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def show_progress_bars(enabled: bool, stream: Optional[TextIO] = None) -> bool:
+    """Whether to draw tqdm bars: when enabled, on the main process, and only if the bars' stream
+    (stderr by default) is a terminal. A redirected log gets one line per epoch (`epoch_line`)
+    instead of every bar refresh and its carriage returns."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(enabled and is_main_process() and callable(isatty) and isatty())
+
+
+def epoch_line(record: dict[str, Any], config: TrainConfig) -> str:
+    """The log line of one epoch: training loss, throughput, dev loss and metric, the epoch's and
+    the run's elapsed time, e.g.
+    `epoch  3/16  train loss 0.01234  91.2 docs/s  dev loss 0.01301  dev map 0.2345 (best: 3)  12.3 s
+    elapsed 0:00:37` (one line)."""
+    speed = record.get("docs_per_second")
+    elapsed = datetime.timedelta(seconds=round(record.get("elapsed_seconds", record["seconds"])))
+    return (f"epoch {record['epoch']:>3}/{config.max_epochs}  train loss {record['train_loss']:.5f}  "
+            + (f"{speed:.1f} docs/s  " if speed is not None else "")
+            + f"dev loss {record['dev_loss']:.5f}  dev {config.metric} {record[config.metric]:.4f} "
+            f"(best: {record['best_epoch']})  {record['seconds']:.1f} s  elapsed {elapsed}")
+
+
 def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -116,7 +140,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_loader(model, loader, device: torch.device, bf16: bool = True) -> EvalResult:
+def predict_loader(model: torch.nn.Module, loader: Iterable[Any], device: torch.device,
+                   bf16: bool = True) -> EvalResult:
     """Run `model` over `loader`; gather sigmoid probabilities and targets from every rank,
     dropping the duplicates a distributed sampler pads with."""
     core = _unwrap(model)
@@ -154,7 +179,7 @@ def predict_loader(model, loader, device: torch.device, bf16: bool = True) -> Ev
                       ccs_scores=cat(3), ccs_targets=cat(4), loss=total / max(len(all_ids), 1))
 
 
-def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -> dict:
+def evaluate_result(result: EvalResult, threshold: float = 0.5, ks: Sequence[int] = (5, 8, 15)) -> dict[str, Any]:
     """marn_fast.metrics.evaluate on the ICD head (and the CCS head under 'ccs')."""
     out = metric_fns.evaluate(result.icd_scores, result.icd_targets, ks=ks, threshold=threshold)
     out["loss"] = result.loss
@@ -163,7 +188,7 @@ def evaluate_result(result: EvalResult, threshold: float = 0.5, ks=(5, 8, 15)) -
     return out
 
 
-def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """The trainable parameters as AdamW groups: one group at `config.weight_decay`, or with
     `decay_matrices_only` the 2+-dimensional ones at it and the rest (biases, norm affines) at 0."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,7 +205,7 @@ class Trainer:
     checkpoint alone can serve predict/evaluate.
     """
 
-    def __init__(self, model, config: TrainConfig, out_dir, metadata: dict,
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, out_dir: str | Path, metadata: dict[str, Any],
                  device: Optional[torch.device] = None,
                  on_epoch_end: Optional[Callable[[dict], None]] = None) -> None:
         self.config = config
@@ -231,14 +256,13 @@ class Trainer:
             raise CheckpointError(path, f"its training state does not fit this run ({one_line(exc)})") from exc
 
     # -------------------------------------------------------------- loops
-    def train_epoch(self, loader, epoch: int) -> float:
+    def train_epoch(self, loader: Iterable[Any], epoch: int) -> float:
         self.wrapped.train()
         sampler = getattr(loader, "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         total, docs, start = 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not (self.config.progress and is_main_process()))
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress_bars(self.config.progress))
         for step, batch in enumerate(bar):
             tokens, lengths = batch.tokens.to(self.device), batch.lengths.to(self.device)
             icd_t = batch.icd_targets.to(self.device)
@@ -260,7 +284,7 @@ class Trainer:
         return total / max(docs, 1)
 
     @torch.no_grad()
-    def recalibrate_batchnorm(self, loader) -> int:
+    def recalibrate_batchnorm(self, loader: Iterable[Any]) -> int:
         """Reset every BatchNorm's running mean/var and refill them with the cumulative average
         (momentum None) of the batch statistics over one pass of `loader`, in train mode with
         dropout off and no gradients. Only `encode` runs (the BatchNorms are in the encoder and the
@@ -289,7 +313,7 @@ class Trainer:
             core.train(was_training)
         return len(norms)
 
-    def fit(self, train_loader, dev_loader, resume: bool = False) -> TrainState:
+    def fit(self, train_loader: Iterable[Any], dev_loader: Iterable[Any], resume: bool = False) -> TrainState:
         cfg = self.config
         if is_main_process() and self.out_dir.is_dir():
             remove_stale_temporaries(self.out_dir)  # left by a process killed mid-write
@@ -317,7 +341,8 @@ class Trainer:
             else:
                 self.state.bad_epochs += 1
             record = {"epoch": epoch + 1, "train_loss": train_loss, "dev_loss": dev["loss"],
-                      cfg.metric: value, "seconds": train_seconds,
+                      cfg.metric: value, "best_epoch": self.state.best_epoch + 1, "seconds": train_seconds,
+                      "elapsed_seconds": time.perf_counter() - start,
                       "docs_per_second": len(train_loader.dataset) / max(train_seconds, 1e-9) if hasattr(train_loader, "dataset") else None,
                       "dev": {k: v for k, v in dev.items() if not isinstance(v, dict)}}
             self.state.history.append(record)

