@@ -47,7 +47,7 @@ TORCH_LIBRARY(marn_fast, m) {
         "Tensor? other, int epilogue, float eps1, float eps2) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Persistent BiGRU recurrence (see marn_fast/ops/bigru_persistent.py), both directions in
-  // processing order, fp32: gx [2, B, T, 3h], lengths [B], w_hh [2, 3h, h], b_hh [2, 3h], `steps`
+  // processing order, fp32 (fp32 or fp64 on the CPU): gx [2, B, T, 3h], lengths [B], w_hh [2, 3h, h], b_hh [2, 3h], `steps`
   // = max(lengths) → the states [2, B, T, h] (zero at s ≥ lengths[b]).
   m.def("bigru_persistent_forward(Tensor gx, Tensor lengths, Tensor w_hh, Tensor b_hh, int steps) -> Tensor");
   // Reverse-time pass: dout, hprev [2, B, T, h], gx, gh [2, B, T, 3h] (gh = hprev·W_hhᵀ + b_hh) → (dG_x, dG_h).

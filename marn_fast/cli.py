@@ -474,6 +474,47 @@ def _add_info(sub) -> None:
     p.set_defaults(func=_info)
 
 
+# ----------------------------------------------------------------------------- tune
+def _tune(args) -> int:
+    import torch
+
+    from .tune import TuneShape, format_table, tune, write_rows
+
+    shapes = [TuneShape.parse(text) for text in args.shapes]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = tune(shapes, hidden_size=args.hidden_size, dtype=args.dtype, device=device, modes=modes,
+                fresh=args.fresh, rounds=args.rounds)
+    print(format_table(rows))
+    if args.write_table:
+        write_rows(args.write_table, rows)
+        print(f"measured entries merged into {args.write_table}")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="resolve the measured dispatch at given shapes ahead of time (fills the cache) "
+                                    "and print each op's candidates in milliseconds and the one chosen")
+    p.add_argument("--shapes", nargs="+", required=True, metavar="BxNxL_ICD[xL_CCS]",
+                   help="batch x padded length x ICD codes [x CCS codes], e.g. 4x500x8921x295 16x4000x50x38")
+    p.add_argument("--hidden-size", type=int, default=None, help="d_r (default: the model's, 300)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: under autocast")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
+    p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (part of the CPU key)")
+    p.add_argument("--fresh", action="store_true", help="measure even where the cache or a shipped table has "
+                                                        "the key (without reading either)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per key with --fresh (default 3)")
+    p.add_argument("--write-table", type=Path, default=None, metavar="FILE",
+                   help="also merge the measured entries into FILE (a table to ship in "
+                        "marn_fast/ops/dispatch_tables/)")
+    p.set_defaults(func=_tune)
+
+
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="marn-fast", description="Fast, exact MARN for automated ICD coding.")
@@ -484,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_codiesp_report(sub)
     _add_bench_step(sub)
     _add_info(sub)
+    _add_tune(sub)
     return parser
 
 

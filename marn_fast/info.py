@@ -1,8 +1,9 @@
 """`marn-fast info` and `python -m marn_fast.info`: what marn_fast runs on this machine.
 
 Package, Python, torch/triton/CUDA versions; the device; which compiled extensions loaded (and,
-for one that did not, why and the command that fixes it); which implementation each op uses here;
-the shipped configs. The text is what a bug report needs: paste all of it.
+for one that did not, why and the command that fixes it); each op's candidate implementations here;
+the measured dispatch's tables; the shipped configs. The text is what a bug report needs: paste
+all of it.
 """
 from __future__ import annotations
 
@@ -90,45 +91,59 @@ def extension_status() -> dict[str, dict]:
     return {name: _extension(name) for name in EXTENSIONS}
 
 
-def op_implementations() -> dict[str, dict[str, str]]:
-    """What each op of `marn_fast.MARN(backend="auto")` runs on each device here (float32,
-    impl="auto"): {op: {device: description}}; the "model" row is the backend "auto" resolves to
-    (under "reference" the model runs the plain-PyTorch modules and no op below)."""
-    from .ops import _extension
-    from .ops._backend import resolve_impl
-    from .ops.label_attention import _cpu_kernel_applies, _resolve as resolve_attention
-    from .ops.ram import _DTYPES as RAM_DTYPES
+def _probes(device: str) -> dict:
+    """op → (candidates impl="auto" measures, static default) on tiny float32 inputs on `device`."""
+    from importlib import import_module
 
-    have_cpu_ext = _extension.cpu_extension_available()
-    table: dict[str, dict[str, str]] = {"model": {}, "bigru": {}, "ram": {}, "label_attention": {},
-                                        "focal_loss": {}, "mul_tanh": {}}
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        t = torch.empty(1, device=device)
-        compiled = _extension.extension_available_for(t)
-        where = "C++" if device == "cpu" else "CUDA"
-        table["model"][device] = ("fused (the ops below)" if have_cpu_ext else
-                                  "reference: plain PyTorch, because marn_fast._C did not load (see extensions)")
-        table["bigru"][device] = ("exact O(n) path: two unidirectional torch GRUs" if device == "cpu"
-                                  else "cuDNN's packed-sequence GRU")
-        table["ram"][device] = (f"compiled block ops marn_fast::ram_block_* ({where})"
-                                if compiled and t.dtype in RAM_DTYPES.get(device, ()) else "plain PyTorch modules")
-        attention = resolve_attention("auto", t)
-        if attention == "triton":
-            table["label_attention"][device] = "Triton kernels, forward and backward"
-        elif _cpu_kernel_applies(t):
-            table["label_attention"][device] = ("C++ forward (marn_fast::label_attention_forward), "
-                                                "chunked PyTorch backward")
-        else:
-            table["label_attention"][device] = "chunked PyTorch, forward and backward"
-        if resolve_impl("auto", t, "focal_loss") == "triton":
-            table["focal_loss"][device] = "Triton kernel (loss and gradient in one pass)"
-        elif device == "cpu" and compiled:
-            table["focal_loss"][device] = "C++ kernel (loss and gradient in one pass)"
-        else:
-            table["focal_loss"][device] = "vectorised PyTorch (loss and gradient in one pass)"
-        table["mul_tanh"][device] = f"compiled op marn_fast::mul_tanh ({where})" if compiled else "torch.tanh(u * h)"
+    from .reference import RAM
+
+    bigru, focal, attention, ram = (import_module(f"marn_fast.ops.{name}")
+                                    for name in ("bigru", "focal_loss", "label_attention", "ram"))
+    g = torch.Generator().manual_seed(0)
+    x, lengths = torch.randn(1, 2, 4, generator=g).to(device), torch.tensor([2], device=device)
+    gru = torch.nn.GRU(4, 3, batch_first=True, bidirectional=True).to(device)
+    features, queries, bias = x, torch.randn(3, 4, generator=g).to(device), torch.zeros(3, device=device)
+    logits, targets = torch.randn(1, 3, generator=g).to(device), torch.zeros(1, 3, device=device)
+    module, h = RAM(8).to(device), torch.randn(1, 8, 3, generator=g).to(device)
+    return {"bigru": (bigru.dispatch_candidates(x, lengths, gru._flat_weights, True), bigru.default_impl(x, lengths)),
+            "ram": (ram.available_impls(module, h), ram.default_impl(module, h)),
+            "label_attention": (attention.available_impls(features, queries, queries, bias, lengths),
+                                attention.default_impl(features)),
+            "focal_loss": (focal.available_impls(logits, targets), focal.default_impl(logits))}
+
+
+def op_implementations() -> dict[str, dict[str, str]]:
+    """What each op of `marn_fast.MARN` can run on each device here (float32): {op: {device:
+    "auto measures among: …; static default: …"}}; the "model" row says how the backends pick.
+    Which candidate "auto" takes depends on the shapes: see `dispatch_table()`."""
+    from .ops import _extension
+
+    table: dict[str, dict[str, str]] = {"model": {}}
+    built = _extension.cpu_extension_available()
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        table["model"][device] = ("auto: each op's measured dispatch (below); fused: the static defaults" if built else
+                                  "auto: each op's measured dispatch among the plain-PyTorch and Triton candidates, "
+                                  "because marn_fast._C did not load (see extensions); fused: unavailable")
+        for op, (candidates, default) in _probes(device).items():
+            table.setdefault(op, {})[device] = f"auto measures among: {', '.join(candidates)}; static default: {default}"
     return table
+
+
+def dispatch_table() -> dict:
+    """The measured dispatch on this machine: its mode, the forced impls, and the entries of the
+    user's cache file and of the shipped table for each visible device (what "auto" runs at those
+    shapes without measuring)."""
+    from .ops import dispatch
+
+    files = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for source, path in (("cache", dispatch.cache_path(torch.device(device))),
+                             ("table", dispatch.table_path(torch.device(device)))):
+            entries = dispatch.read_table(path)
+            files.append({"device": device, "source": source, "path": str(path), "exists": path.is_file(),
+                          "entries": {key: entry["impl"] for key, entry in entries.items()}})
+    return {"mode": os.environ.get(dispatch.ENV_MODE, "tune"), "forced": os.environ.get(dispatch.ENV_FORCE),
+            "files": files}
 
 
 def _shipped_configs() -> dict:
@@ -147,6 +162,7 @@ def collect() -> dict:
 
     return {"versions": versions(), "package_dir": str(Path(__file__).resolve().parent), "commit": git_commit(),
             "device": device_info(), "extensions": extension_status(), "ops": op_implementations(),
+            "dispatch": dispatch_table(),
             "configs": _shipped_configs(),
             "environment": {name: os.environ[name] for name in ENV_VARS if name in os.environ}}
 
@@ -174,11 +190,19 @@ def format_report(info: dict) -> str:
         if e["fix"]:
             lines.append(f"  {'':<18} fix: {e['fix']}")
     devices = list(next(iter(info["ops"].values())))
-    lines.append('ops       impl="auto", float32, per device (' + ", ".join(devices) + '): the model\'s backend, then '
-                 'what each op runs (marn_fast.ops.*, and marn_fast.MARN when fused)')
+    lines.append("ops       float32, per device (" + ", ".join(devices) + "): how marn_fast.MARN's backends pick, "
+                 "then each op's candidates")
     for op, by_device in info["ops"].items():
         for i, device in enumerate(devices):
             lines.append(f"  {op if i == 0 else '':<16} {device:<5} {by_device[device]}")
+    table = info["dispatch"]
+    lines.append(f"dispatch  MARN_FAST_DISPATCH={table['mode']}"
+                 + (f", MARN_FAST_IMPL={table['forced']}" if table["forced"] else ""))
+    for f in table["files"]:
+        lines.append(f"  {f['device']} {f['source']:<5} {f['path']}: "
+                     + (f"{len(f['entries'])} entries" if f["exists"] else "none"))
+        lines += [f"    {key.split('|', 2)[0]:<20} {key.split('|', 2)[2]:<48} {impl}"
+                  for key, impl in f["entries"].items()]
     configs = info["configs"]
     lines.append(f"configs   {', '.join(configs['names'])} in {configs['dir']}" if configs["dir"]
                  else f"configs   {configs['error']}")

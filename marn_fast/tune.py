@@ -25,6 +25,7 @@ SHAPE_PATTERN = re.compile(r"^(\d+)x(\d+)x(\d+)(?:x(\d+))?$")
 MODES = ("train", "infer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TUNE_VOCAB = 1000
+DEFAULT_MAX_LENGTH = MARNConfig.__dataclass_fields__["max_length"].default
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: 
     with context:
         for shape in shapes:
             config = MARNConfig(vocab_size=TUNE_VOCAB, num_icd=shape.num_icd, num_ccs=shape.num_ccs,
-                                max_length=max(shape.n, MARNConfig().max_length),
+                                max_length=max(shape.n, DEFAULT_MAX_LENGTH),
                                 **({"hidden_size": hidden_size} if hidden_size else {}))
             model = MARN(config, backend="auto").to(device)
             tokens, lengths, icd, ccs = _batch(shape, device, generator)
@@ -95,12 +96,12 @@ def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: 
 def format_table(rows: Sequence[dict]) -> str:
     """One line per key: op, mode, dtype, bucketed sizes, the chosen impl and where it came from,
     then every candidate's milliseconds (measured keys) and the rejected ones."""
-    lines = [f"{'op':<16} {'mode':<5} {'dtype':<8} {'sizes':<32} {'chosen':<14} {'source':<9} candidates (ms)"]
+    lines = [f"{'op':<20} {'mode':<5} {'dtype':<8} {'sizes':<32} {'chosen':<14} {'source':<9} candidates (ms)"]
     for row in rows:
         sizes = ",".join(f"{k}={v}" for k, v in row["sizes"].items())
         ms = "  ".join(f"{impl} {value:.2f}" for impl, value in sorted(row["ms"].items(), key=lambda kv: kv[1]))
         rejected = "  ".join(f"{impl}: {why}" for impl, why in row["rejected"].items())
-        lines.append(f"{row['op']:<16} {row['mode']:<5} {row['dtype']:<8} {sizes:<32} {row['impl']:<14} "
+        lines.append(f"{row['op']:<20} {row['mode']:<5} {row['dtype']:<8} {sizes:<32} {row['impl']:<14} "
                      f"{row['source']:<9} {ms}{'  rejected: ' + rejected if rejected else ''}")
     return "\n".join(lines)
 
@@ -111,5 +112,5 @@ def write_rows(path: Path, rows: Sequence[dict]) -> None:
     measured = [row for row in rows if row["source"] == "measured"]
     if measured:
         dispatch.write_table(Path(path), measured[0]["device"],
-                             {row["key"]: {"impl": row["impl"], "ms": row["ms"], "rejected": row["rejected"]}
+                             {row["key"]: dispatch.Choice(row["impl"], row["source"], row["ms"], row["rejected"]).entry()
                               for row in measured})

@@ -10,7 +10,7 @@ import torch
 from marn_fast import info
 from marn_fast.ops import _extension
 
-OPS = {"model", "bigru", "ram", "label_attention", "focal_loss", "mul_tanh"}
+OPS = {"model", "bigru", "ram", "label_attention", "focal_loss"}
 REQUIRE_EXTENSION = os.environ.get("MARN_FAST_REQUIRE_EXTENSION") == "1"
 
 
@@ -22,13 +22,18 @@ def test_report_names_versions_device_extensions_and_ops():
     cpu = report["extensions"]["marn_fast._C"]
     if REQUIRE_EXTENSION:
         assert cpu["loaded"] and cpu["fix"] is None and cpu["file"].endswith(".so")
-        assert report["ops"]["model"]["cpu"].startswith("fused")
-        assert "C++" in report["ops"]["focal_loss"]["cpu"]
+        assert report["ops"]["model"]["cpu"].startswith("auto: each op's measured dispatch")
+        assert report["ops"]["ram"]["cpu"] == ("auto measures among: reference, extension, vendor_conv; "
+                                               "static default: extension")
+        assert "static default: split" in report["ops"]["bigru"]["cpu"]
+    assert report["dispatch"]["mode"] == os.environ.get("MARN_FAST_DISPATCH", "tune")
+    assert {(f["device"], f["source"]) for f in report["dispatch"]["files"]} >= {("cpu", "cache"), ("cpu", "table")}
     cuda = report["extensions"]["marn_fast._C_cuda"]
     if torch.version.cuda is None:
         assert not cuda["applicable"] and "CPU build" in cuda["error"]
     text = info.format_report(report)
-    for needle in ("marn_fast ", "torch ", "triton ", "extensions", "marn_fast._C ", "label_attention", "configs "):
+    for needle in ("marn_fast ", "torch ", "triton ", "extensions", "marn_fast._C ", "label_attention", "dispatch  ",
+                   "configs "):
         assert needle in text, needle
 
 
@@ -39,10 +44,8 @@ def test_without_the_extension_it_says_so_with_the_fix(monkeypatch):
     cpu = report["extensions"]["marn_fast._C"]
     assert not cpu["loaded"] and "marn_fast._C" in cpu["error"]
     assert "pip install --no-build-isolation ." in cpu["fix"]
-    assert report["ops"]["model"]["cpu"].startswith("reference")
-    assert report["ops"]["focal_loss"]["cpu"].startswith("vectorised PyTorch")
-    assert report["ops"]["ram"]["cpu"] == "plain PyTorch modules"
-    assert report["ops"]["mul_tanh"]["cpu"] == "torch.tanh(u * h)"
+    assert "marn_fast._C did not load" in report["ops"]["model"]["cpu"]
+    assert report["ops"]["ram"]["cpu"] == "auto measures among: reference, vendor_conv; static default: reference"
     text = info.format_report(report)
     assert "NOT LOADED" in text and "fix: install torch first" in text
 
@@ -63,7 +66,7 @@ def test_module_entry_point_runs_without_the_extension(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "marn_fast._C       NOT LOADED" in done.stdout and "pip install --no-build-isolation" in done.stdout
-    assert "reference: plain PyTorch" in done.stdout
+    assert "marn_fast._C did not load" in done.stdout
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -2,7 +2,7 @@
 //
 // features O [B, n, C], queries Q [L, C], weights W [L, C], lengths [B] → z [B, L], lse [B, L]:
 //   s_lt = q_l·o_t,  p_lt = w_l·o_t,  z_l = Σ_t softmax_t(s_l)_t · p_lt,  lse_l = log Σ_t exp(s_lt)
-// over t < lengths[b]. One unit of parallel work is (document, chunk of kLabels labels); it walks the
+// over t < lengths[b]. One unit of parallel work is (chunk of kLabels labels, document); it walks the
 // document's valid tokens in tiles of kTokens. Per tile two GEMMs O_tile·Q_cᵀ and O_tile·W_cᵀ give
 // the [tokens, labels] tiles of S and P (they stay in L2), and one pass over them updates the
 // online softmax of each label: column max, rescale of the running sums, then Σ e and Σ e·p with
@@ -73,17 +73,19 @@ inline void update(const double* s, const double* p, int64_t rows, int64_t lc, d
   update_tile_f64(s, p, rows, lc, m, sum, acc, mt);
 }
 
-// Work units [u0, u1): unit u is document u / chunks, labels of chunk u % chunks.
+// Work units [u0, u1): unit u is the labels of chunk u / B for document u % B. Label-chunk-major, so
+// that a thread's contiguous range of units covers every document (the threads' shares stay equal
+// whatever the documents' lengths) and consecutive units reuse the chunk's Q and W rows from cache.
 template <typename T>
 void forward_units(const at::Tensor& o, const at::Tensor& q, const at::Tensor& w, const int64_t* lengths, T* z,
                    T* lse, int64_t u0, int64_t u1) {
-  const int64_t num_labels = q.size(0), chunks = (num_labels + kLabels - 1) / kLabels;
+  const int64_t num_labels = q.size(0), batch = o.size(0);
   const int64_t max_rows = std::min(kTokens, o.size(1)), max_lc = std::min(kLabels, num_labels);
   at::Tensor buf = at::empty({2 * max_rows * max_lc}, o.options());  // the S tile, then the P tile
   std::vector<T> state(4 * kLabels);
   T *m = state.data(), *sum = m + kLabels, *acc = sum + kLabels, *mt = acc + kLabels;
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / chunks, l0 = (u % chunks) * kLabels, lc = std::min(kLabels, num_labels - l0);
+    const int64_t b = u % batch, l0 = (u / batch) * kLabels, lc = std::min(kLabels, num_labels - l0);
     const at::Tensor q_t = q.narrow(0, l0, lc).t(), w_t = w.narrow(0, l0, lc).t(), ob = o[b];  // [C, lc]
     std::fill(m, m + lc, -std::numeric_limits<T>::infinity());
     std::fill(sum, sum + lc, T(0));

@@ -196,7 +196,7 @@ _IGNORE_FILES = False
 _ROUNDS, _BUDGET_S = ROUNDS, TIME_BUDGET_S
 
 
-def _read_entries(path: Path) -> Dict[str, dict]:
+def read_table(path: Path) -> Dict[str, dict]:
     """The entries of a table/cache file ({} when absent; a warning, not an error, when unreadable)."""
     if path not in _FILES:
         entries: Dict[str, dict] = {}
@@ -214,7 +214,7 @@ def _read_entries(path: Path) -> Dict[str, dict]:
 def write_table(path: Path, device: str, entries: Mapping[str, dict]) -> None:
     """Merge entries into the JSON table at path, atomically (temporary file, then os.replace)."""
     path = Path(path)
-    merged = dict(_read_entries(path))
+    merged = dict(read_table(path))
     merged.update(entries)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"device": device, "entries": dict(sorted(merged.items()))}, indent=1) + "\n"
@@ -302,7 +302,7 @@ def _resolve(op: str, key: Key, candidates: Tuple[str, ...], default: str, trial
     setting = mode()
     if setting != "off" and not _IGNORE_FILES:
         for source, path in (("cache", cache_path(device)), ("table", table_path(device))):
-            entry = _read_entries(path).get(key.text())
+            entry = read_table(path).get(key.text())
             if entry is not None and entry["impl"] in candidates:
                 return _record(key, Choice(entry["impl"], source, dict(entry.get("ms", {}))))
     if setting != "tune":
