@@ -13,7 +13,11 @@
 #                         h=300, bf16 and fp32, fwd and fwd+bwd: cuDNN's candidates first (bigru.json),
 #                         then the persistent kernel (bigru_persistent.json), each beside packed
 #   tests                 the full GPU tests (op and model test files, xdist workers)
-#   bench_la bench_ram bench_focal bench_model bf16_synth codiesp report
+#   bench_la bench_ram bench_focal   the op benchmarks (every candidate against eager and torch.compile)
+#   tune                  `marn-fast tune --fresh` at the GPU plan's shapes, bf16 and fp32: the measured
+#                         dispatch's table for this GPU (marn_fast/ops/dispatch_tables/<gpu>.json, copied
+#                         to $OUT: commit it), which bench_model then uses
+#   bench_model bf16_synth codiesp report
 # Results, written as each stage ends: $OUT/summary.txt (one line per stage), $OUT/gpu_check.tgz
 # (gpu_check_logs/, benchmarks/results/, run metrics; re-packed after every stage), and the built
 # extensions (for reuse by a later call: put them in marn_fast/ and carry them).
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
 done
 BUDGET=${BUDGET:-$([ $DRY = 1 ] && echo 3000 || echo 560)}
 ALL="env wheels build link messages persistent_tests sanitize bigru_timing tests bench_la bench_ram bench_focal"
-ALL="$ALL bench_model bf16_synth codiesp report"
+ALL="$ALL tune bench_model bf16_synth codiesp report"
 STAGES=${*:-$ALL}
 OUT=${OUT:-$PWD/gpu_check_out}
 LOGS=$PWD/gpu_check_logs
@@ -56,7 +60,7 @@ note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 has_module() { $PY -c "import $1" > /dev/null 2>&1; }
 
 snapshot() {  # what has run so far, packed into $OUT (so a call cut short still returns it)
-  tar czf "$OUT/gpu_check.tgz.part" gpu_check_logs benchmarks/results \
+  tar czf "$OUT/gpu_check.tgz.part" gpu_check_logs benchmarks/results marn_fast/ops/dispatch_tables \
     $(find runs \( -name metrics.json -o -name manifest.json -o -name seeds_summary.json -o -name report.txt \) \
       2>/dev/null) 2> /dev/null && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz"
 }
@@ -199,9 +203,25 @@ stage_tests() {
 
 # The op benchmarks: --device cuda for real, --smoke (tiny, CPU, writes nothing) in the dry run.
 bench_args() { [ $DRY = 1 ] && echo --smoke || echo --device cuda; }
-stage_bench_la() { run bench_label_attention 120 $PY benchmarks/bench_label_attention.py $(bench_args); }
-stage_bench_ram() { run bench_ram 90 $PY benchmarks/bench_ram.py $(bench_args); }
-stage_bench_focal() { run bench_focal_loss 60 $PY benchmarks/bench_focal_loss.py $(bench_args); }
+# Caps include the first run's Triton compilation (~20 specialisations for the RAM's passes).
+stage_bench_la() { run bench_label_attention 180 $PY benchmarks/bench_label_attention.py $(bench_args); }
+stage_bench_ram() { run bench_ram 180 $PY benchmarks/bench_ram.py $(bench_args); }
+stage_bench_focal() { run bench_focal_loss 120 $PY benchmarks/bench_focal_loss.py $(bench_args); }
+
+stage_tune() {
+  if [ $DRY = 1 ]; then
+    run tune 300 $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 \
+      --write-table "$LOGS/dispatch_table_dry.json"
+    return
+  fi
+  local table
+  table=marn_fast/ops/dispatch_tables/$($PY -c "from marn_fast.ops.dispatch import device_slug; print(device_slug('cuda'))").json
+  for dtype in bf16 fp32; do
+    run "tune_$dtype" 120 $PY -m marn_fast tune --device cuda --fresh --dtype $dtype \
+      --shapes 16x4000x8921x295 16x4000x50x38 --write-table "$table"
+  done
+  cp "$table" "$OUT/" 2> /dev/null
+}
 
 stage_bench_model() {
   if [ $DRY = 1 ]; then

@@ -196,5 +196,8 @@ def test_run_writes_manifest_and_metrics(corpus, tmp_path):
     assert manifest["model"]["hidden_size"] == HIDDEN and manifest["seeds"]["train"] == 0
     assert manifest["label_spaces"]["icd"]["size"] == report["data"]["icd_labels"]
     assert manifest["versions"]["torch"] == torch.__version__ and manifest["backend"] == "auto"
+    ran = {(row["op"], row["mode"]) for row in manifest["dispatch"]}  # the implementation each op ran
+    assert {("bigru", "train"), ("ram", "train"), ("label_attention", "train"), ("bigru", "infer")} <= ran
+    assert all(row["impl"] and row["source"] for row in manifest["dispatch"])
     assert manifest["preprocessing"]["max_length"] == settings.max_length
     assert json.loads((tmp_path / "metrics.json").read_text())["warnings"] == report["warnings"]

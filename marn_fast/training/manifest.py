@@ -1,6 +1,6 @@
 """manifest.json: what a result needs so it can be reproduced and trusted later — the resolved
 config, preprocessing and truncation, label spaces, seeds, package versions, commit, device,
-dtype and backend."""
+dtype, backend, and the implementation each op ran per shape bucket (the measured dispatch)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from ..data import MIN_DOC_FREQ
+from ..ops import dispatch
 
 if TYPE_CHECKING:
     from ..model import MARN
@@ -66,7 +67,7 @@ def run_manifest(model: "MARN", settings: "DataSettings", train_config: "TrainCo
     cuda = torch.cuda.is_available()
     return {
         "config_file": config_file,
-        "model": model.config.to_dict(), "backend": model.backend,
+        "model": model.config.to_dict(), "backend": model.backend, "dispatch": dispatch.choices(),
         "dtype": "bfloat16 autocast" if (cuda and train_config.bf16) else "float32",
         "train": asdict(train_config), "seeds": {"train": train_config.seed, "data": settings.seed},
         "data": asdict(settings),
@@ -90,7 +91,7 @@ def evaluation_manifest(checkpoint: str | Path, payload: dict[str, Any], model: 
     label-space and vocabulary sizes, the threshold and where it came from, and the environment."""
     return {
         "kind": "evaluate", "checkpoint": str(Path(checkpoint).resolve()), "model": model.config.to_dict(),
-        "backend": model.backend, "dtype": "float32", "split": split,
+        "backend": model.backend, "dispatch": dispatch.choices(), "dtype": "float32", "split": split,
         "threshold": threshold, "threshold_source": threshold_source,
         "trained_with": {"data": payload.get("data"), "train": (payload.get("train") or {}).get("train_config")},
         "data": asdict(settings),
