@@ -39,8 +39,8 @@ from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
-
 from common import device_name, device_slug, write_text_atomic  # noqa: E402
+
 from marn_fast.ops import cpu_extension_available, focal_loss, multitask_focal_loss  # noqa: E402
 from marn_fast.reference import focal_loss as reference_focal_loss  # noqa: E402
 from marn_fast.reference import multitask_focal_loss as reference_multitask  # noqa: E402

@@ -240,11 +240,16 @@ def _cuda_run(call):
         return None, None
 
 
-def bench_cuda(args) -> tuple[list[dict], dict]:
+def matmul_ceiling_tflops(size: int = 8192) -> float:
+    """bf16 TFLOP/s of one square GEMM on this GPU: the ceiling the GEMM-first path works against."""
     from triton.testing import do_bench
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    matmul_tflops = 2 * 8192 ** 3 / (do_bench(lambda: a @ a) * 1e-3) / 1e12
-    del a
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    return 2 * size ** 3 / (do_bench(lambda: a @ a) * 1e-3) / 1e12
+
+
+def bench_cuda(args) -> tuple[list[dict], dict]:
+    matmul_tflops = matmul_ceiling_tflops()
     print(f"bf16 matmul ceiling: {matmul_tflops:.1f} TFLOP/s")
     compiled = None if args.no_compile else torch.compile(reference_label_attention)
     plan = [("main", GPU_MAIN, ("eager", "compiled", "fused", "gemm", "gemm_saved"))]

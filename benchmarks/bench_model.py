@@ -633,7 +633,7 @@ def run_limits(spec: dict, device: torch.device, args, deadline: float, log) -> 
         runner = runners[variant]
         peaks: dict = {}
 
-        def fits(batch_size: int, n: int) -> bool:
+        def fits(batch_size: int, n: int, runner=runner) -> bool:
             shape = dataclasses.replace(base, batch=batch_size, n=n)
             try:
                 if fake_oom is not None and batch_size * n > fake_oom:

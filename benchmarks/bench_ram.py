@@ -34,8 +34,8 @@ import time  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
-
 from common import write_results  # noqa: E402
+
 from marn_fast.ops import ram as ram_ops  # noqa: E402
 from marn_fast.reference.ram import RAM  # noqa: E402
 

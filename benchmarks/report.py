@@ -258,7 +258,8 @@ def rerun_instructions() -> list:
     """The usage lines of every benchmarks/bench_*.py docstring, read without importing them."""
     out = ["## How to rerun", "",
            "From the repository root, after `pip install --no-build-isolation -e .` (the compiled extension; "
-           "without it `marn_fast.MARN(backend=\"auto\")` falls back to the reference and the fused rows say so). "
+           "without it `marn_fast.MARN(backend=\"auto\")` measures among the plain-PyTorch and Triton "
+           "candidates only). "
            "Each command writes JSON/CSV (and plots) under `benchmarks/results/<device>/`; on a machine with "
            "CUDA the scripts run their GPU part by default or with `--device cuda`.", "", "```"]
     for path in sorted(HERE.glob("bench_*.py")):

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import LABELS_50, LABELS_FULL, Runner, Shape, make_batch, reference_state  # noqa: E402

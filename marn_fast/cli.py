@@ -91,7 +91,6 @@ def _synth(args) -> int:
 
 def _prepare_mimic3(args) -> int:
     from .data import prepare_mimic3
-
     from .data.caml_top50 import CAML_TOP50_CODES
 
     top_codes = CAML_TOP50_CODES if args.top50 == "caml" else None
@@ -119,7 +118,8 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
     for name, func, help_text in (("prepare-mimic3", _prepare_mimic3, "CAML-format splits from MIMIC-III v1.4 tables"),
-                                  ("prepare-mimic4", _prepare_mimic4, "CAML-format splits from MIMIC-IV (+ MIMIC-IV-Note)")):
+                                  ("prepare-mimic4", _prepare_mimic4,
+                                   "CAML-format splits from MIMIC-IV (+ MIMIC-IV-Note)")):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--mimic-dir", required=True, help="folder with the MIMIC tables (.csv or .csv.gz)")
         p.add_argument("--out", required=True, help="output folder for {train,dev,test}_{full,50}.csv")
@@ -206,7 +206,8 @@ def _train_in_process_group(args) -> int:
     report = train_and_report(settings, model_options, train, args.out, backend=args.backend, resume=args.resume,
                               codiesp_options=codiesp_options, config_file=args.applied_config)
     if report:
-        print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; report, plots and checkpoint in {args.out}")
+        print(f"\nbest epoch {report['best_epoch']} of {report['epochs_run']}; "
+              f"report, plots and checkpoint in {args.out}")
     return 0
 
 
@@ -303,7 +304,8 @@ def _add_training_options(p, demo: bool) -> None:
     p.add_argument("--hidden-size", type=int, default=model_default("hidden_size"), help="d_r per GRU direction")
     p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
     p.add_argument("--encoder", choices=ENCODERS, default=model_default("encoder"),
-                   help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's blocks on top")
+                   help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's "
+                        "blocks on top")
     p.add_argument("--num-filter-maps", type=int, default=model_default("num_filter_maps"), help="CNN encoders")
     p.add_argument("--filter-size", type=int, default=model_default("filter_size"), help="CNN encoder kernel")
     p.add_argument("--dropout", type=float, default=model_default("dropout"))
@@ -370,7 +372,8 @@ def _read_notes(paths) -> list:
             data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
             texts.append(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise CLIError(f"{'stdin' if path == '-' else path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+            name = "stdin" if path == "-" else path
+            raise CLIError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not any(t.strip() for t in texts):
         raise CLIError("no input text: give note files or text on stdin")
     return texts
@@ -421,7 +424,8 @@ def _add_eval_commands(sub) -> None:
     p.set_defaults(func=_import_official)
     p = sub.add_parser("evaluate", help="score a checkpoint on a split of a CAML-format folder")
     p.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    p.add_argument("--data-dir", default=None, help="CAML-format folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None,
+                   help="CAML-format folder (default: the one the checkpoint was trained on)")
     p.add_argument("--split", choices=("train", "dev", "test"), default="test")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: tuned on dev)")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")

@@ -125,7 +125,8 @@ def op_implementations() -> dict[str, dict[str, str]]:
                                   "auto: each op's measured dispatch among the plain-PyTorch and Triton candidates, "
                                   "because marn_fast._C did not load (see extensions); fused: unavailable")
         for op, (candidates, default) in _probes(device).items():
-            table.setdefault(op, {})[device] = f"auto measures among: {', '.join(candidates)}; static default: {default}"
+            table.setdefault(op, {})[device] = (f"auto measures among: {', '.join(candidates)}; "
+                                                f"static default: {default}")
     return table
 
 

@@ -19,7 +19,7 @@ manifest.json).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, cast
 
 import torch
 
@@ -61,16 +61,18 @@ class MARN(ReferenceMARN):
     def _encode_tokens(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         if self.backend == "reference" or self.config.encoder != "bigru":
             return super()._encode_tokens(x, lengths)
-        weights = self.encoder._flat_weights
+        weights = cast(List[torch.Tensor], self.encoder._flat_weights)
         impl = "auto" if self.measured else bigru_default(x, lengths)
         return bigru(x, lengths, weights, impl)
 
     def _recalibrate(self, h: torch.Tensor) -> torch.Tensor:
         if self.backend == "reference":
             return super()._recalibrate(h)
+        ram = self.ram
+        assert ram is not None, "called only when the model has a RAM"
         h = h.transpose(1, 2)
-        impl = "auto" if self.measured else ram_default(self.ram, h)
-        return ram_forward(self.ram, h, impl).transpose(1, 2)
+        impl = "auto" if self.measured else ram_default(ram, h)
+        return ram_forward(ram, h, impl).transpose(1, 2)
 
     def _head_logits(self, head: LabelAttentionHead, features: torch.Tensor,
                      lengths: Optional[torch.Tensor]) -> torch.Tensor:

@@ -112,5 +112,5 @@ def write_rows(path: Path, rows: Sequence[dict]) -> None:
     measured = [row for row in rows if row["source"] == "measured"]
     if measured:
         dispatch.write_table(Path(path), measured[0]["device"],
-                             {row["key"]: dispatch.Choice(row["impl"], row["source"], row["ms"], row["rejected"]).entry()
-                              for row in measured})
+                             {row["key"]: dispatch.Choice(row["impl"], row["source"], row["ms"],
+                                                          row["rejected"]).entry() for row in measured})

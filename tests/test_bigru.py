@@ -8,14 +8,20 @@ fp32 1e-4, except cudnn_persistent, which computes in fp16 there: 1e-2 of the la
 """
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 from marn_fast import ops
-from marn_fast.ops.bigru import (IMPLS, PERSIST_MULTIPLE, _pad_gates, available_impls, packed_bigru,
-                                 reverse_within_lengths_index, split_bigru)
+from marn_fast.ops.bigru import (
+    IMPLS,
+    PERSIST_MULTIPLE,
+    _pad_gates,
+    available_impls,
+    packed_bigru,
+    reverse_within_lengths_index,
+    split_bigru,
+)
 from marn_fast.reference import packed_bigru as reference_bigru
-
-from conftest import requires_cuda
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 

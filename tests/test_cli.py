@@ -147,8 +147,8 @@ def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):
     import torch
 
     from marn_fast import MARN, MARNConfig
-    from marn_fast.training import TrainConfig, Trainer
     from marn_fast.data.batching import Batch
+    from marn_fast.training import TrainConfig, Trainer
 
     torch.manual_seed(0)
     model = MARN(MARNConfig(vocab_size=20, num_icd=3, hidden_size=4, dropout=0.5), backend="reference")

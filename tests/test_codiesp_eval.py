@@ -12,8 +12,18 @@ import pytest
 import torch
 
 from marn_fast.data.codiesp import EvidenceSpan
-from marn_fast.training.codiesp import (codiesp_map_of, collect_runs, fit_logreg, map_report, merge_positions,
-                                        ranked_labels, row_space, score_evidence, summarize_runs, tfidf_matrices)
+from marn_fast.training.codiesp import (
+    codiesp_map_of,
+    collect_runs,
+    fit_logreg,
+    map_report,
+    merge_positions,
+    ranked_labels,
+    row_space,
+    score_evidence,
+    summarize_runs,
+    tfidf_matrices,
+)
 
 TOL = 1e-9
 

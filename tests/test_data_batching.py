@@ -5,8 +5,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from marn_fast.config import MARNConfig
-from marn_fast.data import (DEFAULT_MAX_LENGTH, BucketBatchSampler, CCSMapper, CodingDataset, Document, LabelSpace,
-                            Vocabulary, build_ccs_label_space, compare_padding, padding_fraction)
+from marn_fast.data import (
+    DEFAULT_MAX_LENGTH,
+    BucketBatchSampler,
+    CCSMapper,
+    CodingDataset,
+    Document,
+    LabelSpace,
+    Vocabulary,
+    build_ccs_label_space,
+    compare_padding,
+    padding_fraction,
+)
 
 
 def _lengths(n=203, seed=0):

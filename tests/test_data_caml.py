@@ -4,9 +4,22 @@ import gzip
 
 import pytest
 
-from marn_fast.data import (Document, LabelSpace, build_icd_label_space, format_icd9_diagnosis, format_icd9_procedure,
-                            format_icd10_diagnosis, format_icd10_procedure, icd9_code_type, load_caml_splits,
-                            read_caml_csv, restrict_to_codes, tokenize, top_k_codes, write_caml_csv)
+from marn_fast.data import (
+    Document,
+    LabelSpace,
+    build_icd_label_space,
+    format_icd9_diagnosis,
+    format_icd9_procedure,
+    format_icd10_diagnosis,
+    format_icd10_procedure,
+    icd9_code_type,
+    load_caml_splits,
+    read_caml_csv,
+    restrict_to_codes,
+    tokenize,
+    top_k_codes,
+    write_caml_csv,
+)
 
 HEADER = ["SUBJECT_ID", "HADM_ID", "TEXT", "LABELS", "length"]
 

@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 from marn_fast.data import build_ccs_label_space, build_icd_label_space
-from marn_fast.data.codiesp import (CodiEspAuxMapper, code_of, diagnosis_group, label_of, load_codiesp,
-                                    normalize_code, read_codiesp_codes, read_codiesp_evidence, tokenize_with_offsets)
+from marn_fast.data.codiesp import (
+    CodiEspAuxMapper,
+    code_of,
+    diagnosis_group,
+    label_of,
+    load_codiesp,
+    normalize_code,
+    read_codiesp_codes,
+    read_codiesp_evidence,
+    tokenize_with_offsets,
+)
 
 # case id -> (Spanish text, English text, D codes, P codes, X rows (type, code, evidence, "s e[;s e]"))
 FIXTURE = {
@@ -56,7 +65,8 @@ def write_fixture(root: Path, splits=FIXTURE, background=True) -> Path:
         for suffix, rows in (("D", d_rows), ("P", p_rows), ("X", x_rows)):
             (folder / f"{split}{suffix}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     if background:
-        for sub, text in (("text_files", "Caso de fondo sin códigos: neumonía."), ("text_files_en", "Background: pneumonia.")):
+        for sub, text in (("text_files", "Caso de fondo sin códigos: neumonía."),
+                          ("text_files_en", "Background: pneumonia.")):
             (root / "background" / sub).mkdir(parents=True, exist_ok=True)
             (root / "background" / sub / "bg-1.txt").write_text(text, encoding="utf-8")
     return root

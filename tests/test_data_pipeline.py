@@ -4,9 +4,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from marn_fast import MARN, MARNConfig
-from marn_fast.data import (BucketBatchSampler, CCSMapper, CodingDataset, Vocabulary, build_ccs_label_space,
-                            build_icd_label_space, load_caml_splits, train_word2vec,
-                            write_synthetic_corpus)
+from marn_fast.data import (
+    BucketBatchSampler,
+    CCSMapper,
+    CodingDataset,
+    Vocabulary,
+    build_ccs_label_space,
+    build_icd_label_space,
+    load_caml_splits,
+    train_word2vec,
+    write_synthetic_corpus,
+)
 
 
 @pytest.mark.filterwarnings("ignore:CodingDataset")

@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from marn_fast.data import (SYNTHETIC_PRESETS, CCSMapper, build_icd_label_space, icd9_code_type, load_caml_splits,
-                            tokenize, write_synthetic_corpus)
+from marn_fast.data import (
+    SYNTHETIC_PRESETS,
+    CCSMapper,
+    build_icd_label_space,
+    icd9_code_type,
+    load_caml_splits,
+    tokenize,
+    write_synthetic_corpus,
+)
 
 
 @pytest.fixture(scope="module")

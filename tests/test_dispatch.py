@@ -3,6 +3,7 @@ the reference check, the cache file, shipped tables, forcing, the modes, and tor
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -197,7 +198,8 @@ def test_all_candidates_failing_falls_back_to_default():
 
     with pytest.warns(RuntimeWarning, match="no candidate of toy ran"):
         impl = dispatch.choose("toy", device=torch.device("cpu"), dtype=torch.float32, train=False,
-                               sizes={"n": 2}, candidates=lambda: ("crash", "fast"), default="fast", trial=lambda: failing)
+                               sizes={"n": 2}, candidates=lambda: ("crash", "fast"), default="fast",
+                               trial=lambda: failing)
     assert impl == "fast"
     assert (_only_choice()["impl"], _only_choice()["source"]) == ("fast", "default")
 
@@ -223,3 +225,25 @@ def test_torch_compile_without_eager_resolution_uses_default():
     x = torch.randn(4, 3)
     torch.testing.assert_close(compiled(x), 2 * x)
     assert (_only_choice()["impl"], _only_choice()["source"]) == ("fast", "default")
+
+
+SHIPPED_TABLES = sorted(dispatch.TABLES_DIR.glob("*.json"))
+OP_IMPLS = {"label_attention": "label_attention", "bigru": "bigru", "ram": "ram", "focal_loss": "focal_loss",
+            "multitask_focal_loss": "focal_loss"}
+
+
+@pytest.mark.parametrize("path", SHIPPED_TABLES, ids=[p.stem for p in SHIPPED_TABLES])
+def test_shipped_tables_name_known_ops_impls_and_keys(path):
+    """Every shipped table (package data: installed with the package) parses, and each entry names an
+    op, a mode and sizes of the key format, an impl that op has, and the timings it was chosen from."""
+    from importlib import import_module
+
+    data = json.loads(path.read_text())
+    assert data["entries"], path
+    assert path.stem == re.sub(r"[^a-z0-9]+", "-", data["device"].split(",")[0].lower()).strip("-")[:60]
+    for key, entry in data["entries"].items():
+        op, device, dtype, mode, sizes = key.split("|")
+        assert device.startswith(data["device"].split(",")[0]) and mode in ("train", "infer"), key
+        assert getattr(torch, dtype).is_floating_point and all("=" in s for s in sizes.split(",")), key
+        assert entry["impl"] in import_module(f"marn_fast.ops.{OP_IMPLS[op]}").IMPLS, key
+        assert entry["ms"][entry["impl"]] == min(entry["ms"].values()), key  # the fastest was chosen

@@ -189,8 +189,10 @@ def run_cases(device: str) -> None:
 def _child_results(device: str) -> dict:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             f"import test_error_messages as t; t.run_cases({device!r})")
+    # cwd: the tests folder, so that `-c` imports the installed package (with its built extension),
+    # not the source tree of the repository root
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          cwd=Path(__file__).parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     results, started = {}, None
     for line in proc.stdout.splitlines():
         if line.startswith("{"):

@@ -47,7 +47,7 @@ HIDDEN = 8
 CORPUS = {"num_docs": 48, "median_tokens": 40, "num_codes": 20}
 FLAGS = ["--hidden-size", str(HIDDEN), "--no-progress", "--word2vec-epochs", "1", "--batch-size", "8",
          "--max-length", "120", "--patience", "50"]
-TIMING_KEYS = {"seconds", "docs_per_second", "checkpoint"}
+TIMING_KEYS = {"seconds", "elapsed_seconds", "docs_per_second", "checkpoint"}
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,9 @@ sys.exit(main(argv))
 
 def start_child(argv, fault=None):
     cmd = [sys.executable, "-c", DRIVER, json.dumps(fault or {"kind": "none"}), *argv]
-    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: the tests folder, so that `-c` imports the installed package, not the source tree above
+    return subprocess.Popen(cmd, env=child_env(), cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finish_child(proc, kill_after=None, timeout=300):

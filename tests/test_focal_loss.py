@@ -24,14 +24,15 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 from marn_fast.kernels.focal_loss import BLOCK_SIZE
 from marn_fast.ops import cpu_extension_available
 from marn_fast.ops import focal_loss as _focal_loss
 from marn_fast.ops import multitask_focal_loss as _multitask_focal_loss
-from conftest import requires_cuda
 
-ref = importlib.import_module("marn_fast.reference.focal_loss")  # the module (the package exports a function of that name)
+# the module (the package exports a function of that name)
+ref = importlib.import_module("marn_fast.reference.focal_loss")
 ops_module = importlib.import_module("marn_fast.ops.focal_loss")
 
 IMPLS = ("triton", "cpp", "torch")

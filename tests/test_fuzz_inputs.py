@@ -191,10 +191,6 @@ CONFIG_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.f
                           st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=3), st.just({}))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--config values are set on the parsed arguments without the flag's type, choices or nargs: "
-    "{'lr': 'abc'}, {'epochs': null} or {'seeds': 3} end in a TypeError traceback (cli._apply_config_file, "
-    "config handling: convert each value with its argparse action and refuse it in one line)"))
 @fuzz(40)
 @given(values=st.dictionaries(st.sampled_from(CONFIG_KEYS), CONFIG_VALUES, min_size=1, max_size=3))
 def test_config_values_of_any_type(stub_training, capsys, tmp_path_factory, values):

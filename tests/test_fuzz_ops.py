@@ -23,8 +23,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from marn_fast import reference
-from marn_fast.ops import (bigru, focal_loss, label_attention, label_attention_topk, label_attention_with_lse,
-                           mul_tanh, multitask_focal_loss)
+from marn_fast.ops import (
+    bigru,
+    focal_loss,
+    label_attention,
+    label_attention_topk,
+    label_attention_with_lse,
+    mul_tanh,
+    multitask_focal_loss,
+)
 from marn_fast.ops._backend import interpreting
 from marn_fast.ops.ram import ram_forward
 
@@ -392,7 +399,8 @@ def test_ram_forward(data, seed, channels, training, output_tanh):
     ram.train(training)
     batch, n = d.draw(st.integers(0, 3)), d.draw(st.integers(1, 7))
     width = d.draw(st.sampled_from([channels] * 5 + [channels + 1]))
-    dtype = d.draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))  # int, or not the RAM's: refused (below)
+    # (an int dtype, or one other than the RAM's, is refused: tests below)
+    dtype = d.draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
     ram.to(dtype)
     h = d.layout(poison(d, d.randn((batch, width, n), dtype)))
     h = on_device(d, {"h": h})["h"]

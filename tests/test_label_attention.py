@@ -21,8 +21,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from marn_fast.ops._extension import cpu_extension_available
-from marn_fast.ops.label_attention import (available_impls, label_attention, label_attention_topk,
-                                           label_attention_with_lse)
+from marn_fast.ops.label_attention import (
+    available_impls,
+    label_attention,
+    label_attention_topk,
+    label_attention_with_lse,
+)
 from marn_fast.reference.label_attention import label_attention as reference_label_attention
 from marn_fast.reference.label_attention import topk_evidence
 

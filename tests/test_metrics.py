@@ -9,8 +9,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import (accuracy_score, f1_score, label_ranking_average_precision_score,
-                             precision_score, recall_score, roc_auc_score)
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    label_ranking_average_precision_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from marn_fast import metrics
 from marn_fast.metrics import codiesp_map, evaluate, format_table, frequency_buckets, tune_threshold

@@ -17,15 +17,24 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import requires_cuda
 from torch import nn
 
 from marn_fast.ops import cpu_extension_available
 from marn_fast.ops._backend import interpreting
-from marn_fast.ops.ram import (EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH, EPILOGUE_NONE, available_impls,
-                               conv_weight, folded_block, ram_block, ram_forward)
-from marn_fast.reference.ram import RAM, ram_block as reference_block
-
-from conftest import requires_cuda
+from marn_fast.ops.ram import (
+    EPILOGUE_ADD,
+    EPILOGUE_MUL,
+    EPILOGUE_MUL_TANH,
+    EPILOGUE_NONE,
+    available_impls,
+    conv_weight,
+    folded_block,
+    ram_block,
+    ram_forward,
+)
+from marn_fast.reference.ram import RAM
+from marn_fast.reference.ram import ram_block as reference_block
 
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="marn_fast._C not built")
 
@@ -211,7 +220,7 @@ def test_every_impl_gradients_and_buffers_after_steps(impl, momentum):
 def test_available_impls_and_unavailable_impls_raise(monkeypatch):
     ram, h = RAM(8), torch.randn(2, 8, 5)
     assert available_impls(ram, h) == ("reference", "extension", "vendor_conv")
-    assert available_impls(ram.double(), h.double()) == ("reference", "extension", "vendor_conv")
+    assert available_impls(RAM(8).double(), h.double()) == ("reference", "extension", "vendor_conv")
     ram16, h16 = RAM(8).bfloat16(), h.bfloat16()
     assert available_impls(ram16, h16) == ("reference",)
     for impl in ("extension", "vendor_conv"):

@@ -34,7 +34,8 @@ def test_aggregate_over_seeds():
     assert summary["test"]["f1_micro"]["values"] == [0.5, 0.6, 0.7]  # in seed order
     assert summary["test"]["ccs.f1_micro"]["std"] == pytest.approx(0.0)
     assert summary["test_at_tuned_threshold"]["f1_micro"]["mean"] == pytest.approx(0.65)
-    assert summary["dev_f1_micro"]["mean"] == pytest.approx(0.55) and summary["dev_f1_micro"]["std"] == pytest.approx(0.1)
+    assert summary["dev_f1_micro"]["mean"] == pytest.approx(0.55)
+    assert summary["dev_f1_micro"]["std"] == pytest.approx(0.1)
     assert summary["best_epoch"]["mean"] == pytest.approx(8 / 3)
     table = format_table(summary, "f1_micro")
     assert "60.00 ± 10.00" in table and "65.00 ± 10.00" in table and "dev f1_micro" in table and "ddof=1" in table

@@ -17,7 +17,8 @@ def test_caml_list_is_fifty_distinct_dotted_codes():
     assert len(CAML_TOP50_CODES) == 50 and len(set(CAML_TOP50_CODES)) == 50
     assert "37.23" in CAML_TOP50_CODES and "250.00" in CAML_TOP50_CODES and "V58.61" in CAML_TOP50_CODES
     assert CAML_TOP50_CODES[0] == "401.9" and CAML_TOP50_CODES[-1] == "37.23"  # CAML's frequency order
-    assert all(ICD9_DOTTED.match(c) for c in CAML_TOP50_CODES), [c for c in CAML_TOP50_CODES if not ICD9_DOTTED.match(c)]
+    malformed = [c for c in CAML_TOP50_CODES if not ICD9_DOTTED.match(c)]
+    assert not malformed, malformed
     undotted = [c for c in CAML_TOP50_CODES if "." not in c]
     assert undotted == ["486", "496", "311", "412"]  # three-digit diagnoses have no decimal part
 

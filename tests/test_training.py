@@ -7,8 +7,15 @@ import torch
 from marn_fast import MARN, MARNConfig
 from marn_fast.data import SYNTHETIC_PRESETS, write_synthetic_corpus
 from marn_fast.predict import Predictor
-from marn_fast.training import (DataSettings, Experiment, TrainConfig, Trainer, load_checkpoint, predict_loader,
-                                save_checkpoint)
+from marn_fast.training import (
+    DataSettings,
+    Experiment,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    predict_loader,
+    save_checkpoint,
+)
 from marn_fast.training.evaluation import evaluate_checkpoint
 
 HIDDEN = 8
@@ -77,7 +84,8 @@ def test_weight_decay_groups(experiment, tmp_path, matrices_only):
     for p in model.parameters():
         p.grad = None if not p.requires_grad else torch.zeros_like(p)
     trainer.optimizer.step()
-    norm_affines = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d) for k in ("weight", "bias")}
+    norm_affines = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm1d)
+                    for k in ("weight", "bias")}
     assert norm_affines  # the RAM's BatchNorms are there to be checked
     for name, p in model.named_parameters():
         if name not in before:

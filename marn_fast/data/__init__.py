@@ -16,13 +16,34 @@ Then (marn_fast.training.experiment does this for the trainer):
     sampler = BucketBatchSampler(ds.lengths, batch_size=16, seed=0)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)   # yields Batch
 """
-from .batching import (DEFAULT_MAX_LENGTH, Batch, BucketBatchSampler, CodingDataset, Example, collate,
-                       compare_padding, padding_fraction)
-from .caml import (CAML_COLUMNS, CamlCorpus, Document, load_caml_splits, parse_labels, read_caml_csv, tokenize,
-                   write_caml_csv)
+from .batching import (
+                       DEFAULT_MAX_LENGTH,
+                       Batch,
+                       BucketBatchSampler,
+                       CodingDataset,
+                       Example,
+                       collate,
+                       compare_padding,
+                       padding_fraction,
+)
+from .caml import (
+                       CAML_COLUMNS,
+                       CamlCorpus,
+                       Document,
+                       load_caml_splits,
+                       parse_labels,
+                       read_caml_csv,
+                       tokenize,
+                       write_caml_csv,
+)
 from .ccs import CCS_MODES, CCSMapper, build_ccs_label_space, read_hcup_table
-from .codes import (format_icd9_diagnosis, format_icd9_procedure, format_icd10_diagnosis, format_icd10_procedure,
-                    icd9_code_type)
+from .codes import (
+                       format_icd9_diagnosis,
+                       format_icd9_procedure,
+                       format_icd10_diagnosis,
+                       format_icd10_procedure,
+                       icd9_code_type,
+)
 from .embeddings import embedding_matrix, train_word2vec
 from .labels import DEFAULT_TOP_K, LabelSpace, build_icd_label_space, restrict_to_codes, top_k_codes
 from .mimic import prepare_mimic3, prepare_mimic4

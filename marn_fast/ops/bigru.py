@@ -91,8 +91,10 @@ def packed_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequ
 def _pad_gates(w: torch.Tensor, hidden: int, padded_hidden: int, padded_cols: Optional[int] = None) -> torch.Tensor:
     """A GRU weight [3h, c] → [3h', c'] (bias [3h] → [3h']): each gate's block zero-padded."""
     gates = w.reshape(3, hidden, *w.shape[1:])
-    pad = ([0, padded_cols - w.shape[1]] if w.dim() == 2 else []) + [0, padded_hidden - hidden]
-    return F.pad(gates, pad).reshape(3 * padded_hidden, *([padded_cols] if w.dim() == 2 else []))
+    if w.dim() == 1:
+        return F.pad(gates, [0, padded_hidden - hidden]).reshape(3 * padded_hidden)
+    cols = w.shape[1] if padded_cols is None else padded_cols
+    return F.pad(gates, [0, cols - w.shape[1], 0, padded_hidden - hidden]).reshape(3 * padded_hidden, cols)
 
 
 def split_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],

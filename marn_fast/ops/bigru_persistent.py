@@ -43,10 +43,11 @@ run has tested and timed them (scripts/gpu_check.sh). Where they cannot launch (
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -138,8 +139,8 @@ def _kernels(device: torch.device, num_slices: int):
             raise ValueError("persistent BiGRU on CUDA needs the compiled extension marn_fast._C_cuda; "
                              "reinstall with `pip install --no-build-isolation .` on a CUDA build of torch")
     elif not cpu_extension_available():
-        return (lambda *args: _recurrence_forward(*args, num_slices),
-                lambda *args: _recurrence_backward(*args, num_slices))
+        return (functools.partial(_recurrence_forward, num_slices=num_slices),
+                functools.partial(_recurrence_backward, num_slices=num_slices))
     return (torch.ops.marn_fast.bigru_persistent_forward,
             lambda *args: tuple(torch.ops.marn_fast.bigru_persistent_backward(*args)))
 
@@ -202,7 +203,8 @@ class _PersistentBiGRU(torch.autograd.Function):
         flat = lambda t: t.view(2, batch * n, t.shape[-1])  # noqa: E731
         gh = torch.baddbmm(b_hh[:, None], flat(hprev), w_hh.transpose(1, 2)).view_as(gx)  # every step, one GEMM
         d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh, ctx.steps)
-        dx = grads = None
+        dx = None
+        grads: Optional[List[Optional[torch.Tensor]]] = None
         if need_x:
             d_x_proc = torch.bmm(flat(d_gx), w_ih)  # [2, B·n, d_e]
             dx = (d_x_proc[0] + d_x_proc[1].index_select(0, rev)).view(x.shape)

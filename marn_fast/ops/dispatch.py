@@ -48,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -435,7 +435,11 @@ def grad_flows(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def autograd_trial(call: Callable[..., object], inputs: Sequence[Optional[torch.Tensor]], train: bool,
+# What an op returns to a trial: one tensor, or a sequence of tensors (None where not computed).
+OpOutput = Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]
+
+
+def autograd_trial(call: Callable[..., OpOutput], inputs: Sequence[Optional[torch.Tensor]], train: bool,
                    params: Sequence[torch.Tensor] = (), seed: int = 0) -> Trial:
     """A trial for an op taking tensors: impl → [outputs..., gradients...].
 

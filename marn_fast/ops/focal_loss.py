@@ -25,7 +25,8 @@ read as bytes); CUDA, or CPU tensors under TRITON_INTERPRET=1;
 (csrc/cpu/focal_loss_cpu.cpp: the same math in one vectorised pass, fixed-order sums) when the
 compiled extension is available, else vectorised PyTorch computing loss and gradient together.
 "auto" is the measured dispatcher's choice for the call's key (ops/dispatch.py); where nothing
-is measured, the static `default_impl`: Triton on CUDA, torch on CPU. `multitask_focal_loss` runs both heads in one launch
+is measured, the static `default_impl`: Triton on CUDA, torch on CPU. `multitask_focal_loss` runs
+both heads in one launch
 (and one backward launch) on the Triton path.
 
 Per-call cost: nothing on the way synchronises with the device. The check that float/uint8
@@ -39,14 +40,15 @@ register_fake + register_autograd), opaque to the compiler.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import os
 from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from .. import reference
-from ..reference.checks import FLOAT_DTYPES, check_tensor, check_targets as _check_targets
+from ..reference.checks import FLOAT_DTYPES, check_tensor
+from ..reference.checks import check_targets as _check_targets
 from ..reference.focal_loss import REDUCTIONS
 from . import dispatch
 from ._backend import interpreting, resolve_impl, triton_available
@@ -215,7 +217,8 @@ class _MultitaskFocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xa, ya, xb, yb, params):
-        loss, grads = _multitask_run(xa, ya, xb, yb, *params[:5], True, params[5])
+        scale_a, scale_b, alpha, gamma, balanced, use_triton = params
+        loss, grads = _multitask_run(xa, ya, xb, yb, scale_a, scale_b, alpha, gamma, balanced, True, use_triton)
         ctx.shapes = (xa.shape, xb.shape)
         ctx.save_for_backward(*grads)
         return loss

@@ -66,7 +66,7 @@ labels per document (the evidence that predict/explain shows), computing A only 
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -297,7 +297,7 @@ SAVED_FREE_FRACTION = 0.25
 PER_DOCUMENT_MAX_BATCH = 4
 
 
-_MEMINFO_CACHE = {"time": float("-inf"), "bytes": None}
+_MEMINFO_CACHE: Dict[str, Any] = {"time": float("-inf"), "bytes": None}
 
 
 def free_memory_bytes(device: torch.device) -> Optional[int]:
@@ -493,7 +493,8 @@ def _chunk_size(features: Tensor, groups, num_labels: int, dtype, scratch: bool 
 
 def _halves(buffer: Tensor, labels: int, columns: int) -> Tuple[Tensor, Tensor]:
     """The first 2·labels·columns values of buffer as two [labels, columns] blocks."""
-    return buffer[:2 * labels * columns].view(2, labels, columns).unbind(0)
+    first, second = buffer[:2 * labels * columns].view(2, labels, columns).unbind(0)
+    return first, second
 
 
 def _joined(s: Tensor) -> Tensor:

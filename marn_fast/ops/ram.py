@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import weakref
 from copy import deepcopy
-from typing import Optional
+from typing import Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -135,9 +135,21 @@ if cpu_extension_available():
 
 def conv_weight(conv: nn.Module) -> torch.Tensor:
     """The block conv's weight as a Conv1d weight [C_out, C_in, 3] (ConvTranspose1d flipped/transposed)."""
+    weight = cast(torch.Tensor, conv.weight)
     if isinstance(conv, nn.ConvTranspose1d):
-        return conv.weight.transpose(0, 1).flip(2)
-    return conv.weight
+        return weight.transpose(0, 1).flip(2)
+    return weight
+
+
+def _parts(block: nn.Sequential) -> Tuple[nn.Module, nn.BatchNorm1d, nn.Module, nn.BatchNorm1d]:
+    """(conv1, bn1, conv2, bn2) of a block with the reference layout (see `_reference_layout`)."""
+    conv1, bn1, _, conv2, bn2 = block
+    return conv1, cast(nn.BatchNorm1d, bn1), conv2, cast(nn.BatchNorm1d, bn2)
+
+
+def _parameter_dtype(ram: RAM) -> torch.dtype:
+    """The dtype of the RAM's parameters."""
+    return conv_weight(ram.down1[0]).dtype
 
 
 def _batch_stats(bn: nn.BatchNorm1d) -> bool:
@@ -168,11 +180,12 @@ def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
 
 def _plain_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor], epilogue: int):
     v = block(x.transpose(1, 2)).transpose(1, 2)
+    if epilogue == EPILOGUE_NONE:
+        return v
+    assert other is not None, "the ADD, MUL and MUL_TANH epilogues take `other`"
     if epilogue == EPILOGUE_ADD:
         return v + other
-    if epilogue == EPILOGUE_MUL:
-        return v * other
-    return mul_tanh(v, other) if epilogue == EPILOGUE_MUL_TANH else v
+    return v * other if epilogue == EPILOGUE_MUL else mul_tanh(v, other)
 
 
 # block → (key, folded (w1, b1, w2, b2)); entries die with their block.
@@ -181,9 +194,11 @@ _FOLD_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDict
 
 def _fold(conv: nn.Module, bn: nn.BatchNorm1d, dtype: torch.dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    gamma, beta = cast(torch.Tensor, bn.weight), cast(torch.Tensor, bn.bias)
+    mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    scale = gamma.to(acc) * torch.rsqrt(var.to(acc) + bn.eps)
     w = (conv_weight(conv).to(acc) * scale[:, None, None]).to(dtype).contiguous()
-    b = (bn.bias.to(acc) - bn.running_mean.to(acc) * scale).to(dtype).contiguous()
+    b = (beta.to(acc) - mean.to(acc) * scale).to(dtype).contiguous()
     return w, b
 
 
@@ -193,9 +208,9 @@ def folded_block(block: nn.Sequential, dtype: torch.dtype):
     Cached when no gradient needs to reach the parameters; the cache key holds every parameter's
     and running statistic's `_version` and data_ptr, so in-place updates and reloads invalidate it.
     """
-    conv1, bn1, _, conv2, bn2 = block
-    tensors = (conv1.weight, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
-               conv2.weight, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var)
+    conv1, bn1, conv2, bn2 = _parts(block)
+    tensors = cast(Tuple[torch.Tensor, ...], (conv1.weight, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
+                                              conv2.weight, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if needs_grad or torch.compiler.is_compiling():
         return _fold(conv1, bn1, dtype) + _fold(conv2, bn2, dtype)
@@ -238,7 +253,7 @@ def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tenso
     """
     if not _fusable(block, x):
         return _plain_block(block, x, other, epilogue)
-    conv1, bn1, _, conv2, bn2 = block
+    conv1, bn1, conv2, bn2 = _parts(block)
     x = x.contiguous()
     other = None if other is None else other.contiguous()
     if _batch_stats(bn1):
@@ -268,7 +283,7 @@ def vendor_conv_block(block: nn.Sequential, x: torch.Tensor, other: Optional[tor
     """`ram_block` through the "vendor_conv" candidate (`marn_fast.ops.ram_vendor`)."""
     if not _reference_layout(block):
         return _plain_block(block, x, other, epilogue)
-    conv1, bn1, _, conv2, bn2 = block
+    conv1, bn1, conv2, bn2 = _parts(block)
     x = x.contiguous()
     other = None if other is None else other.contiguous()
     mul, tanh = _VENDOR_EPILOGUES[epilogue]
@@ -283,7 +298,7 @@ def vendor_conv_block(block: nn.Sequential, x: torch.Tensor, other: Optional[tor
 
 def _run_dtype(ram: RAM, h: torch.Tensor) -> torch.dtype:
     """The dtype the fused implementations run in: h's, or the parameters' under autocast."""
-    return ram.down1[0].weight.dtype if torch.is_autocast_enabled(h.device.type) else h.dtype
+    return _parameter_dtype(ram) if torch.is_autocast_enabled(h.device.type) else h.dtype
 
 
 def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
@@ -328,7 +343,7 @@ def _measured_impl(ram: RAM, h: torch.Tensor) -> str:
 
     return dispatch.choose(
         "ram", device=h.device, dtype=_run_dtype(ram, h), train=train,
-        sizes={"B": batch, "C": channels, "n": n, "batch_stats": int(_batch_stats(ram.down1[1]))},
+        sizes={"B": batch, "C": channels, "n": n, "batch_stats": int(_batch_stats(_parts(ram.down1)[1]))},
         candidates=lambda: available_impls(ram, h), default=default_impl(ram, h), trial=trial)
 
 
@@ -345,8 +360,8 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         raise ValueError(f"h: expected [B, C={channels}, n] (the RAM's channels), got shape {tuple(h.shape)}")
     if h.shape[2] == 0:
         raise ValueError(f"h: expected at least one token (n >= 1), got shape {tuple(h.shape)}")
-    check_same_device(h=h, ram_parameters=ram.down1[0].weight)
-    parameter_dtype = ram.down1[0].weight.dtype
+    check_same_device(h=h, ram_parameters=conv_weight(ram.down1[0]))
+    parameter_dtype = _parameter_dtype(ram)
     if h.dtype != parameter_dtype and not torch.is_autocast_enabled(h.device.type):
         raise ValueError(f"h: expected dtype {parameter_dtype} (the RAM's parameters; or run under autocast), "
                          f"got {h.dtype}")
@@ -361,7 +376,7 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         # The fused blocks take their inputs in the parameters' dtype; autocast would re-cast the
         # ATen calls inside them. Run the RAM in the parameters' dtype with autocast off.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return ram_forward(ram, h.to(ram.down1[0].weight.dtype), impl)
+            return ram_forward(ram, h.to(parameter_dtype), impl)
     block = vendor_conv_block if impl == "vendor_conv" else ram_block
     x = h.transpose(1, 2)
     d1 = block(ram.down1, x)

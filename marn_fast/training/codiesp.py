@@ -18,7 +18,8 @@ CLEF 2020 results.
   regression per code (one-vs-rest; scikit-learn's objective C·Σ log-loss + ½‖w‖², unpenalised
   bias), in plain torch: fitted jointly with L-BFGS in the coordinates of the training rows'
   span (exact for this objective: the weights lie in it; 500 training cases make it a 500-wide
-  problem whatever the vocabulary), C picked on dev MAP from `BASELINE_C_GRID`. No scikit-learn needed (tests check it against
+  problem whatever the vocabulary), C picked on dev MAP from `BASELINE_C_GRID`. No scikit-learn needed
+  (tests check it against
   scikit-learn's LogisticRegression), so it also runs on GPU machines.
 - Evidence (`attention_spans`, `score_evidence`): for each code to explain, the k tokens with
   the largest label-wise attention (`marn_fast.ops.label_attention_topk`), merged into spans
@@ -308,7 +309,8 @@ def codiesp_report(exp, model, test, threshold: float, device: torch.device, bas
     if settings.language == "es" and exp.corpus.evidence.get("test"):
         dataset = exp.datasets["test"]
         top = np.argsort(-test_scores, axis=1, kind="stable")[:, :MAX_EXPLAINED_CODES]
-        predicted = {d.id: [c for c in top[i].tolist() if test_scores[i, c] > threshold] for i, d in enumerate(test_docs)}
+        predicted = {d.id: [c for c in top[i].tolist() if test_scores[i, c] > threshold]
+                     for i, d in enumerate(test_docs)}
         gold_codes = {d.id: exp.icd_space.indices(d.labels)[0] for d in test_docs}
         out["evidence"] = {
             "predicted_codes": evidence_report(model, dataset, test_docs, labels, exp.corpus.evidence["test"],
@@ -406,8 +408,9 @@ def summarize_runs(runs: list[dict]) -> str:
         base = [np.mean(list(c["baseline"]["map"].values())) for c in cs if "baseline" in c]
         row += f"{_mean_spread(base):>20}"
         ev = [c["evidence"]["predicted_codes"] for c in cs if "evidence" in c]
-        row += (f"{_mean_spread([e['attention']['f1'] for e in ev]) + ' / ' + _mean_spread([e['random']['f1'] for e in ev]):>32}"
-                if ev else f"{'-':>32}")
+        evidence = (_mean_spread([e["attention"]["f1"] for e in ev]) + " / "
+                    + _mean_spread([e["random"]["f1"] for e in ev])) if ev else "-"
+        row += f"{evidence:>32}"
         secs = [run["seconds"] / 60 for run in group if run["seconds"]]
         row += f"{_mean_spread(secs):>16}"
         lines.append(row)

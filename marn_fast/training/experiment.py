@@ -13,8 +13,19 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from ..data import (DEFAULT_MAX_LENGTH, MIN_DOC_FREQ, BucketBatchSampler, CCSMapper, CodingDataset, LabelSpace,
-                    Vocabulary, build_ccs_label_space, build_icd_label_space, load_caml_splits, train_word2vec)
+from ..data import (
+    DEFAULT_MAX_LENGTH,
+    MIN_DOC_FREQ,
+    BucketBatchSampler,
+    CCSMapper,
+    CodingDataset,
+    LabelSpace,
+    Vocabulary,
+    build_ccs_label_space,
+    build_icd_label_space,
+    load_caml_splits,
+    train_word2vec,
+)
 from ..data.embeddings import WORD2VEC_DEFAULTS
 from ..data.labels import TOP50_SOURCES, code_counts
 

@@ -47,7 +47,8 @@ def environment(source_dir: Optional[str | Path] = None) -> dict[str, Any]:
         "versions": {"marn_fast": _version("marn_fast"), "torch": torch.__version__, "triton": _version("triton"),
                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
                      "numpy": _version("numpy"), "gensim": _version("gensim"), "python": platform.python_version()},
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name() if cuda
+                   else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
         "commit": git_commit(source_dir),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -13,13 +13,12 @@ import torch
 from .. import metrics
 from ..config import MARNConfig
 from ..model import MARN
-from .distributed import is_main_process
 from .alarms import degenerate_run_warnings
+from .distributed import is_main_process
 from .experiment import DataSettings, Experiment
 from .manifest import run_manifest
 from .report import comparison_table, plot_frequency_buckets, plot_history, write_json
-from .trainer import (BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, Trainer, epoch_line, evaluate_result,
-                      predict_loader)
+from .trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, Trainer, epoch_line, evaluate_result, predict_loader
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"

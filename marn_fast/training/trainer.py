@@ -152,7 +152,8 @@ def predict_loader(model: torch.nn.Module, loader: Iterable[Any], device: torch.
         tokens, lengths = batch.tokens.to(device), batch.lengths.to(device)
         with _autocast(device, bf16):
             out = core(tokens, lengths)
-        ccs_target = batch.ccs_targets.to(device) if (batch.ccs_targets is not None and out.ccs_logits is not None) else None
+        has_ccs = batch.ccs_targets is not None and out.ccs_logits is not None
+        ccs_target = batch.ccs_targets.to(device) if has_ccs else None
         losses.append(float(core.compute_loss(out, batch.icd_targets.to(device), ccs_target)) * len(batch.ids))
         ids.extend(batch.ids)
         icd_s.append(torch.sigmoid(out.icd_logits.float()).cpu().numpy())
@@ -216,8 +217,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config), lr=config.lr)
         rank, size = world()
         self.ddp = size > 1
-        self.wrapped = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-                        if self.ddp else self.model)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        self.wrapped = DistributedDataParallel(self.model, device_ids=device_ids) if self.ddp else self.model
         self.state = TrainState()
         self.on_epoch_end = on_epoch_end
 
@@ -266,7 +267,8 @@ class Trainer:
         for step, batch in enumerate(bar):
             tokens, lengths = batch.tokens.to(self.device), batch.lengths.to(self.device)
             icd_t = batch.icd_targets.to(self.device)
-            ccs_t = batch.ccs_targets.to(self.device) if (batch.ccs_targets is not None and self.model.ccs_head is not None) else None
+            has_ccs = batch.ccs_targets is not None and self.model.ccs_head is not None
+            ccs_t = batch.ccs_targets.to(self.device) if has_ccs else None
             with _autocast(self.device, self.config.bf16):
                 out = self.wrapped(tokens, lengths)
                 loss = self.model.compute_loss(out, icd_t, ccs_t)
@@ -343,7 +345,8 @@ class Trainer:
             record = {"epoch": epoch + 1, "train_loss": train_loss, "dev_loss": dev["loss"],
                       cfg.metric: value, "best_epoch": self.state.best_epoch + 1, "seconds": train_seconds,
                       "elapsed_seconds": time.perf_counter() - start,
-                      "docs_per_second": len(train_loader.dataset) / max(train_seconds, 1e-9) if hasattr(train_loader, "dataset") else None,
+                      "docs_per_second": (len(train_loader.dataset) / max(train_seconds, 1e-9)
+                                          if hasattr(train_loader, "dataset") else None),
                       "dev": {k: v for k, v in dev.items() if not isinstance(v, dict)}}
             self.state.history.append(record)
             if improved:
