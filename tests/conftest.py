@@ -44,6 +44,16 @@ def pytest_sessionstart(session):
 
 
 @pytest.fixture
+def no_tf32():
+    """fp32 on CUDA in full fp32 for the test: TF32 off in cuBLAS and cuDNN (their default is on
+    for convolutions), so fp32 parity is held to fp32's error."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.fixture
 def shared_dir() -> Path:
     return SHARED_DIR
 

@@ -149,14 +149,6 @@ def test_bad_input():
 
 
 # ----------------------------------------------------------------------------------- CUDA
-@pytest.fixture
-def no_tf32():
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
-
-
 @requires_cuda
 @pytest.mark.parametrize("batch,n,d_in,hidden", [(3, 37, 5, 7), (16, 300, 100, 300)])
 def test_each_cuda_impl_matches_packed_nn_gru(no_tf32, batch, n, d_in, hidden):

@@ -116,23 +116,18 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @requires_cuda
 @pytest.mark.parametrize("batch,n,hidden", [(1, 1, 4), (3, 37, 7), (13, 300, 300), (2, 32000, 64)])
-def test_cuda_kernels_match_packed_nn_gru_fp32(batch, n, hidden):
+def test_cuda_kernels_match_packed_nn_gru_fp32(no_tf32, batch, n, hidden):
     # fp32 with TF32 off on both sides: 1e-4 of the largest value over up to 32,000 steps.
-    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        gru, x, lengths = _case(batch, n, 5, hidden, seed=n, dtype=torch.float32)
-        gru, x = gru.cuda(), x.detach().cuda().requires_grad_()
-        lengths = lengths.cuda()
-        want = reference_bigru(gru, x, lengths)
-        got = persistent_bigru(x, lengths, gru._flat_weights)
-        _close(got, want, 1e-4)
-        grad = torch.randn_like(want)
-        leaves = [x, *gru.parameters()]
-        for w, g in zip(torch.autograd.grad(want, leaves, grad), torch.autograd.grad(got, leaves, grad)):
-            _close(g, w, 1e-3)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+    gru, x, lengths = _case(batch, n, 5, hidden, seed=n, dtype=torch.float32)
+    gru, x = gru.cuda(), x.detach().cuda().requires_grad_()
+    lengths = lengths.cuda()
+    want = reference_bigru(gru, x, lengths)
+    got = persistent_bigru(x, lengths, gru._flat_weights)
+    _close(got, want, 1e-4)
+    grad = torch.randn_like(want)
+    leaves = [x, *gru.parameters()]
+    for w, g in zip(torch.autograd.grad(want, leaves, grad), torch.autograd.grad(got, leaves, grad)):
+        _close(g, w, 1e-3)
 
 
 @requires_cuda

@@ -368,14 +368,6 @@ def test_bf16_autocast_runs_on_every_backend():
 
 
 # ---------------------------------------------------------------- the whole model on a GPU
-@pytest.fixture
-def no_tf32():
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fused_matches_reference_on_cuda_fp32(mode, no_tf32):

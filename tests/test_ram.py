@@ -593,7 +593,7 @@ def test_train_op_rejects_single_value():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("b,n", [(1, 2), (3, 4), (2, 4001)])
-def test_ram_cuda_matches_reference(impl, dtype, training, b, n):
+def test_ram_cuda_matches_reference(no_tf32, impl, dtype, training, b, n):
     if dtype == torch.bfloat16:
         # bf16 storage through ten convolutions and five BatchNorms: the error against an fp32
         # run (on the same bf16-rounded parameters and input) is the format's, so the fused path
@@ -627,11 +627,10 @@ def test_ram_cuda_matches_reference(impl, dtype, training, b, n):
             bound = eager_err + 2 ** -8 if what.startswith("grad ") and what != "grad h" else 3 * eager_err + 1e-2
             assert err <= bound, f"bf16 {what}: error {err:.3g}, eager bf16 {eager_err:.3g}, bound {bound:.3g}"
     else:
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), _no_tf32():
-            run_both(16, b, n, dtype, training, device="cuda", impl=impl)
-            if impl == "vendor_conv":  # odd channel counts, no output tanh, momentum=None steps
-                run_both(13, b, n + 2, dtype, training, output_tanh=False, device="cuda", impl=impl,
-                         momentum=None, steps=2)
+        run_both(16, b, n, dtype, training, device="cuda", impl=impl)
+        if impl == "vendor_conv":  # odd channel counts, no output tanh, momentum=None steps
+            run_both(13, b, n + 2, dtype, training, output_tanh=False, device="cuda", impl=impl,
+                     momentum=None, steps=2)
 
 
 @requires_cuda
@@ -642,12 +641,3 @@ def test_opcheck_cuda(training, epilogue):
     args = tuple(a.cuda().requires_grad_() if isinstance(a, torch.Tensor) else a
                  for a in _block_args(training, epilogue, dtype=torch.float32))
     torch.library.opcheck(op, args)
-
-
-class _no_tf32:
-    def __enter__(self):
-        self.prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.prev

@@ -6,22 +6,15 @@
 #include <cstdio>
 #include <tuple>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-int passes = 0;
-
-void expect(bool ok, const char* what) {
-  if (ok) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s\n", what);
-  }
-}
+using namespace marn_fast_test;
 
 // |got − want| ≤ rtol·|want| + atol_frac·max|want| everywhere.
-void expect_close(const at::Tensor& got, const at::Tensor& want, double rtol, double atol_frac, const char* what) {
+void expect_close_relative(const at::Tensor& got, const at::Tensor& want, double rtol, double atol_frac,
+                           const char* what) {
   const at::Tensor g = got.to(at::kDouble), w = want.to(at::kDouble);
   const bool same_shape = g.sizes() == w.sizes();
   const double atol = atol_frac * w.abs().max().item<double>();
@@ -59,15 +52,15 @@ void test_matches_reference(const c10::TypedOperatorHandle<Op>& op) {
       const at::Tensor want_d = want.detach();
       for (const auto& targets : {y.to(at::kFloat), y, y.to(at::kByte)}) {
         auto [loss, grad] = op.call(x32, targets, alpha, gamma, balanced, false, 1.0, true);
-        expect_close(loss, want_d, 1e-4, 1e-6, "per-element loss (fp32 logits)");
-        expect_close(grad, want_grad, 1e-4, 1e-6, "gradient (fp32 logits)");
+        expect_close_relative(loss, want_d, 1e-4, 1e-6, "per-element loss (fp32 logits)");
+        expect_close_relative(grad, want_grad, 1e-4, 1e-6, "gradient (fp32 logits)");
         auto [mean, mean_grad] = op.call(x32, targets, alpha, gamma, balanced, true, 1.0 / x32.numel(), true);
-        expect_close(mean, want_d.mean(), 1e-5, 0, "mean loss (fp32 logits)");
-        expect_close(mean_grad, want_grad / x32.numel(), 1e-4, 1e-6, "mean gradient (fp32 logits)");
+        expect_close_relative(mean, want_d.mean(), 1e-5, 0, "mean loss (fp32 logits)");
+        expect_close_relative(mean_grad, want_grad / x32.numel(), 1e-4, 1e-6, "mean gradient (fp32 logits)");
       }
       auto [loss64, grad64] = op.call(x32.to(at::kDouble), y, alpha, gamma, balanced, true, 1.0, true);
-      expect_close(loss64, want_d.sum(), 1e-10, 0, "sum loss (fp64 logits)");
-      expect_close(grad64, want_grad, 1e-9, 1e-12, "gradient (fp64 logits)");
+      expect_close_relative(loss64, want_d.sum(), 1e-10, 0, "sum loss (fp64 logits)");
+      expect_close_relative(grad64, want_grad, 1e-9, 1e-12, "gradient (fp64 logits)");
     }
   }
 }
@@ -82,7 +75,7 @@ void test_extreme_logits_and_determinism(const c10::TypedOperatorHandle<Op>& op)
              "finite loss and gradient at ±200 logits");
       const at::Tensor xd = x.to(at::kDouble).requires_grad_();
       const at::Tensor want = reference_loss(xd, y.to(at::kDouble), 0.25, gamma, balanced);
-      expect_close(loss, want.detach(), 1e-4, 1e-6, "loss at extreme logits");
+      expect_close_relative(loss, want.detach(), 1e-4, 1e-6, "loss at extreme logits");
     }
   }
   at::manual_seed(1);
@@ -107,6 +100,5 @@ int main() {
   auto op = c10::Dispatcher::singleton().findSchemaOrThrow("marn_fast::focal_loss_forward", "").typed<Op>();
   test_matches_reference(op);
   test_extreme_logits_and_determinism(op);
-  std::printf("%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -5,20 +5,11 @@
 #include <cstdio>
 #include <tuple>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-int passes = 0;
-
-void expect_close(const at::Tensor& got, const at::Tensor& want, double tol, const char* what) {
-  const double err = (got - want).abs().max().item<double>();
-  if (err <= tol) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s: max abs error %g > %g\n", what, err, tol);
-  }
-}
+using namespace marn_fast_test;
 
 void test_mul_tanh() {
   auto fwd = c10::Dispatcher::singleton()
@@ -39,19 +30,12 @@ void test_mul_tanh() {
   expect_close(dh, g * (1 - t * t) * u, 1e-12, "mul_tanh backward dH (float64)");
   const at::Tensor uf = u.to(at::kFloat), hf = h.to(at::kFloat);
   expect_close(fwd.call(uf, hf), at::tanh(uf * hf), 1e-6, "mul_tanh forward (float32)");
-  bool raised = false;
-  try {
-    fwd.call(u, h.narrow(2, 0, 5));
-  } catch (const c10::Error&) {
-    raised = true;
-  }
-  if (raised) ++passes; else { ++failures; std::printf("FAIL mul_tanh accepted mismatched shapes\n"); }
+  expect_throws([&] { fwd.call(u, h.narrow(2, 0, 5)); }, "mul_tanh rejects mismatched shapes");
 }
 
 }  // namespace
 
 int main() {
   test_mul_tanh();
-  std::printf("%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

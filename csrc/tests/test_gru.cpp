@@ -11,39 +11,13 @@
 #include <tuple>
 #include <vector>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-int passes = 0;
+using namespace marn_fast_test;
 
 using T = at::Tensor;
-
-void expect_close(const T& got, const T& want, double tol, const char* what) {
-  const bool same_shape = got.sizes() == want.sizes();
-  const double err = same_shape ? (got - want).abs().max().item<double>() : -1.0;
-  if (same_shape && err <= tol) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s: max abs error %g > %g (or shape mismatch)\n", what, err, tol);
-  }
-}
-
-template <typename F>
-void expect_throws(const F& f, const char* what) {
-  bool raised = false;
-  try {
-    f();
-  } catch (const c10::Error&) {
-    raised = true;
-  }
-  if (raised) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s: accepted\n", what);
-  }
-}
 
 // The recurrence with ATen ops: gx [2, B, T, 3h], w_hh [2, 3h, h], b_hh [2, 3h] → [2, B, T, h].
 T reference_forward(const T& gx, const std::vector<int64_t>& lengths, const T& w_hh, const T& b_hh, int64_t steps) {
@@ -118,6 +92,5 @@ void test_recurrence() {
 
 int main() {
   test_recurrence();
-  std::printf("%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

@@ -7,37 +7,11 @@
 #include <optional>
 #include <tuple>
 
+#include "expect.h"
+
 namespace {
 
-int failures = 0;
-int passes = 0;
-
-void expect_close(const at::Tensor& got, const at::Tensor& want, double tol, const char* what) {
-  const bool same_shape = got.sizes() == want.sizes();
-  const double err = same_shape ? (got - want).abs().max().item<double>() : -1.0;
-  if (same_shape && err <= tol) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s: max abs error %g > %g (or shape mismatch)\n", what, err, tol);
-  }
-}
-
-template <typename F>
-void expect_throws(const F& f, const char* what) {
-  bool raised = false;
-  try {
-    f();
-  } catch (const c10::Error&) {
-    raised = true;
-  }
-  if (raised) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s: accepted\n", what);
-  }
-}
+using namespace marn_fast_test;
 
 using Opt = std::optional<at::Tensor>;
 using T = at::Tensor;
@@ -125,7 +99,7 @@ void test_train_block() {
   expect_close(dw2, rw2.grad(), kTol, "train dw2");
   expect_close(dg2, rg2.grad(), kTol, "train dgamma2");
   expect_close(db2, rb2.grad(), kTol, "train dbeta2");
-  if (dother.numel() == 0) ++passes; else { ++failures; std::printf("FAIL d_other should be empty for add\n"); }
+  expect(dother.numel() == 0, "d_other is empty for the add epilogue");
 
   expect_throws([&] { fwd.call(x.narrow(0, 0, 1).narrow(1, 0, 1).contiguous(), w1, g1, be1, w2, g2, be2,
                                std::nullopt, 0, eps1, eps2); }, "train with one value per channel");
@@ -138,6 +112,5 @@ void test_train_block() {
 int main() {
   test_eval_block();
   test_train_block();
-  std::printf("%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }

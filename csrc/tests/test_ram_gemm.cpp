@@ -10,8 +10,11 @@
 #include <cstdio>
 
 #include "../ram_gemm.h"
+#include "expect.h"
 
 namespace {
+
+using namespace marn_fast_test;
 
 // The exact weight gradient in float64 from the same (bf16) values: dw[o, i, k] = Σ_{b,t} dz[b,t,o]·x[b,t+k−1,i].
 at::Tensor exact_weight_grad(const at::Tensor& dz, const at::Tensor& x) {
@@ -34,7 +37,6 @@ double max_error_in_bf16_ulps(const at::Tensor& got, const at::Tensor& exact) {
 
 int main() {
   at::manual_seed(0);
-  int failures = 0;
   // Many sequences, so that per-sequence rounding would add up; odd sizes.
   for (const auto& [B, n, c_out, c_in] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{48, 37, 5, 7},
                                            {64, 129, 3, 6}}) {
@@ -43,9 +45,9 @@ int main() {
     const at::Tensor dw = marn_fast::ram::conv3_weight_grad(dz, x, B, n);
     const double ulps = max_error_in_bf16_ulps(dw, exact_weight_grad(dz, x));
     const bool ok = dw.scalar_type() == at::kBFloat16 && ulps <= 0.55;
-    std::printf("%s conv3_weight_grad bf16 B=%lld n=%lld: max error %.3f bf16 ulps (bound 0.55)\n",
-                ok ? "ok  " : "FAIL", static_cast<long long>(B), static_cast<long long>(n), ulps);
-    failures += ok ? 0 : 1;
+    std::printf("conv3_weight_grad bf16 B=%lld n=%lld: max error %.3f bf16 ulps (bound 0.55)\n",
+                static_cast<long long>(B), static_cast<long long>(n), ulps);
+    expect(ok, "conv3_weight_grad in bf16 within 0.55 bf16 ulps of the exact value");
   }
-  return failures == 0 ? 0 : 1;
+  return report();
 }
