@@ -94,6 +94,7 @@ class MARN(ReferenceMARN):
         cfg = self.config
         if self.backend == "reference" or cfg.loss != "focal":
             return super()._multitask_loss(output, icd_targets, ccs_targets)
+        assert output.ccs_logits is not None, "called only with the CCS branch"
         impl = "auto" if self.measured else focal_default(output.icd_logits)
         return multitask_focal_loss(output.icd_logits, icd_targets, output.ccs_logits, ccs_targets,
                                     lambda_icd=cfg.lambda_icd, lambda_ccs=cfg.lambda_ccs, impl=impl,

@@ -48,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -249,7 +249,7 @@ def choices() -> List[dict]:
 
 
 @contextlib.contextmanager
-def fresh_measurements(rounds: int = ROUNDS, budget_s: float = TIME_BUDGET_S):
+def fresh_measurements(rounds: int = ROUNDS, budget_s: float = TIME_BUDGET_S) -> Iterator[None]:
     """Within the block, keys not yet resolved in this process are measured (when
     MARN_FAST_DISPATCH allows) without reading the cache file or the shipped tables, with up to
     `rounds` timed rounds in `budget_s` seconds per key: what `marn-fast tune --fresh` uses to

@@ -41,7 +41,7 @@ register_fake + register_autograd), opaque to the compiler.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,8 @@ _LOGITS_DTYPES = frozenset(FLOAT_DTYPES)
 _TARGET_DTYPES = frozenset(FLOAT_DTYPES + (torch.bool, torch.uint8))
 
 
-def check_focal_args(logits, targets, alpha, gamma, reduction, name="logits", target_name="targets",
-                     check_values: bool = False) -> None:
+def check_focal_args(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, reduction: str,
+                     name: str = "logits", target_name: str = "targets", check_values: bool = False) -> None:
     """Shapes, dtypes, devices, α, γ, reduction; and, with check_values, the targets' range [0, 1]
     (a host synchronisation; never under torch.compile, where it would break the graph)."""
     well_formed = (isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2
@@ -304,9 +304,10 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999
     return _run(logits, targets, alpha, gamma, balanced, reduce, scale, False, use_triton)[0]
 
 
-def multitask_focal_loss(icd_logits, icd_targets, ccs_logits, ccs_targets, lambda_icd: float = 0.7,
-                         lambda_ccs: float = 0.3, *, impl: str = "auto", check_targets: Optional[bool] = None,
-                         **focal_kwargs) -> torch.Tensor:
+def multitask_focal_loss(icd_logits: torch.Tensor, icd_targets: torch.Tensor, ccs_logits: torch.Tensor,
+                         ccs_targets: torch.Tensor, lambda_icd: float = 0.7, lambda_ccs: float = 0.3, *,
+                         impl: str = "auto", check_targets: Optional[bool] = None,
+                         **focal_kwargs: Any) -> torch.Tensor:
     """λ_icd·FL(icd_logits, icd_targets) + λ_ccs·FL(ccs_logits, ccs_targets) (paper eq. 17);
     focal_kwargs: alpha, gamma, balanced, reduction of `focal_loss`, shared by both heads.
 

@@ -90,7 +90,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
-def check_label_attention_args(features, queries, weights, bias, lengths) -> None:
+def check_label_attention_args(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor,
+                               lengths: Optional[Tensor]) -> None:
     check_tensor("features", features, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, C] float")
     b, n, c = features.shape
     check_tensor("queries", queries, ndim=2, dtypes=FLOAT_DTYPES, expected=f"[L, C={c}] float")

@@ -202,7 +202,7 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm1d, dtype: torch.dtype):
     return w, b
 
 
-def folded_block(block: nn.Sequential, dtype: torch.dtype):
+def folded_block(block: nn.Sequential, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
     """(w1, b1, w2, b2): the eval block's BatchNorms folded into its convs, in `dtype`.
 
     Cached when no gradient needs to reach the parameters; the cache key holds every parameter's
