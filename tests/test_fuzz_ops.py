@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from marn_fast import reference
+from marn_fast.kernels import interpreting
 from marn_fast.ops import (
     bigru,
     focal_loss,
@@ -32,7 +33,6 @@ from marn_fast.ops import (
     mul_tanh,
     multitask_focal_loss,
 )
-from marn_fast.ops._backend import interpreting
 from marn_fast.ops.ram import ram_forward
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -20,8 +20,8 @@ import torch
 from conftest import requires_cuda
 from torch import nn
 
+from marn_fast.kernels import interpreting
 from marn_fast.ops import cpu_extension_available
-from marn_fast.ops._backend import interpreting
 from marn_fast.ops.ram import (
     EPILOGUE_ADD,
     EPILOGUE_MUL,

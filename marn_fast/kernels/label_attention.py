@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..ops._backend import interpreting
+from . import interpreting
 
 # Block sizes: the interpreter's cost grows with the number of programs and loop steps, so it
 # gets one small config (autotune with more than one config crashes without a GPU).

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..ops._backend import interpreting
+from . import interpreting
 
 # Tile sizes: [BLOCK_L labels, BLOCK_T tokens], tokens contiguous. The interpreter's cost grows
 # with the number of programs, so it gets small tiles (still >= 16, the GPU minimum).

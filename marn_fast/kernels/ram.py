@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import interpreting
+from . import interpreting
 
 BLOCK_R = 32 if interpreting() else 64   # rows per tile
 MAX_BLOCK_C = 64                          # channels per tile

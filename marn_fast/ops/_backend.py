@@ -3,9 +3,10 @@ TRITON_INTERPRET=1 when asked for explicitly), the compiled extension, or plain 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from ..kernels import interpreting
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -16,11 +17,6 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 def triton_available() -> bool:
     return _TRITON_INSTALLED
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_impl(impl: str, t: torch.Tensor, op: str) -> str:
