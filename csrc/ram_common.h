@@ -99,5 +99,48 @@ inline void check_stats(const at::Tensor& mean, const char* mean_name, const at:
   check_tensor(var, var_name, {c}, stats_dtype(x.scalar_type()), x, op);
 }
 
+// The checks of each op's arguments, the same on every device; each returns the block's dimensions.
+inline BlockDims check_eval_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
+                                     const at::Tensor& y1, const at::Tensor& w2, const at::Tensor& v2,
+                                     const std::optional<at::Tensor>& other, int64_t epilogue, const char* op) {
+  const BlockDims d = check_block(x, w1, w2, {}, {}, other, epilogue, op);
+  check_tensor(grad, "grad", {d.B, d.n, d.c_out}, x.scalar_type(), x, op);
+  check_tensor(y1, "y1", {d.B, d.n, d.c_mid}, x.scalar_type(), x, op);
+  if (epilogue >= kMul) check_tensor(v2, "v2", {d.B, d.n, d.c_out}, x.scalar_type(), x, op);
+  return d;
+}
+
+inline void check_train_rows(int64_t rows, const char* op) {
+  TORCH_CHECK(rows > 1, op, ": BatchNorm needs more than 1 value per channel when training, got B·n = ", rows);
+}
+
+inline BlockDims check_train(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& gamma1,
+                             const at::Tensor& beta1, const at::Tensor& w2, const at::Tensor& gamma2,
+                             const at::Tensor& beta2, const std::optional<at::Tensor>& other, int64_t epilogue,
+                             const char* op) {
+  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}, {&beta1, "beta1"}},
+                                  {{&gamma2, "gamma2"}, {&beta2, "beta2"}}, other, epilogue, op);
+  check_train_rows(d.rows(), op);
+  return d;
+}
+
+inline BlockDims check_train_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1,
+                                      const at::Tensor& gamma1, const at::Tensor& z1, const at::Tensor& y1,
+                                      const at::Tensor& mean1, const at::Tensor& var1, const at::Tensor& w2,
+                                      const at::Tensor& gamma2, const at::Tensor& beta2, const at::Tensor& z2,
+                                      const at::Tensor& mean2, const at::Tensor& var2,
+                                      const std::optional<at::Tensor>& other, int64_t epilogue, const char* op) {
+  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}}, {{&gamma2, "gamma2"}, {&beta2, "beta2"}},
+                                  other, epilogue, op);
+  check_train_rows(d.rows(), op);
+  check_tensor(grad, "grad", {d.B, d.n, d.c_out}, x.scalar_type(), x, op);
+  check_tensor(z1, "z1", {d.B, d.n, d.c_mid}, x.scalar_type(), x, op);
+  check_tensor(y1, "y1", {d.B, d.n, d.c_mid}, x.scalar_type(), x, op);
+  check_tensor(z2, "z2", {d.B, d.n, d.c_out}, x.scalar_type(), x, op);
+  check_stats(mean1, "mean1", var1, "var1", d.c_mid, x, op);
+  check_stats(mean2, "mean2", var2, "var2", d.c_out, x, op);
+  return d;
+}
+
 }  // namespace ram
 }  // namespace marn_fast

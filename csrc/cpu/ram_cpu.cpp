@@ -162,11 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& y1, const at::Tensor& w2,
     const at::Tensor& v2, const std::optional<at::Tensor>& other, int64_t epilogue) {
   const char* op = "marn_fast::ram_block_eval_backward";
-  const BlockDims d = check_block(x, w1, w2, {}, {}, other, epilogue, op);
+  const BlockDims d = check_eval_backward(grad, x, w1, y1, w2, v2, other, epilogue, op);
   const int64_t M = d.rows(), cm = d.c_mid, co = d.c_out, n = d.n;
-  check_tensor(grad, "grad", {d.B, n, co}, x.scalar_type(), x, op);
-  check_tensor(y1, "y1", {d.B, n, cm}, x.scalar_type(), x, op);
-  if (epilogue >= kMul) check_tensor(v2, "v2", {d.B, n, co}, x.scalar_type(), x, op);
   at::Tensor dv2 = at::empty({d.B, n, co}, x.options());
   at::Tensor d_other = epilogue >= kMul ? at::empty({d.B, n, co}, x.options()) : at::empty({0}, x.options());
   at::Tensor dv1 = at::empty({d.B, n, cm}, x.options());
@@ -247,18 +244,12 @@ void bn_affine(const std::vector<double>& mean, const std::vector<double>& var, 
   }
 }
 
-void check_train_rows(int64_t rows, const char* op) {
-  TORCH_CHECK(rows > 1, op, ": BatchNorm needs more than 1 value per channel when training, got B·n = ", rows);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ram_block_train_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& gamma1, const at::Tensor& beta1,
                     const at::Tensor& w2, const at::Tensor& gamma2, const at::Tensor& beta2,
                     const std::optional<at::Tensor>& other, int64_t epilogue, double eps1, double eps2) {
   const char* op = "marn_fast::ram_block_train";
-  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}, {&beta1, "beta1"}},
-                                  {{&gamma2, "gamma2"}, {&beta2, "beta2"}}, other, epilogue, op);
-  check_train_rows(d.rows(), op);
+  const BlockDims d = check_train(x, w1, gamma1, beta1, w2, gamma2, beta2, other, epilogue, op);
   const int64_t M = d.rows(), cm = d.c_mid, co = d.c_out, n = d.n;
   const auto stats_opts = x.options().dtype(stats_dtype(x.scalar_type()));
   at::Tensor z1 = conv3(x, w1).view({d.B, n, cm}), y1 = at::empty_like(z1);
@@ -351,16 +342,9 @@ ram_block_train_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const 
                              const at::Tensor& mean2, const at::Tensor& var2,
                              const std::optional<at::Tensor>& other, int64_t epilogue, double eps1, double eps2) {
   const char* op = "marn_fast::ram_block_train_backward";
-  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}}, {{&gamma2, "gamma2"}, {&beta2, "beta2"}},
-                                  other, epilogue, op);
+  const BlockDims d = check_train_backward(grad, x, w1, gamma1, z1, y1, mean1, var1, w2, gamma2, beta2, z2, mean2,
+                                          var2, other, epilogue, op);
   const int64_t M = d.rows(), cm = d.c_mid, co = d.c_out, n = d.n;
-  check_train_rows(M, op);
-  check_tensor(grad, "grad", {d.B, n, co}, x.scalar_type(), x, op);
-  check_tensor(z1, "z1", {d.B, n, cm}, x.scalar_type(), x, op);
-  check_tensor(y1, "y1", {d.B, n, cm}, x.scalar_type(), x, op);
-  check_tensor(z2, "z2", {d.B, n, co}, x.scalar_type(), x, op);
-  check_stats(mean1, "mean1", var1, "var1", cm, x, op);
-  check_stats(mean2, "mean2", var2, "var2", co, x, op);
   at::Tensor dz2 = at::empty({d.B, n, co}, x.options()), dz1 = at::empty({d.B, n, cm}, x.options());
   at::Tensor d_other = epilogue >= kMul ? at::empty({d.B, n, co}, x.options()) : at::empty({0}, x.options());
   at::Tensor dgamma1, dbeta1, dgamma2, dbeta2, dw2;

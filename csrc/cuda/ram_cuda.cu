@@ -305,11 +305,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& y1, const at::Tensor& w2,
     const at::Tensor& v2, const std::optional<at::Tensor>& other, int64_t epilogue) {
   const char* op = "marn_fast::ram_block_eval_backward";
-  const BlockDims d = check_block(x, w1, w2, {}, {}, other, epilogue, op);
+  const BlockDims d = check_eval_backward(grad, x, w1, y1, w2, v2, other, epilogue, op);
   const int64_t M = d.rows(), n = d.n;
-  check_tensor(grad, "grad", {d.B, n, d.c_out}, x.scalar_type(), x, op);
-  check_tensor(y1, "y1", {d.B, n, d.c_mid}, x.scalar_type(), x, op);
-  if (epilogue >= kMul) check_tensor(v2, "v2", {d.B, n, d.c_out}, x.scalar_type(), x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dv2 = at::empty({d.B, n, d.c_out}, x.options()), dv1 = at::empty({d.B, n, d.c_mid}, x.options());
   at::Tensor d_other = epilogue >= kMul ? at::empty({d.B, n, d.c_out}, x.options()) : at::empty({0}, x.options());
@@ -341,10 +338,8 @@ ram_block_train_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
                      const at::Tensor& w2, const at::Tensor& gamma2, const at::Tensor& beta2,
                      const std::optional<at::Tensor>& other, int64_t epilogue, double eps1, double eps2) {
   const char* op = "marn_fast::ram_block_train";
-  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}, {&beta1, "beta1"}},
-                                  {{&gamma2, "gamma2"}, {&beta2, "beta2"}}, other, epilogue, op);
+  const BlockDims d = check_train(x, w1, gamma1, beta1, w2, gamma2, beta2, other, epilogue, op);
   const int64_t M = d.rows(), n = d.n;
-  TORCH_CHECK(M > 1, op, ": BatchNorm needs more than 1 value per channel when training, got B·n = ", M);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor z1 = at::empty({d.B, n, d.c_mid}, x.options()), y1 = at::empty_like(z1);
   at::Tensor z2 = at::empty({d.B, n, d.c_out}, x.options()), out = at::empty_like(z2);
@@ -394,16 +389,9 @@ ram_block_train_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const
                               const at::Tensor& mean2, const at::Tensor& var2,
                               const std::optional<at::Tensor>& other, int64_t epilogue, double eps1, double eps2) {
   const char* op = "marn_fast::ram_block_train_backward";
-  const BlockDims d = check_block(x, w1, w2, {{&gamma1, "gamma1"}}, {{&gamma2, "gamma2"}, {&beta2, "beta2"}},
-                                  other, epilogue, op);
+  const BlockDims d = check_train_backward(grad, x, w1, gamma1, z1, y1, mean1, var1, w2, gamma2, beta2, z2, mean2,
+                                          var2, other, epilogue, op);
   const int64_t M = d.rows(), n = d.n;
-  TORCH_CHECK(M > 1, op, ": BatchNorm needs more than 1 value per channel when training, got B·n = ", M);
-  check_tensor(grad, "grad", {d.B, n, d.c_out}, x.scalar_type(), x, op);
-  check_tensor(z1, "z1", {d.B, n, d.c_mid}, x.scalar_type(), x, op);
-  check_tensor(y1, "y1", {d.B, n, d.c_mid}, x.scalar_type(), x, op);
-  check_tensor(z2, "z2", {d.B, n, d.c_out}, x.scalar_type(), x, op);
-  check_stats(mean1, "mean1", var1, "var1", d.c_mid, x, op);
-  check_stats(mean2, "mean2", var2, "var2", d.c_out, x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dz2 = at::empty({d.B, n, d.c_out}, x.options()), dz1 = at::empty({d.B, n, d.c_mid}, x.options());
   at::Tensor d_other = epilogue >= kMul ? at::empty({d.B, n, d.c_out}, x.options()) : at::empty({0}, x.options());
