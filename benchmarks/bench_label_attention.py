@@ -40,7 +40,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +50,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, write_results  # noqa: E402
 
+from marn_fast.files import atomic_path  # noqa: E402
 from marn_fast.ops.label_attention import available_impls, label_attention  # noqa: E402
 from marn_fast.reference.label_attention import label_attention as reference_label_attention  # noqa: E402
 
@@ -315,10 +315,8 @@ def plot(rows, path: Path, device: str) -> None:
         ax.legend()
     fig.suptitle(f"label attention — {device}")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def summary(rows) -> None:

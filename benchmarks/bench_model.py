@@ -60,6 +60,7 @@ from common import RESULTS_DIR, device_name, device_slug, time_cpu, write_result
 
 import marn_fast  # noqa: E402
 from marn_fast import MARNConfig, MARNOutput, reference  # noqa: E402
+from marn_fast.files import atomic_path  # noqa: E402
 from marn_fast.training import TrainConfig  # noqa: E402
 
 NAME = "model"
@@ -773,13 +774,10 @@ def plot_breakdown(rows: list[dict], path: Path, device: str) -> None:
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.chmod(tmp, 0o644)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- main

@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from marn_fast.files import write_text_atomic  # noqa: F401  (re-exported for the benchmarks)
 from marn_fast.ops.dispatch import device_name, device_slug  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -48,15 +47,6 @@ def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> floa
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def write_results(name: str, rows: Sequence[dict], meta: dict | None = None,

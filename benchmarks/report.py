@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from marn_fast.files import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -26,14 +26,6 @@ MODEL_FILES = ("model.json", "model_breakdown.json", "model_sweep.json", "model_
 
 
 # ------------------------------------------------------------------------------------- io
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def file_pytest_json(source: Path) -> Path:
     """Copy a pytest-benchmark JSON to results/<device_slug>/pytest_benchmark.json; the slug comes
     from the benchmarks' extra_info (set by benchmarks/test_bench_*.py)."""
@@ -43,7 +35,7 @@ def file_pytest_json(source: Path) -> Path:
         raise SystemExit(f"--pytest-json: expected the benchmarks of one device (extra_info.device_slug), "
                          f"found {sorted(slugs) or 'none'} in {source}")
     target = RESULTS / slugs.pop() / PYTEST_JSON
-    atomic_write(target, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(target, json.dumps(data, indent=2) + "\n")
     return target
 
 
@@ -350,7 +342,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.pytest_json:
         print(f"filed {args.pytest_json} as {file_pytest_json(args.pytest_json)}")
-    atomic_write(README, render())
+    write_text_atomic(README, render())
     print(f"wrote {README}")
     return 0
 

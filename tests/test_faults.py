@@ -383,8 +383,8 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(how, ba
 def test_a_full_disk_while_writing_a_report_file_names_it(tmp_path, monkeypatch):
     import errno
 
-    import marn_fast.data._io as io_module
-    from marn_fast.data._io import write_json_atomic
+    import marn_fast.files as files_module
+    from marn_fast.files import write_json_atomic
 
     path = tmp_path / "metrics.json"
     write_json_atomic(path, {"epoch": 1})
@@ -394,7 +394,7 @@ def test_a_full_disk_while_writing_a_report_file_names_it(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(io_module, "open", full_open, raising=False)
+    monkeypatch.setattr(files_module, "open", full_open, raising=False)
     with pytest.raises(OSError, match="No space left on device") as info:
         write_json_atomic(path, {"epoch": 2})
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ._io import atomic_text_writer, csv_records, warn_lines
+from ..files import atomic_text_writer
+from ._io import csv_records, warn_lines
 
 CAML_COLUMNS = ("SUBJECT_ID", "HADM_ID", "TEXT", "LABELS", "length")
 LABEL_SEPARATOR = ";"

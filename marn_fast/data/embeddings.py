@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..config import MARNConfig
-from ._io import atomic_path
+from ..files import atomic_path
 from .vocab import PAD_ID, Vocabulary
 
 DEFAULT_EMBED_DIM = next(f.default for f in dataclasses.fields(MARNConfig) if f.name == "embed_dim")

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ._io import write_json_atomic
+from ..files import write_json_atomic
 from .caml import Document
 from .caml_top50 import CAML_TOP50_CODES
 

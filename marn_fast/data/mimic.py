@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ._io import csv_records, find_table, warn_lines, write_json_atomic
+from ..files import write_json_atomic
+from ._io import csv_records, find_table, warn_lines
 from .caml import SPLITS, Document, tokenize, write_caml_csv
 from .codes import format_icd9_diagnosis, format_icd9_procedure, format_icd10_diagnosis, format_icd10_procedure
 from .labels import DEFAULT_TOP_K, top_k_codes

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import write_json_atomic
+from ..files import write_json_atomic
 from .caml import SPLITS, Document, tokenize, write_caml_csv
 from .codes import format_icd9_diagnosis
 from .labels import DEFAULT_TOP_K, restrict_to_codes, top_k_codes

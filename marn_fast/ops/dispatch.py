@@ -42,7 +42,6 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import threading
 import time
 import warnings
@@ -51,6 +50,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ..files import write_text_atomic
 
 ENV_MODE = "MARN_FAST_DISPATCH"
 ENV_FORCE = "MARN_FAST_IMPL"
@@ -216,18 +217,7 @@ def write_table(path: Path, device: str, entries: Mapping[str, dict]) -> None:
     path = Path(path)
     merged = dict(read_table(path))
     merged.update(entries)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"device": device, "entries": dict(sorted(merged.items()))}, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps({"device": device, "entries": dict(sorted(merged.items()))}, indent=1) + "\n")
     _FILES[path] = merged
 
 

@@ -6,7 +6,7 @@ A checkpoint is a dict:
     train (optimizer state, RNG states, epoch, early-stopping state, history) — optional.
 
 Writing (`save_checkpoint`): the payload is serialised in memory, written to a temporary file in
-the destination folder, fsynced and moved into place with `os.replace` (`data._io.atomic_path`).
+the destination folder, fsynced and moved into place with `os.replace` (`marn_fast.files.atomic_path`).
 A crash or SIGKILL at any point leaves the previous file or the new one under the final name,
 never a mix; a full disk (ENOSPC) or any other write error raises OSError naming the file, and
 the previous file stays as it was.
@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..config import MARNConfig
-from ..data._io import atomic_path
+from ..files import atomic_path
 from ..model import MARN
 
 FORMAT = "marn_fast.checkpoint/1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..data._io import atomic_path, write_json_atomic
+from ..files import atomic_path, write_json_atomic
 
 # MARN's published MIMIC-III results (paper Tables 1 and 2, in %), for orientation only: the
 # synthetic corpus is not MIMIC, so these are not targets.

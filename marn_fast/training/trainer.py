@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import metrics as metric_fns
-from ..data._io import remove_stale_temporaries
+from ..files import remove_stale_temporaries
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, one_line, save_checkpoint
 from .distributed import gather_objects, is_main_process, world
 
