@@ -226,14 +226,9 @@ def folded_block(block: nn.Sequential, dtype: torch.dtype) -> Tuple[torch.Tensor
 
 def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     """nn.BatchNorm1d's training-mode update of running_mean/var and num_batches_tracked."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    torch.ops.marn_fast.ram_bn_update_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+    momentum = ram_vendor.bn_update_factor(bn)
+    if momentum is not None:
+        torch.ops.marn_fast.ram_bn_update_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
 
 
 def _check_count(x: torch.Tensor) -> int:

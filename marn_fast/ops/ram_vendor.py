@@ -86,7 +86,7 @@ class _FusedPass(torch.autograd.Function):
         return dz, d_gamma, sums[0].to(beta.dtype), d_other, None, None, None, None, None, None, None
 
 
-def _bn_update_factor(bn: nn.BatchNorm1d) -> Optional[float]:
+def bn_update_factor(bn: nn.BatchNorm1d) -> Optional[float]:
     """nn.BatchNorm1d's training-mode bookkeeping: num_batches_tracked += 1 and the factor of the
     running-statistics update (momentum, or 1/num_batches_tracked when momentum is None), or None
     when the running statistics are not updated."""
@@ -101,7 +101,7 @@ def _bn_update_factor(bn: nn.BatchNorm1d) -> Optional[float]:
 
 
 def _triton_bn(z: torch.Tensor, bn: nn.BatchNorm1d, other, mul: bool, tanh: bool) -> torch.Tensor:
-    momentum = _bn_update_factor(bn)
+    momentum = bn_update_factor(bn)
     update = momentum is not None
     return _FusedPass.apply(z, bn.weight, bn.bias, other, True, mul, tanh, bn.eps,
                             bn.running_mean if update else None, bn.running_var if update else None,
