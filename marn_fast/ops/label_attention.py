@@ -392,6 +392,14 @@ class _Block:
         shape = (self.lc, self.docs, self.tokens)
         return self.s.view(shape), self.p.view(shape)
 
+    def masked_halves(self) -> Tuple[Tensor, Tensor]:
+        """`halves` with the padded tokens set in place: s to −inf, p to 0 (what the kernels skip)."""
+        s, p = self.halves()
+        if self.pad is not None:
+            s.masked_fill_(self.pad, float("-inf"))
+            p.masked_fill_(self.pad, 0.0)
+        return s, p
+
     def rows(self, stat: Tensor) -> Tensor:
         """stat [B, L] → this block's [Lc, D, 1] (broadcast over tokens)."""
         return stat[self.d0:self.d1, self.l0:self.l1].t()[:, :, None]
@@ -400,10 +408,7 @@ class _Block:
 def _stats_torch(block: _Block, z: Tensor, lse: Tensor, keep: bool) -> None:
     """PyTorch twin of the kernels: z, lse of the block; with keep the block becomes [A; A∘(P − z)]
     (zero on padded tokens), else it is left as scratch."""
-    s, p = block.halves()
-    if block.pad is not None:
-        s.masked_fill_(block.pad, float("-inf"))
-        p.masked_fill_(block.pad, 0.0)
+    s, p = block.masked_halves()
     m = s.amax(2, keepdim=True)
     e = s.sub_(m).exp_()
     total = e.sum(2, keepdim=True, dtype=z.dtype)
@@ -419,10 +424,7 @@ def _stats_torch(block: _Block, z: Tensor, lse: Tensor, keep: bool) -> None:
 
 def _scores_to_grads_torch(block: _Block, z: Tensor, lse: Tensor, grad_z: Tensor) -> None:
     """PyTorch twin: recomputed S, P → dP = g·a, dS = g·a·(p − z), in place."""
-    s, p = block.halves()
-    if block.pad is not None:
-        s.masked_fill_(block.pad, float("-inf"))
-        p.masked_fill_(block.pad, 0.0)
+    s, p = block.masked_halves()
     dp = s.sub_(block.rows(lse).to(s.dtype)).exp_().mul_(block.rows(grad_z).to(s.dtype))
     p.sub_(block.rows(z).to(p.dtype)).mul_(dp)
 
