@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..reference.checks import FLOAT_DTYPES, check_tensor
 from ..reference.checks import check_targets as _check_targets
-from ..reference.focal_loss import REDUCTIONS
+from ..reference.focal_loss import ALPHA, GAMMA, REDUCTIONS
 from . import dispatch
 from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available, extension_available_for
@@ -276,7 +276,7 @@ def _measured_impl(op: str, logits: Sequence[torch.Tensor], targets: Sequence[to
         trial=lambda: dispatch.autograd_trial(run, [*logits, *targets], train))
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999, gamma: float = 2.0,
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = ALPHA, gamma: float = GAMMA,
                balanced: bool = False, reduction: str = "mean", *, impl: str = "auto",
                check_targets: Optional[bool] = None, names: tuple[str, str] = ("logits", "targets")) -> torch.Tensor:
     """Focal loss of logits [B, L] against targets [B, L]; see the module docstring.
@@ -315,8 +315,8 @@ def multitask_focal_loss(icd_logits: torch.Tensor, icd_targets: torch.Tensor, cc
     on the Triton path one launch forward and one backward. reduction "none" (a sum of two
     [B, L] tensors, so equal L) and torch.compile take the two `focal_loss` calls.
     """
-    alpha = focal_kwargs.get("alpha", 0.999)
-    gamma = focal_kwargs.get("gamma", 2.0)
+    alpha = focal_kwargs.get("alpha", ALPHA)
+    gamma = focal_kwargs.get("gamma", GAMMA)
     reduction = focal_kwargs.get("reduction", "mean")
     balanced = focal_kwargs.get("balanced", False)
     unknown = set(focal_kwargs) - {"alpha", "gamma", "reduction", "balanced"}

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("none", "sum", "mean")
+ALPHA, GAMMA = 0.999, 2.0  # the official code's α and γ: the defaults of every focal-loss function
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -23,7 +24,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999, gamma: float = 2.0,
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = ALPHA, gamma: float = GAMMA,
                balanced: bool = False, reduction: str = "mean") -> torch.Tensor:
     y = targets.to(logits.dtype)
     if balanced:
@@ -55,8 +56,8 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
 
 
-def focal_loss_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.999,
-                           gamma: float = 2.0, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def focal_loss_elementwise(logits: torch.Tensor, targets: torch.Tensor, alpha: float = ALPHA,
+                           gamma: float = GAMMA, balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element loss [B, L] and its analytic derivative d loss/d x [B, L], in log space.
 
     The same two forms as `focal_loss`, written so that they stay finite and accurate for any
