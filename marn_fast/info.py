@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -30,22 +29,16 @@ EXTENSIONS = {"marn_fast._C": "C++ CPU kernels and the op schemas",
               "marn_fast._C_cuda": "CUDA kernels"}
 
 
-def _version(package: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def versions() -> dict[str, Optional[str]]:
     """marn_fast, Python, torch (and its CUDA and cuDNN), triton and the optional packages."""
     from . import __version__
+    from .training.manifest import package_version
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     out: dict[str, Optional[str]] = {
         "marn_fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "torch CUDA": torch.version.cuda, "cuDNN": str(cudnn) if cudnn else None, "triton": _version("triton")}
-    out.update({name: _version(name) for name in PACKAGES})
+        "torch CUDA": torch.version.cuda, "cuDNN": str(cudnn) if cudnn else None, "triton": package_version("triton")}
+    out.update({name: package_version(name) for name in PACKAGES})
     return out
 
 

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .trainer import TrainConfig
 
 
-def _version(package: str) -> Optional[str]:
+def package_version(package: str) -> Optional[str]:
+    """The installed version of a distribution, or None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -44,9 +45,10 @@ def environment(source_dir: Optional[str | Path] = None) -> dict[str, Any]:
     benchmark's checkout when marn_fast is installed elsewhere) and the date."""
     cuda = torch.cuda.is_available()
     return {
-        "versions": {"marn_fast": _version("marn_fast"), "torch": torch.__version__, "triton": _version("triton"),
-                     "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda else None,
-                     "numpy": _version("numpy"), "gensim": _version("gensim"), "python": platform.python_version()},
+        "versions": {"marn_fast": package_version("marn_fast"), "torch": torch.__version__,
+                     "triton": package_version("triton"), "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if cuda else None, "numpy": package_version("numpy"),
+                     "gensim": package_version("gensim"), "python": platform.python_version()},
         "device": (torch.cuda.get_device_name() if cuda
                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"),
         "commit": git_commit(source_dir),
