@@ -24,6 +24,7 @@ ATOL, RTOL = 2e-5, 2e-4
 @pytest.fixture(autouse=True)
 def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_MODE, "tune")
+    monkeypatch.setenv(dispatch.ENV_INTERPRETED, "1")  # the tests measure under TRITON_INTERPRET=1 too
     monkeypatch.setenv(dispatch.ENV_CACHE, str(tmp_path / "cache.json"))
     monkeypatch.delenv(dispatch.ENV_FORCE, raising=False)
     monkeypatch.setattr(dispatch, "TABLES_DIR", tmp_path / "no-tables")

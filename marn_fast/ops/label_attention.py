@@ -65,8 +65,7 @@ labels per document (the evidence that predict/explain shows), computing A only 
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -77,6 +76,7 @@ from ..reference.label_attention import token_mask
 from . import dispatch
 from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available
+from .memory import free_memory_bytes
 
 # Chunked PyTorch path: documents, labels and tokens per chunk. Its largest intermediate is the
 # score chunk [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] in the compute dtype (16 MiB in fp32).
@@ -296,34 +296,6 @@ SAVED_FREE_FRACTION = 0.25
 # Batches of at most this many documents of unequal lengths run document by document (each
 # GEMM stops at its document's length); larger batches run as one group, cut at the longest.
 PER_DOCUMENT_MAX_BATCH = 4
-
-
-_MEMINFO_CACHE: Dict[str, Any] = {"time": float("-inf"), "bytes": None}
-
-
-def free_memory_bytes(device: torch.device) -> Optional[int]:
-    """Bytes that can still be allocated on `device` (None when unknown). The CPU's MemAvailable
-    is re-read at most once a second (reading /proc/meminfo costs more than a small call)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    now = time.monotonic()
-    if now - _MEMINFO_CACHE["time"] > 1.0:
-        _MEMINFO_CACHE.update(time=now, bytes=_mem_available())
-    return _MEMINFO_CACHE["bytes"]
-
-
-def _mem_available() -> Optional[int]:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return 1024 * int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _budget(device: torch.device, max_bytes: int, fraction: float) -> int:
