@@ -5,6 +5,7 @@ compiles."""
 from __future__ import annotations
 
 import copy
+import os
 from importlib import import_module
 
 import pytest
@@ -192,3 +193,84 @@ def test_model_compiles_fullgraph_with_the_eager_choices(monkeypatch):
             torch.testing.assert_close(compiled(tokens, lengths).icd_logits, eager, atol=ATOL, rtol=RTOL)
     assert {("label_attention", "gemm"), ("ram", "vendor_conv"), ("bigru", "split")} <= resolved
     assert {(r["op"], r["impl"]) for r in dispatch.choices()} == resolved  # tracing added no new choice
+
+
+# ------------------------------------------------------------------ memory estimates and the budget
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+def test_every_candidate_has_a_memory_estimate_and_the_reference_needs_most(train):
+    """Each op's peak_bytes covers every candidate it offers, at both modes, and ranks the
+    materialising reference above the fused paths at a large label attention shape."""
+    features, queries = torch.randn(2, 1500, 600), torch.randn(4000, 600)
+    needs = {impl: attention_mod.peak_bytes(impl, features, queries, train, torch.float32)
+             for impl in attention_mod.IMPLS[1:]}
+    assert all(isinstance(v, int) and v > 0 for v in needs.values())
+    assert needs["reference"] == 4 * (3 if train else 2) * 2 * 4000 * (1500 + 600)  # S, A (+dS) and V, W ⊙ V (+dV)
+    assert max(needs.values()) == needs["reference" if not train else "gemm_saved"]
+    assert needs["torch"] < needs["reference"] / 3
+    for op, case in CASES.items():
+        name, candidates, *_ = case()
+        mod = {"label_attention": attention_mod, "bigru": bigru_mod, "ram": ram_mod}.get(op, focal_mod)
+        for impl in candidates:
+            args = {"label_attention": lambda: (impl, features, queries, train, torch.float32),
+                    "bigru": lambda: (impl, torch.randn(2, 9, 5), bigru_case()[4], train, torch.float32),
+                    "ram": lambda: (impl, torch.randn(2, 8, 9), train, torch.float32)}.get(
+                op, lambda: (impl, [torch.randn(2, 9)], train))()
+            assert mod.peak_bytes(*args) > 0, (op, impl)
+
+
+MEMORY_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from importlib import import_module
+attention = import_module("marn_fast.ops.label_attention")
+from marn_fast.ops import dispatch
+
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+
+g = torch.Generator().manual_seed(0)
+B, n, C, L = 2, 1500, 600, 4000
+features = torch.randn(B, n, C, generator=g)
+queries, weights = (torch.randn(L, C, generator=g) / C ** 0.5 for _ in range(2))
+bias, lengths = torch.randn(L, generator=g), torch.tensor([n, 2 * n // 3])
+with torch.no_grad():  # thread pools, GEMM scratch: a first call at a small shape (another key)
+    attention.label_attention(features[:, :64], queries[:64], weights[:64], bias[:64], torch.tensor([64, 40]))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = kib("VmRSS:")
+    attention.label_attention(features, queries, weights, bias, lengths)
+    peak = 1024 * (kib("VmHWM:") - before)
+row = [r for r in dispatch.choices() if r["sizes"].get("n") == 2048][0]
+print(json.dumps({"peak": peak, "row": row}))
+"""
+
+
+def _first_call(tmp_path, budget: str) -> dict:
+    """The first label attention call at [B=2, n=1,500, C=600, L=4,000] (inference) in a fresh
+    process as a user runs it (no TRITON_INTERPRET, measuring on): its extra peak RSS and its choice."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", dispatch.ENV_INTERPRETED)}
+    env.update({dispatch.ENV_MODE: "tune", dispatch.ENV_CACHE: str(tmp_path / f"cache-{budget}.json"),
+                "MARN_FAST_MEMORY_BUDGET": budget, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_first_call_peak_memory_stays_under_a_fifth_of_the_naive_formula_under_a_budget(tmp_path):
+    """With a budget of half the naive formula's need, the reference (and every candidate estimated
+    over the budget) is not run: the first call peaks at <= 0.2x the naive formula's memory. Without
+    a budget (control: the measurement of peak memory sees the reference) it reaches most of it."""
+    naive = 4 * 2 * 2 * 4000 * (1500 + 600)  # S and its masked copy [B, L, n], V and W ⊙ V [B, L, C], fp32
+    bounded = _first_call(tmp_path, str(naive // 2))
+    skipped = bounded["row"]["skipped"]
+    assert set(skipped) >= {"reference", "gemm", "gemm_saved"}, bounded["row"]
+    assert skipped["reference"] == f"needs ~{naive / 1e6:.1f} MB, budget {naive / 2e6:.1f} MB"
+    assert bounded["row"]["impl"] == "torch" and bounded["peak"] <= 0.2 * naive, (bounded["peak"], naive)
+    control = _first_call(tmp_path, "1")  # all of the free memory
+    assert "reference" in control["row"]["ms"] and control["peak"] >= 0.5 * naive, (control["peak"], naive)

@@ -680,6 +680,57 @@ def available_impls(features: Tensor, queries: Tensor, weights: Tensor, bias: Te
     return tuple(names + ["gemm", "gemm_saved"])
 
 
+def peak_bytes(impl: str, features: Tensor, queries: Tensor, train: bool, dtype: torch.dtype) -> int:
+    """Estimated extra peak bytes of one call of `impl` (forward, and backward when `train`) at
+    these shapes with compute dtype `dtype`, beyond the inputs: the measured dispatcher's memory
+    estimate. B, n, C = features' shape, L = queries' rows, e = bytes of a value of `dtype` (of
+    fp32 for fp16/bf16 where the path computes in fp32), a = 4 (8 for fp64: accumulators):
+      reference   infer e·(2·B·L·n + 2·B·L·C): S and its masked copy (then A), V = A·O and W ⊙ V;
+                  train e·(3·B·L·n + 3·B·L·C): A kept, the gradients dA and dS, V, dV, W ⊙ V.
+                  fp16/bf16 count 4 bytes (autocast runs the softmax in fp32).
+      torch       infer: on CPU fp32/fp64 with the extension the C++ kernel's S and P tiles,
+                  threads·2·256·256·e; else a·(2·K + 3·B·L) with K = the score chunk
+                  DOC_CHUNK·2·min(L, LABEL_CHUNK)·min(n, TOKEN_CHUNK); train adds the backward's
+                  a·(3·K + B·n·C + 2·L·C) (the chunk, its products, dO, dQ, dW accumulators).
+      gemm        the label chunk SP e·2·Lc·B·n (Lc from CHUNK_MAX_BYTES and CHUNK_FREE_FRACTION of
+                  free memory, the documents as one group) plus O [B·n, C] in e (a copy where
+                  cut at the longest document or cast); train adds the backward's chunk and
+                  a·(B·n·C + 2·L·C).
+      gemm_saved  "gemm", plus the kept [A; A∘(P − z)] e·2·L·B·n when training and it fits the
+                  saved-scores budget (SAVED_MAX_BYTES, SAVED_FREE_FRACTION).
+      triton      infer 4·2·B·L (z, lse); train adds 4·B·n·C (dO) and 4·2·splits·L·C (dQ, dW partials).
+    """
+    batch, n, c = features.shape
+    labels = queries.shape[0]
+    device = features.device
+    wide = 8 if dtype == torch.float64 else 4
+    item = wide if dtype in (torch.float16, torch.bfloat16) and not features.is_cuda else _itemsize(dtype)
+    grads = wide * (batch * n * c + 2 * labels * c)
+    if impl == "reference":
+        per = 3 if train else 2
+        return wide * per * batch * labels * (n + c)
+    if impl == "torch":
+        chunk = DOC_CHUNK * 2 * min(labels, LABEL_CHUNK) * min(n, TOKEN_CHUNK)
+        if device.type == "cpu" and dtype in CPU_KERNEL_DTYPES and cpu_extension_available():
+            forward = torch.get_num_threads() * 2 * 256 * 256 * item
+        else:
+            forward = wide * (2 * chunk + 3 * batch * labels)
+        return forward + (wide * 3 * chunk + grads if train else 0)
+    if impl in ("gemm", "gemm_saved"):
+        columns = batch * n
+        lc = _label_chunk(_budget(device, CHUNK_MAX_BYTES, CHUNK_FREE_FRACTION), columns, labels, item)
+        chunk = item * 2 * lc * columns
+        total = chunk + item * columns * c + (chunk + grads if train else 0)
+        saved = item * 2 * labels * columns
+        if impl == "gemm_saved" and train and saved <= _budget(device, SAVED_MAX_BYTES, SAVED_FREE_FRACTION):
+            total += saved
+        return total
+    if impl == "triton":
+        splits = _label_splits(device, batch, labels)
+        return 4 * 2 * batch * labels + (4 * (batch * n * c + 2 * splits * labels * c) if train else 0)
+    raise ValueError(f"impl: expected one of {IMPLS[1:]}, got {impl!r}")
+
+
 def default_impl(features: Tensor) -> str:
     """The static choice (what MARN(backend="fused") runs, and "auto" where nothing is measured):
     "triton" on CUDA for fp16/bf16/fp32 when triton is installed, else "torch"."""
@@ -698,7 +749,8 @@ def _measured_impl(features: Tensor, queries: Tensor, weights: Tensor, bias: Ten
         "label_attention", device=features.device, dtype=features.dtype, train=train,
         sizes={"B": batch, "n": n, "C": c, "L": queries.shape[0]}, candidates=lambda: available_impls(*inputs),
         default=default_impl(features),
-        trial=lambda: dispatch.autograd_trial(lambda impl, *t: label_attention(*t, impl=impl), inputs, train))
+        trial=lambda: dispatch.autograd_trial(lambda impl, *t: label_attention(*t, impl=impl), inputs, train),
+        memory=lambda impl, dtype: peak_bytes(impl, features, queries, train, dtype))
 
 
 def _resolve(impl: str, features: Tensor) -> str:
