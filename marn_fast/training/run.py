@@ -25,13 +25,18 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> MARN:
-    """MARN sized for the experiment's vocabulary and label spaces, word2vec embedding loaded."""
+def model_config(exp: Experiment, model_options: dict) -> MARNConfig:
+    """The MARNConfig of a run: the model options, sized for the experiment's vocabulary and label spaces."""
     options = dict(model_options)
     num_ccs = 0 if options.pop("no_mtl", False) else exp.num_ccs
-    config = MARNConfig(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), num_ccs=num_ccs,
-                        max_length=exp.settings.max_length, **options)
-    return MARN.from_pretrained(config, exp.word2vec(cache_dir), normalize=False, backend=backend)
+    return MARNConfig(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), num_ccs=num_ccs,
+                      max_length=exp.settings.max_length, **options)
+
+
+def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> MARN:
+    """MARN sized for the experiment's vocabulary and label spaces, word2vec embedding loaded."""
+    return MARN.from_pretrained(model_config(exp, model_options), exp.word2vec(cache_dir), normalize=False,
+                                backend=backend)
 
 
 def train_and_report(settings: DataSettings, model_options: dict, train_config: TrainConfig, out_dir,
@@ -65,7 +70,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     if resume and not (out_dir / LAST_CHECKPOINT).is_file():
         log(f"resume: no {out_dir / LAST_CHECKPOINT} yet (killed before the first epoch ended?); starting from epoch 1")
         resume = False
-    trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end)
+    trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end, log=log)
     state = trainer.fit(exp.loader("train"), exp.loader("dev"), resume=resume)
     trainer.load_best()
     dev = predict_loader(trainer.wrapped, exp.loader("dev"), trainer.device, train_config.bf16)
