@@ -279,7 +279,8 @@ def test_a_measurement_announces_itself_once_on_stderr(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert re.fullmatch(r"marn_fast dispatch: measuring toy \(infer, float32, n=8,c=8\) among reference, fast, slow "
-                        r"… → (reference|fast), [0-9.]+(×| %) faster than \w+; .*slow [0-9.]+ ms; [0-9.]+ s\n", err), err
+                        r"… → (reference|fast), [0-9.]+(×| %) faster than \w+; .*slow [0-9.]+ ms; [0-9.]+ s\n",
+                        err), err
 
 
 def test_announcements_go_to_a_sink_as_whole_lines(capsys):

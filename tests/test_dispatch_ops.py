@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from importlib import import_module
 
 import pytest
@@ -274,3 +275,77 @@ def test_first_call_peak_memory_stays_under_a_fifth_of_the_naive_formula_under_a
     assert bounded["row"]["impl"] == "torch" and bounded["peak"] <= 0.2 * naive, (bounded["peak"], naive)
     control = _first_call(tmp_path, "1")  # all of the free memory
     assert "reference" in control["row"]["ms"] and control["peak"] >= 0.5 * naive, (control["peak"], naive)
+
+
+# ------------------------------------------------------------------ measuring before epoch 1
+class _Loader:
+    """What pretune reads of a DataLoader: its batch_sampler, dataset and collate_fn."""
+
+    def __init__(self, lengths, batch_size, shuffle=True):
+        from types import SimpleNamespace
+
+        from marn_fast.data import BucketBatchSampler
+
+        self.batch_sampler = BucketBatchSampler(lengths, batch_size, shuffle=shuffle, seed=3, pool_batches=4)
+        self.dataset = list(lengths)
+        self.collate_fn = lambda items: SimpleNamespace(lengths=torch.tensor(items))
+
+
+def _batch_key(lengths, batch):
+    return dispatch.bucket(len(batch)), dispatch.bucket(max(lengths[i] for i in batch))
+
+
+def test_key_batches_cover_every_key_of_every_epoch_and_take_the_longest():
+    from marn_fast.training.pretune import key_batches
+
+    g = torch.Generator().manual_seed(19)
+    lengths = [int(v) for v in torch.randint(1, 900, (203,), generator=g)] + [3000]
+    loader = _Loader(lengths, 16)
+    plan = key_batches(loader)
+    planned = [_batch_key(lengths, b) for b in plan]
+    assert len(planned) == len(set(planned)) and planned == sorted(planned, key=lambda k: (k[1], k[0]))
+    # a full batch per length bucket whose top document has 15 shorter ones to fill it
+    assert set(planned) >= {(16, dispatch.bucket(n)) for n in sorted(lengths)[15:]}
+    for epoch in range(12):  # every full batch of any epoch, and every batch of the first, has a planned key
+        for batch in loader.batch_sampler.all_batches(epoch):
+            if len(batch) == 16 or epoch == 0:
+                assert _batch_key(lengths, batch) in planned, (epoch, len(batch))
+    for batch, key in zip(plan, planned):  # each key's batch is its longest: the top of its length bucket
+        assert max(lengths[i] for i in batch) == max(n for n in lengths if dispatch.bucket(n) == key[1]) or key[0] < 16
+    dev = _Loader(lengths[:40], 32, shuffle=False)  # unshuffled: exactly its own batches
+    assert sorted(_batch_key(lengths, b) for b in key_batches(dev)) == sorted(
+        {_batch_key(lengths, b) for b in dev.batch_sampler.all_batches()})
+
+
+@pytest.mark.parametrize("progress", [False, True], ids=["log", "terminal"])
+def test_tune_buckets_says_what_it_measures(progress, capsys):
+    """Off a terminal: one log line per batch shape, then each measured key's announcement line;
+    on one: a bar on stderr, the announcements written above it, nothing in the log."""
+    from marn_fast.training.pretune import plan_for, tune_buckets
+
+    lengths = [5, 9, 30, 31, 70, 200, 201, 64]
+    loader = _Loader(lengths, 2)
+    seen = []
+
+    def step(batch, train):
+        x = torch.randn(len(batch.lengths), int(batch.lengths.max()))
+        seen.append((tuple(x.shape), train))
+        dispatch.choose("toy", device=x.device, dtype=x.dtype, train=train, sizes={"B": x.shape[0], "n": x.shape[1]},
+                        candidates=lambda: ("reference", "fast"), default="reference",
+                        trial=lambda: lambda impl: [x * 2 if impl == "reference" else x + x])
+
+    log: list = []
+    summary = tune_buckets(plan_for([(loader, True)]), step, log.append, progress)
+    keys = {(dispatch.bucket(b), dispatch.bucket(n)) for (b, n), _ in seen}
+    assert summary["batches"] == len(seen) == len(keys) == summary["measured"]
+    err = capsys.readouterr().err
+    announcements = [line for line in (err if progress else "\n".join(log)).splitlines()
+                     if line.startswith("marn_fast dispatch: measuring toy (train")]
+    assert len(announcements) == len(keys)
+    if progress:
+        assert log == [] and "measuring the dispatch" in err
+    else:
+        assert [line for line in log if line.startswith("dispatch ")][0].startswith("dispatch 1/")
+        batch_lines = [line for line in log if re.match(r"dispatch \d+/\d+: training step at B=\d+, n=\d+", line)]
+        assert len(batch_lines) == len(keys)
+        assert err == ""

@@ -19,6 +19,7 @@ log) each batch gets a line before it runs, then the announcements of the keys i
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -69,7 +70,7 @@ def tune_buckets(plan: Sequence[tuple[Any, np.ndarray, bool]], step: Callable[[A
     start = time.perf_counter()
     seen = {row["key"] for row in dispatch.choices()}
     bar = tqdm(total=len(plan), desc="measuring the dispatch", leave=False, disable=not progress)
-    sink = tqdm.write if progress else log
+    sink = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else log  # above the bar (stderr)
     try:
         with dispatch.announcements(sink):
             for i, (loader, indices, train) in enumerate(plan, 1):
