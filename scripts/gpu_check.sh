@@ -210,7 +210,9 @@ stage_bench_focal() { run bench_focal_loss 120 $PY benchmarks/bench_focal_loss.p
 
 stage_tune() {
   if [ $DRY = 1 ]; then
-    run tune 300 $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 \
+    # Under TRITON_INTERPRET=1 the dispatcher measures only when told to, and into a cache of the run's own.
+    run tune 300 env MARN_FAST_DISPATCH_INTERPRETED=1 MARN_FAST_DISPATCH_CACHE="$LOGS/dispatch_cache_dry.json" \
+      $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 \
       --write-table "$LOGS/dispatch_table_dry.json"
     return
   fi

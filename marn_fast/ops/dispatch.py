@@ -33,7 +33,7 @@ identity (a fingerprint of their C++/CUDA sources and the torch they were built 
 whose record differs from the running setup (the thread count is compared on the CPU only), or
 that has no record (files of marn_fast before this format), is ignored: the key is measured anew
 and the cache entry overwritten. Under TRITON_INTERPRET=1 nothing is measured (interpreted
-kernels run thousands of times slower than compiled ones, so their times choose nothing): the
+kernels run hundreds of times slower than compiled ones, so their times choose nothing): the
 static default runs and no cache entry is written, unless MARN_FAST_DISPATCH_INTERPRETED=1 (the
 tests) allows it; such entries then record the interpreter and match only interpreted runs.
 
