@@ -2,7 +2,8 @@
 
 Package, Python, torch/triton/CUDA versions; the device; which compiled extensions loaded (and,
 for one that did not, why and the command that fixes it); each op's candidate implementations here;
-the measured dispatch's tables; the shipped configs. The text is what a bug report needs: paste
+the measured dispatch's tables; the shipped configs; whether the CPU computes bf16 natively
+(and so whether `--precision bf16` is recommended here). The text is what a bug report needs: paste
 all of it.
 """
 from __future__ import annotations
@@ -54,8 +55,20 @@ def device_info() -> dict:
     if not gpus:
         reason = ("torch is a CPU build" if torch.version.cuda is None
                   else "torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+    from .ops.precision import cpu_bf16_flags
+
     return {"cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-            "platform": platform.platform(), "gpus": gpus, "no_gpu_reason": reason}
+            "cpu_bf16": list(cpu_bf16_flags()), "platform": platform.platform(), "gpus": gpus,
+            "no_gpu_reason": reason}
+
+
+def bf16_advice(cpu_bf16: list) -> str:
+    """The `marn-fast info` line on bf16 for this CPU."""
+    if cpu_bf16:
+        return (f"native ({', '.join(cpu_bf16)}): --precision bf16 recommended on this CPU (bf16 GEMMs and "
+                "convolutions on its matrix units; docs/performance.md has the accuracy and speed measured)")
+    return ("emulated (no AVX-512 BF16 or AMX-BF16): keep --precision fp32 on this CPU (bf16 runs, correct "
+            "but usually slower than fp32)")
 
 
 def _extension(name: str) -> dict:
@@ -170,7 +183,8 @@ def format_report(info: dict) -> str:
              f"torch     {v['torch']} (CUDA {v['torch CUDA'] or 'none: CPU build'}, cuDNN {v['cuDNN'] or 'none'})",
              f"triton    {v['triton'] or 'not installed (the CUDA paths of label attention and focal loss need it)'}",
              "packages  " + ", ".join(f"{k} {v[k] or '-'}" for k in PACKAGES),
-             f"cpu       {info['device']['cpu']}"]
+             f"cpu       {info['device']['cpu']}",
+             f"cpu bf16  {bf16_advice(info['device']['cpu_bf16'])}"]
     gpus = info["device"]["gpus"]
     lines += [f"gpu {g['index']}     {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB)"
               for g in gpus]
