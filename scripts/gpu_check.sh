@@ -219,7 +219,7 @@ stage_tune() {
   local table
   table=marn_fast/ops/dispatch_tables/$($PY -c "from marn_fast.ops.dispatch import device_slug; print(device_slug('cuda'))").json
   for dtype in bf16 fp32; do
-    run "tune_$dtype" 120 $PY -m marn_fast tune --device cuda --fresh --dtype $dtype \
+    run "tune_$dtype" 120 $PY -m marn_fast tune --device cuda --fresh --precision $dtype \
       --shapes 16x4000x8921x295 16x4000x50x38 --write-table "$table"
   done
   cp "$table" "$OUT/" 2> /dev/null

@@ -89,34 +89,40 @@ def _experiment(corpus):
 
 
 def test_tuning_runs_under_the_training_autocast_and_changes_nothing(corpus, tmp_path, measuring, monkeypatch):
+    """Training in bf16 tunes the bf16 keys: every tuning step runs inside the autocast context the
+    training step uses; the model's weights, BatchNorm statistics, gradients and RNG are untouched."""
     exp = _experiment(corpus)
     torch.manual_seed(0)
     model = MARN(MARNConfig(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), num_ccs=exp.num_ccs,
                             hidden_size=8), backend="auto")
-    trainer = Trainer(model, TrainConfig(bf16=True, progress=False), tmp_path, exp.metadata(), log=lambda line: None)
+    trainer = Trainer(model, TrainConfig(precision="bf16", progress=False), tmp_path, exp.metadata(),
+                      log=lambda line: None)
     active, calls = [], []
-    real = trainer_module._autocast
+    real = trainer_module.autocast
 
     @contextlib.contextmanager
-    def recording(device, enabled):
-        calls.append((device, enabled))
+    def recording(device, precision):
+        calls.append((device, precision))
         active.append(True)
-        with real(device, enabled):
+        with real(device, precision):
             yield
         active.pop()
 
-    monkeypatch.setattr(trainer_module, "_autocast", recording)
+    monkeypatch.setattr(trainer_module, "autocast", recording)
     inside = []
     model.register_forward_pre_hook(lambda module, args: inside.append(bool(active)))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    summary = trainer.tune_dispatch(exp.loader("train"), exp.loader("dev"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on a CPU without bf16 units
+        summary = trainer.tune_dispatch(exp.loader("train"), exp.loader("dev"))
     assert summary["batches"] >= 2 and summary["measured"] >= 8
-    assert inside and all(inside) and set(calls) == {(trainer.device, True)}  # the training's autocast, every step
+    assert inside and all(inside) and set(calls) == {(trainer.device, "bf16")}  # the training's autocast
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BatchNorm statistics included
     assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
     rows = dispatch.choices()
     assert {r["mode"] for r in rows} == {"train", "infer"} and all(r["source"] == "measured" for r in rows)
+    assert {r["dtype"] for r in rows if r["op"] == "label_attention"} == {"bfloat16"}  # the bf16 keys
     # a second pass finds every key resolved: nothing measured
     again = trainer.tune_dispatch(exp.loader("train"), exp.loader("dev"))
     assert again["measured"] == 0 and len(dispatch.choices()) == len(rows)

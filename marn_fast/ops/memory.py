@@ -1,9 +1,11 @@
-"""Free memory on a device, and the measured dispatcher's memory budget.
+"""Free memory on a device, working-set budgets derived from it, and the measured dispatcher's budget.
 
-`free_memory_bytes(device)`: what can still be allocated (CUDA: the driver's free memory plus the
-caching allocator's reserved but unused bytes; CPU: MemAvailable of /proc/meminfo; None when
-unknown). The GEMM-first label attention sizes its chunks from it, and the dispatcher
-(`marn_fast.ops.dispatch`) its budget for running candidates:
+`free_memory_bytes(device)`: what can still be allocated (CUDA: free + cached-unused; CPU:
+MemAvailable of /proc/meminfo, re-read at most once a second; None where unknown).
+`budget(device, max_bytes, fraction)`: min(max_bytes, fraction · free), or max_bytes when the free
+memory cannot be read — how the ops size their chunks and saved buffers.
+`memory_budget(device)`: the extra peak bytes a candidate may need for the dispatcher
+(`marn_fast.ops.dispatch`) to run it when measuring:
 
     MARN_FAST_MEMORY_BUDGET unset       BUDGET_FRACTION × free memory (None when free is unknown)
     MARN_FAST_MEMORY_BUDGET=0.3         a fraction in (0, 1] of free memory (also "30%")
@@ -52,6 +54,16 @@ def _mem_available() -> Optional[int]:
     return None
 
 
+def budget(device: torch.device, max_bytes: int, fraction: float) -> int:
+    """Bytes a working set may take: min(max_bytes, fraction · free memory)."""
+    free = free_memory_bytes(device)
+    return max_bytes if free is None else min(max_bytes, int(fraction * free))
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
 def parse_budget(text: str) -> tuple[str, float]:
     """("fraction", f) or ("bytes", b) from a MARN_FAST_MEMORY_BUDGET value (module docstring)."""
     match = _SPEC.match(text)
@@ -61,7 +73,7 @@ def parse_budget(text: str) -> tuple[str, float]:
                          f"got {text!r}")
     value = float(match.group(1))
     if unit == "%":
-        value, unit = value / 100, ""
+        value = value / 100
         if not 0 < value <= 1:
             raise ValueError(f"{ENV_BUDGET}: a percentage must lie in (0, 100], got {text!r}")
         return "fraction", value
