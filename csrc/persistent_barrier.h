@@ -12,9 +12,12 @@
 // block, arrivals counted and needed) and leaves the kernel; every block checks the status word
 // before the counter, at every poll, so once one block has failed every other leaves at its next
 // poll — including blocks that start only after others have left (blocks that were not
-// co-resident), which see the counter already at the target but the failure first. No block ever
-// traps: the kernel ends, the host reads the status word and raises an error naming the cause, and
-// the CUDA context stays usable.
+// co-resident), which see the counter already at the target but the failure first. (A waiting
+// block whose two loads straddle a late block's arrival may pass that one barrier — every block
+// had arrived there, so its data is complete — and leaves at the next.) Every wait ends within
+// timeout_ns of its start and the first to expire fails the launch, so a launch that cannot complete
+// ends about one timeout after its blocks stop progressing. No block ever traps: the kernel ends, the host reads the status word
+// and raises an error naming the cause, and the CUDA context stays usable.
 #pragma once
 
 #include <cstdint>
