@@ -171,7 +171,8 @@ def test_cuda_impls_under_autocast_match_fp32_nn_gru(no_tf32, impl):
     _close(got.float(), want, 3e-2, f"{impl} forward")
     grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).cuda()
     leaves = [x, *gru.parameters()]
-    for i, (g, w) in enumerate(zip(torch.autograd.grad(got.float(), leaves, grad), torch.autograd.grad(want, leaves, grad))):
+    pairs = zip(torch.autograd.grad(got.float(), leaves, grad), torch.autograd.grad(want, leaves, grad))
+    for i, (g, w) in enumerate(pairs):
         assert g.dtype == torch.float32
         _close(g, w, 3e-2, f"{impl} gradient {i}")
 

@@ -213,4 +213,5 @@ def test_model_trains_under_cpu_autocast_with_the_persistent_bigru(monkeypatch):
         assert (got.float() - want).abs().max() / want.abs().max().clamp_min(1.0) <= 5e-2
     (out.icd_logits.float().sum() + out.ccs_logits.float().sum()).backward()
     gru_grads = [p.grad for name, p in fused.named_parameters() if name.startswith("encoder.")]
-    assert len(gru_grads) == 8 and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in gru_grads)
+    assert len(gru_grads) == 8
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in gru_grads)

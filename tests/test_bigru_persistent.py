@@ -203,9 +203,9 @@ def test_cuda_barrier_timeout_raises_naming_the_cause_and_leaves_the_context_usa
     last = 2 * launch_plan(batch, hidden, device_limits(gx.device).sms).blocks_per_dir - 1  # a reverse-direction block
     with pytest.raises(RuntimeError, match=r"bigru_persistent_backward: the grid barrier timed out .*direction 1"):
         backward(dout, hprev, gx, gh, lengths, w_hh, steps, 0.05, last)
-    for got, ref in zip(backward(dout, hprev, gx, gh, lengths, w_hh, steps),
-                        bigru_persistent._recurrence_backward(dout.cpu(), hprev.cpu(), gx.cpu(), gh.cpu(), lengths.cpu(),
-                                                              w_hh.cpu(), steps, 4)):
+    twin = bigru_persistent._recurrence_backward(dout.cpu(), hprev.cpu(), gx.cpu(), gh.cpu(), lengths.cpu(),
+                                                 w_hh.cpu(), steps, 4)
+    for got, ref in zip(backward(dout, hprev, gx, gh, lengths, w_hh, steps), twin):
         _close(got.cpu(), ref, 1e-4)
     torch.cuda.synchronize()
 
@@ -283,7 +283,8 @@ def test_launch_plan_on_an_h100_or_h200():
     assert plan.backward_smem == 4 * (3 * 300 * 5 + 3 * 16 * 300 + 18 * 16 * 5)
     assert launch_plan(54, 300, 132).backward_smem <= 232448 < launch_plan(55, 300, 132).backward_smem
     # Partial last blocks: h = 301 and 67 leave the last block 1 unit.
-    assert [(p.units, p.blocks_per_dir) for p in (launch_plan(4, 301, 132), launch_plan(4, 67, 132))] == [(5, 61), (2, 34)]
+    partial = [launch_plan(4, 301, 132), launch_plan(4, 67, 132)]
+    assert [(p.units, p.blocks_per_dir) for p in partial] == [(5, 61), (2, 34)]
     # An even number of units gets an odd row stride for the backward's W_hh columns (no bank
     # conflicts): 6 units at h = 300 on 108 SMs take 7 columns.
     assert launch_plan(16, 300, 108).backward_smem == 4 * (3 * 300 * 7 + 3 * 16 * 300 + 18 * 16 * 6)

@@ -359,8 +359,8 @@ struct Launch {
 // Each block asks for at least half an SM's shared memory plus one byte, so no two share an SM.
 // marn_fast/ops/bigru_persistent.py (launch_plan, device_limits) makes the same decision before
 // launching and falls back to cuDNN where it fails; these checks are the backstop.
-Launch plan(int64_t H, int64_t B, size_t need_of_units(int64_t, int64_t, int64_t), const DeviceLimits& d,
-            const char* op) {
+Launch plan(int64_t H, int64_t B, int64_t steps, size_t need_of_units(int64_t, int64_t, int64_t),
+            const DeviceLimits& d, const char* op) {
   TORCH_CHECK(d.cooperative, op, ": this GPU does not support cooperative launches (cudaDevAttrCooperativeLaunch = 0)");
   const int64_t max_blocks_per_dir = d.sms / 2;
   TORCH_CHECK(max_blocks_per_dir >= 1, op, ": needs at least 2 SMs, got ", d.sms);
@@ -369,6 +369,9 @@ Launch plan(int64_t H, int64_t B, size_t need_of_units(int64_t, int64_t, int64_t
   const size_t need = need_of_units(B, H, units);
   TORCH_CHECK(need <= static_cast<size_t>(d.smem_optin), op, ": needs ", need, " bytes of shared memory per block (B=",
               B, ", h=", H, ", ", units, " units per block), this GPU allows ", d.smem_optin);
+  // The barrier counters reach steps·K (int32 status words record it).
+  TORCH_CHECK(steps * blocks_per_dir <= INT32_MAX, op, ": ", steps, " steps of ", blocks_per_dir,
+              " blocks overflow the barrier counters");
   const size_t smem = std::min<size_t>(d.smem_optin, std::max<size_t>(need, d.smem_per_sm / 2 + 1));
   return {static_cast<int>(units), static_cast<int>(blocks_per_dir), smem};
 }
@@ -437,7 +440,7 @@ at::Tensor bigru_persistent_forward_cuda(const at::Tensor& gx, const at::Tensor&
   at::Tensor hbuf = at::empty({2, 2, B, H}, gx.options());
   at::Tensor sync = sync_words(gx);
   const DeviceLimits d = device_limits(gx.get_device());
-  const Launch l = plan(H, B, forward_smem, d, op);
+  const Launch l = plan(H, B, steps, forward_smem, d, op);
   auto* kernel = register_weights(H, l.units) ? gru_forward_kernel<true> : gru_forward_kernel<false>;
   const float* a_gx = gx.const_data_ptr<float>();
   const int64_t* a_len = lengths.const_data_ptr<int64_t>();
@@ -474,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cuda(const at::Tens
   if (B == 0 || steps == 0) return {dgx, dgh};
   at::Tensor sync = sync_words(dout);
   const DeviceLimits d = device_limits(dout.get_device());
-  const Launch l = plan(H, B, backward_smem, d, op);
+  const Launch l = plan(H, B, steps, backward_smem, d, op);
   const float* a_dout = dout.const_data_ptr<float>();
   const float* a_hprev = hprev.const_data_ptr<float>();
   const float* a_gx = gx.const_data_ptr<float>();

@@ -47,9 +47,8 @@ recurrence in fp32 and returns x's dtype; "cudnn_persistent" computes in fp16 on
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import contextlib
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -58,7 +58,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, cast
 
 import torch
 
@@ -153,7 +153,7 @@ def barrier_timeout_s() -> float:
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
         schema = torch.ops.marn_fast.bigru_persistent_forward.default._schema
-        return float(next(a.default_value for a in schema.arguments if a.name == "timeout_s"))
+        return cast(float, next(a.default_value for a in schema.arguments if a.name == "timeout_s"))
     try:
         value = float(text)
     except ValueError:
