@@ -240,7 +240,8 @@ def test_cuda_auto_offers_persistent():
 
 @requires_cuda
 def test_cuda_kernels_match_their_cpu_twins_bf16():
-    # bf16 inputs, fp32 state on both: the kernel and the CPU twin agree to fp32 rounding.
+    # bf16 inputs: bf16 GEMMs (the CPU's rounds G_x to bf16, cuBLAS's keeps fp32 output) and an fp32
+    # recurrence on both: they agree to bf16's rounding of G_x carried through the steps.
     gru, x, lengths = _case(5, 60, 6, 20, seed=3, dtype=torch.float32, lengths=[60, 1, 33, 59, 12])
     xb, weights = x.detach().bfloat16(), [w.detach().bfloat16() for w in gru._flat_weights]
     cpu = persistent_bigru(xb.requires_grad_(), lengths, weights)
