@@ -22,7 +22,7 @@ CLEF 2020 results.
   (tests check it against
   scikit-learn's LogisticRegression), so it also runs on GPU machines.
 - Evidence (`attention_spans`, `score_evidence`): for each code to explain, the k tokens with
-  the largest label-wise attention (`marn_fast.ops.label_attention_topk`), merged into spans
+  the largest label-wise attention (the model's `evidence_topk`), merged into spans
   where they are adjacent tokens, mapped to character offsets of the Spanish text; a
   predicted (code, span) counts when the code is right and the span overlaps a gold span of
   that code (CodiEsp-X), precision over predicted pairs, recall over gold rows. The random
@@ -44,7 +44,6 @@ import torch
 
 from .. import metrics
 from ..data.codiesp import EvidenceSpan, code_of, evidence_by_document
-from ..ops import label_attention_topk
 
 CODIESP_FILE = "codiesp.json"
 BASELINE_C_GRID = (100.0, 1000.0, 10000.0)  # less regularisation kept winning on dev
@@ -204,7 +203,7 @@ def attention_positions(model, token_ids: np.ndarray, labels: Sequence[int], k: 
     ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64), device=device)[None, :]
     features = core.encode(ids)
     chosen = torch.as_tensor(list(labels), dtype=torch.int64, device=device)
-    positions, _ = label_attention_topk(features, core.icd_head.U.weight, chosen, min(k, ids.shape[1]))
+    positions, _ = core.evidence_topk(features, chosen, min(k, ids.shape[1]))
     core.train(was_training)
     return [[p for p in row if p >= 0] for row in positions[0].tolist()]
 
