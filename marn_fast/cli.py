@@ -597,6 +597,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.applied_config = apply_config(parser, args, argv)
+        if args.command in ("train", "demo"):
+            resolve_model_options(args)
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -139,7 +139,8 @@ class LabelWiseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         d_a = f", d_a={self.d_a}" if self.style == "laat" else ""
-        return f"in_features={self.in_features}, num_labels={self.num_labels}, style={self.style!r}{d_a}, mask={self.mask}"
+        return (f"in_features={self.in_features}, num_labels={self.num_labels}, style={self.style!r}{d_a}, "
+                f"mask={self.mask}")
 
     # ------------------------------------------------------------------ the parameters by role
     @property

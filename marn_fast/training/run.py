@@ -63,9 +63,9 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     exp = Experiment(settings)
     log(f"data: {exp.summary()}")
     model = build_model(exp, model_options, backend, cache_dir=out_dir / "cache")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {type(model).__name__} backend={model.backend}, C={model.config.feature_size}, "
-        f"L_icd={model.config.num_icd}, L_ccs={model.config.num_ccs}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-        "trainable parameters")
+        f"L_icd={model.config.num_icd}, L_ccs={model.config.num_ccs}, {trainable:,} trainable parameters")
     if is_main_process():
         write_json(out_dir / CONFIG_FILE, {"model": model.config.to_dict(), "data": asdict(settings),
                                             "train": asdict(train_config), "backend": model.backend})
