@@ -279,7 +279,9 @@ def codiesp_report(exp, model, test, threshold: float, device: torch.device, bas
     else:
         test_scores = test.icd_scores
     gold = [d.labels for d in test_docs]
-    out = {"language": settings.language, "codes": settings.codes, "aux": settings.aux if exp.mapper else "none",
+    # "model" names the trained model; its scores stay under "marn" (the key earlier results use).
+    out = {"model": type(model.module if hasattr(model, "module") else model).__name__,
+           "language": settings.language, "codes": settings.codes, "aux": settings.aux if exp.mapper else "none",
            "label_space": len(labels), "threshold": threshold,
            "test_gold_outside_label_space": int(sum(c not in exp.icd_space for doc in gold for c in doc)),
            "test_gold": int(sum(len(doc) for doc in gold)),
@@ -330,12 +332,13 @@ def _targets(documents, exp) -> np.ndarray:
 
 
 def format_codiesp(report: dict) -> str:
-    """The run's CodiEsp table: MAP of MARN, the baseline and CLEF 2020, evidence P/R/F1."""
+    """The run's CodiEsp table: MAP of the model (MARN or LAAT), the baseline and CLEF 2020, evidence P/R/F1."""
     lines = [f"CodiEsp test ({report['language']}, codes {report['codes']}, aux {report['aux']}; "
              f"{report['test_gold_outside_label_space']} of {report['test_gold']} gold codes outside the label space)"]
     tasks = list(report["marn"]["map"])
     lines.append(f"{'system':<44}" + "".join(f"{t + ' MAP':>16}" for t in tasks))
-    lines.append(f"{'marn_fast MARN':<44}" + "".join(f"{report['marn']['map'][t]:>16.3f}" for t in tasks))
+    system = "marn_fast " + report.get("model", "MARN")
+    lines.append(f"{system:<44}" + "".join(f"{report['marn']['map'][t]:>16.3f}" for t in tasks))
     if "baseline" in report:
         lines.append(f"{'TF-IDF + LR (C=' + str(report['baseline']['c']) + ')':<44}"
                      + "".join(f"{report['baseline']['map'][t]:>16.3f}" for t in tasks))
