@@ -4,8 +4,14 @@ marn_fast._C (C++ CPU kernels and the op schemas) always builds. marn_fast._C_cu
 torch is a CUDA build and a CUDA toolkit is found; MARN_FAST_CUDA=0/1 forces it off/on. Without
 a visible GPU, TORCH_CUDA_ARCH_LIST defaults to 9.0a (Hopper). Torch must already be installed
 (hence --no-build-isolation): the extensions are compiled against that torch.
+
+The version is marn_fast.__version__; MARN_FAST_LOCAL_VERSION=1 appends the local tag naming that
+torch (`0.1.0+torch2.13cpu`, marn_fast/build_tag.py) to wheels and installs, never to the sdist,
+which builds against any torch (docs/install.md).
 """
+import ast
 import glob
+import importlib.util
 import os
 import sys
 import sysconfig
@@ -30,6 +36,34 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 # static archive out of the dynamic symbol table.
 LINK_FLAGS = (["-Wl,--exclude-libs,ALL", "-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
               if sys.platform.startswith("linux") else [])
+
+
+def _load_build_tag():
+    # By path: the package itself (torch, the ops) is not importable while it is being built.
+    path = os.path.join(ROOT, "marn_fast", "build_tag.py")
+    spec = importlib.util.spec_from_file_location("marn_fast_build_tag", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def version(argv):
+    """marn_fast.__version__ (read from the source, not imported), with the torch tag when
+    MARN_FAST_LOCAL_VERSION=1 and `argv` (the setup command) is not an sdist build."""
+    with open(os.path.join(ROOT, "marn_fast", "__init__.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    base = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "__version__" for t in node.targets))
+    build_tag = _load_build_tag()
+    flag = os.environ.get(build_tag.ENV_VAR, "0").strip()
+    if flag not in ("0", "1"):
+        sys.exit(f"{build_tag.ENV_VAR} must be 0 or 1 (1: tag the wheel's version with the torch it is built "
+                 f"against), got {flag!r}")
+    if flag == "0" or "sdist" in argv:
+        return base
+    import torch
+
+    return f"{base}+{build_tag.torch_tag(torch.__version__, torch.version.cuda, getattr(torch.version, 'hip', None))}"
 
 
 def _sources(pattern):
@@ -77,4 +111,4 @@ def extensions():
 
 if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import LINK_FLAGS
     ext_modules, build_ext = extensions()
-    setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+    setup(version=version(sys.argv[1:]), ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

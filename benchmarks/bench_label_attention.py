@@ -6,6 +6,12 @@ runs: on the CPU the C++ forward and PyTorch-chunk backward, on CUDA the Triton 
 "fused-pytorch" (fwd only, CPU: the forward through the PyTorch chunks instead of the C++ kernel),
 "gemm" and "gemm_saved" (the GEMM-first impls of marn_fast.ops.label_attention; "gemm_saved"
 keeps the forward's scores for the backward, so it differs from "gemm" in fwd+bwd only).
+CPU bf16 (--dtypes fp32,bf16): the eager reference and the fused impls under
+torch.autocast("cpu", bfloat16), interleaved with the fp32 rows in the same rounds, each with its
+ratio against eager fp32 (ratio_vs_eager_fp32) as well as eager bf16 (ratio_vs_eager), and its GEMM
+rate: GFLOP/s = the nominal GEMM FLOPs (4·B·n·C·L forward; 12·B·n·C·L more for fwd+bwd, which
+"gemm_saved" does in 8) / best time, against this CPU's bf16 torch.mm rate at the op's own GEMM
+shape [L, C]·[C, B·n] measured in the same process (mm_ceiling_gflops: the limit).
 CPU documents are all full length (every implementation does the same GEMM FLOPs); on the GPU
 lengths lie between n/2 and n.
 Timings run in this process, interleaved (one run of each implementation per round); each row
@@ -34,7 +40,6 @@ writes nothing (its Triton rows run under TRITON_INTERPRET=1 when there is no GP
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -51,10 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, extra_peak_rss_bytes, write_results  # noqa: E402
 
 from marn_fast.files import atomic_path  # noqa: E402
+from marn_fast.ops import label_attention_chunked as chunked  # noqa: E402
 from marn_fast.ops.label_attention import available_impls, label_attention  # noqa: E402
 from marn_fast.reference.label_attention import label_attention as reference_label_attention  # noqa: E402
-
-ops_module = importlib.import_module("marn_fast.ops.label_attention")
 
 NAME = "label_attention"
 CPU_SIZES = [(4, 500, 600, 9216), (4, 2000, 600, 2000), (4, 2000, 600, 9000)]  # (B, n, C, L)
@@ -85,13 +89,26 @@ def make_inputs(size, dtype, device, seed=0, full_length=False):
     return [to(t) for t in (features, queries, weights, bias)], lengths.to(device), grad.to(device)
 
 
-def make_call(impl, mode, tensors, lengths, grad, compiled_reference):
+def make_call(impl, mode, tensors, lengths, grad, compiled_reference, bf16=False):
+    """One call of `impl` in `mode`; bf16: under torch.autocast("cpu"/"cuda", bfloat16)."""
+    call = _make_call(impl, mode, tensors, lengths, grad, compiled_reference)
+    if not bf16:
+        return call
+    device = tensors[0].device.type
+
+    def autocast_call():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return call()
+    return autocast_call
+
+
+def _make_call(impl, mode, tensors, lengths, grad, compiled_reference):
     if impl in OP_IMPLS:
         fn = lambda *t: label_attention(*t, impl=impl)  # noqa: E731
     else:
         fn = {"eager": reference_label_attention, "compiled": compiled_reference,
               "fused": lambda *t: label_attention(*t),
-              "fused-pytorch": lambda o, q, w, b, lengths: ops_module.chunked_forward_torch(o, q, w, lengths)[0] + b,
+              "fused-pytorch": lambda o, q, w, b, lengths: chunked.forward_torch(o, q, w, lengths)[0] + b,
               }[impl]
     if mode == "fwd":
         def call():
@@ -114,12 +131,12 @@ def peak_child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     tensors, lengths, grad = make_inputs(tuple(spec["size"]), torch.float32, "cpu", full_length=True)
     compiled = torch.compile(reference_label_attention) if spec["impl"] == "compiled" else None
-    call = make_call(spec["impl"], spec["mode"], tensors, lengths, grad, compiled)
+    call = make_call(spec["impl"], spec["mode"], tensors, lengths, grad, compiled, spec.get("bf16", False))
     print(json.dumps({"peak_bytes": extra_peak_rss_bytes(call)}))
 
 
-def measure_peak_cpu(impl, mode, size, threads) -> int:
-    spec = json.dumps({"impl": impl, "mode": mode, "size": list(size), "threads": threads})
+def measure_peak_cpu(impl, mode, size, threads, bf16=False) -> int:
+    spec = json.dumps({"impl": impl, "mode": mode, "size": list(size), "threads": threads, "bf16": bf16})
     # A fixed mmap threshold: every buffer over 128 KiB is mmapped and unmapped when freed, so
     # memory freed by the warm-up is not silently reused from glibc's heap by the measured call.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -128,31 +145,64 @@ def measure_peak_cpu(impl, mode, size, threads) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+CPU_BF16_IMPLS = ("eager", "fused", "gemm", "gemm_saved")
+
+
+def mm_ceiling_gflops(size, repeat: int = 3) -> float:
+    """bf16 torch.mm GFLOP/s on this CPU at the op's GEMM shape [L, C]·[C, B·n] (best of `repeat`)."""
+    batch, n, c, num_labels = size
+    a = torch.randn(num_labels, c).bfloat16()
+    b = torch.randn(c, batch * n).bfloat16()
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeat))
+    return 2 * num_labels * c * batch * n / best / 1e9
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def bench_cpu(args) -> list[dict]:
     rows = []
     impls = [i for i in CPU_IMPLS if not (args.no_compile and i == "compiled")]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for size in CPU_SIZES:
+        for size in args.sizes:
             tensors, lengths, grad = make_inputs(size, torch.float32, "cpu", full_length=True)
             compiled = torch.compile(reference_label_attention) if "compiled" in impls else None
+            ceiling = mm_ceiling_gflops(size) if "bf16" in args.dtypes else None
             for mode in MODES:
-                calls = {impl: make_call(impl, mode, tensors, lengths, grad, compiled) for impl in impls
-                         if not (impl == "fused-pytorch" and mode != "fwd")}
+                calls = {}
+                if "fp32" in args.dtypes:
+                    calls.update({(impl, "float32"): make_call(impl, mode, tensors, lengths, grad, compiled)
+                                  for impl in impls if not (impl == "fused-pytorch" and mode != "fwd")})
+                if "bf16" in args.dtypes:
+                    calls.update({(impl, "bfloat16"): make_call(impl, mode, tensors, lengths, grad, None, bf16=True)
+                                  for impl in CPU_BF16_IMPLS})
                 for call in calls.values():  # warm-up (and compilation)
                     call()
-                times = {impl: [] for impl in impls}
+                times = {key: [] for key in calls}
                 for _ in range(args.repeat):
-                    for impl, call in calls.items():
-                        start = time.perf_counter()
-                        call()
-                        times[impl].append(time.perf_counter() - start)
-                for impl in calls:
-                    rows.append(_row(size, "float32", threads, impl, mode, times[impl], times["eager"],
-                                     measure_peak_cpu(impl, mode, size, threads)))
-                    if impl == "fused-pytorch" or (impl == "fused" and mode != "fwd"):
+                    for key, call in calls.items():
+                        times[key].append(_timed(call))
+                for (impl, dtype) in calls:
+                    eager = times.get(("eager", dtype), [])
+                    extra = {}
+                    if dtype == "bfloat16":
+                        nominal = (4 if mode == "fwd" else 16) * size[0] * size[1] * size[2] * size[3]
+                        extra = {"dtype_how": "torch.autocast('cpu', bfloat16)", "gemm_gflops":
+                                 nominal / min(times[(impl, dtype)]) / 1e9, "mm_ceiling_gflops": ceiling}
+                        extra["gemm_share_of_ceiling"] = extra["gemm_gflops"] / ceiling
+                        fp32_eager = times.get(("eager", "float32"))
+                        if fp32_eager:
+                            extra["ratio_vs_eager_fp32"] = min(fp32_eager) / min(times[(impl, dtype)])
+                    rows.append(_row(size, dtype, threads, impl, mode, times[(impl, dtype)], eager,
+                                     measure_peak_cpu(impl, mode, size, threads, dtype == "bfloat16"), extra))
+                    if impl == "fused-pytorch" or (impl == "fused" and mode != "fwd" and dtype == "float32"):
                         rows[-1]["fused_working_set_bytes"] = (
-                            4 * 2 * ops_module.LABEL_CHUNK * min(ops_module.TOKEN_CHUNK, size[1]))
+                            4 * 2 * chunked.LABEL_CHUNK * min(chunked.TOKEN_CHUNK, size[1]))
                     print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -170,6 +220,9 @@ def _fmt(row):
     ratio = f"{row['ratio_vs_eager']:.2f}x" if row["ratio_vs_eager"] else "-"
     peak = f"{row['peak_bytes'] / 2 ** 20:8.1f} MiB" if row["peak_bytes"] is not None else "     -"
     tflops = f" {row['tflops']:.1f} TFLOP/s" if row.get("tflops") else ""
+    if row.get("gemm_gflops"):
+        tflops = (f" {row['gemm_gflops']:.0f} GFLOP/s ({row['gemm_share_of_ceiling']:.0%} of bf16 mm)"
+                  + (f"  {row['ratio_vs_eager_fp32']:.2f}x eager fp32" if row.get("ratio_vs_eager_fp32") else ""))
     versus = f"  {row['ratio_vs_compiled']:.2f}x compiled" if row.get("ratio_vs_compiled") else ""
     versus += f"  peak {row['peak_vs_eager']:.1%} of eager's" if row.get("peak_vs_eager") else ""
     return (f"B={row['B']} n={row['n']} C={row['C']} L={row['L']} {row['dtype']} t={row['threads']} "
@@ -332,6 +385,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per implementation (CPU)")
     parser.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
                         help="CPU thread counts, comma-separated")
+    parser.add_argument("--dtypes", type=lambda s: s.split(","), default=["fp32", "bf16"],
+                        help="CPU: fp32 and/or bf16 (autocast), comma-separated")
+    parser.add_argument("--sizes", type=lambda s: [tuple(int(v) for v in item.split("x")) for item in s.split(",")],
+                        default=CPU_SIZES, help="CPU sizes BxNxCxL, comma-separated")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: tiny CPU shapes, every row checked against eager, writes nothing")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
@@ -347,7 +404,7 @@ def main() -> None:
         rows, meta = bench_cuda(args)
     else:
         rows, meta = bench_cpu(args), {}
-    meta.update({"label_chunk": ops_module.LABEL_CHUNK, "token_chunk": ops_module.TOKEN_CHUNK,
+    meta.update({"label_chunk": chunked.LABEL_CHUNK, "token_chunk": chunked.TOKEN_CHUNK,
                  "flops_fwd": "4*B*n*C*L", "flops_bwd": "12*B*n*C*L",
                  "timing": "best and median of interleaved rounds; ratio on the best"})
     folder = write_results(NAME, rows, meta, device=args.device)

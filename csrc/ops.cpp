@@ -19,10 +19,16 @@ TORCH_LIBRARY(marn_fast, m) {
   m.def("focal_loss_forward(Tensor logits, Tensor targets, float alpha, float gamma, bool balanced, bool reduce, "
         "float scale, bool compute_grad) -> (Tensor, Tensor)");
 
-  // Label-wise attention forward on CPU tensors (see marn_fast/ops/label_attention.py), fp32/fp64:
-  // features [B, n, C], queries and weights [L, C] in the features' dtype, lengths [B] int64 in
-  // [1, n] → (z [B, L], lse [B, L]) in the features' dtype.
+  // Label-wise attention forward on CPU tensors (see marn_fast/ops/label_attention_chunked.py),
+  // fp32/fp64/bf16: features [B, n, C], queries and weights [L, C] in the features' dtype, lengths
+  // [B] int64 in [1, n] → (z [B, L], lse [B, L]) fp32 (fp64 for fp64 features).
   m.def("label_attention_forward(Tensor features, Tensor queries, Tensor weights, Tensor lengths) -> (Tensor, Tensor)");
+  // The GEMM-first path's passes over a score block (see csrc/cpu/label_attention_blocks_cpu.cpp),
+  // fp32/fp64/bf16: s, p [Lc, D·T], lengths [D] → (z, lse) [D, Lc] fp32 (fp64 for fp64), with keep
+  // s ← A and p ← A∘(P − z) in place; grads: s ← dP = g·A, p ← dS = dP∘(P − z) in place.
+  m.def("label_attention_block_stats(Tensor(a!) s, Tensor(b!) p, Tensor lengths, bool keep) -> (Tensor, Tensor)");
+  m.def("label_attention_block_grads(Tensor(a!) s, Tensor(b!) p, Tensor lengths, Tensor z, Tensor lse, "
+        "Tensor grad_z) -> ()");
 
   // RAM output fusion: O = tanh(U ⊙ H), and its backward (dU, dH).
   m.def("mul_tanh(Tensor u, Tensor h) -> Tensor");

@@ -30,7 +30,9 @@ def _bench_step(args) -> int:
     import torch
 
     from . import MARN, MARNConfig, reference
+    from .training.precision import autocast, resolve_precision
 
+    precision = resolve_precision(args.precision, "cpu")
     torch.manual_seed(args.seed)
     cfg = MARNConfig(vocab_size=args.vocab, num_icd=args.icd, num_ccs=args.ccs, hidden_size=args.hidden,
                      max_length=max(args.length, MARNConfig.__dataclass_fields__["max_length"].default))
@@ -46,13 +48,14 @@ def _bench_step(args) -> int:
     fast.load_state_dict(models["reference"].state_dict())
     models[f"marn_fast.MARN ({fast.backend})"] = fast
     print(f"MARN at C={cfg.feature_size}, L_icd={args.icd}, L_ccs={args.ccs}, batch {args.batch} x {args.length} "
-          f"tokens, {torch.get_num_threads()} CPU threads")
+          f"tokens, {torch.get_num_threads()} CPU threads, {precision}")
     for name, model in models.items():
         model.train()
         torch.manual_seed(args.seed)  # the same dropout masks for every model
         start = time.perf_counter()
-        out = model(tokens, lengths)
-        loss = model.compute_loss(out, y_icd, y_ccs)
+        with autocast("cpu", precision):
+            out = model(tokens, lengths)
+            loss = model.compute_loss(out, y_icd, y_ccs)
         mid = time.perf_counter()
         loss.backward()
         end = time.perf_counter()
@@ -61,6 +64,15 @@ def _bench_step(args) -> int:
               f"loss {loss.item():.6f}  forward {args.batch / (mid - start):7.2f} docs/s  "
               f"forward+backward {args.batch / (end - start):7.2f} docs/s")
     return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from .training.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="fp32 (the exact model), bf16 (torch.autocast on the CPU or CUDA: bf16 GEMMs and "
+                        "convolutions, fp32 statistics; see `marn-fast info` for this CPU's bf16 units) or auto "
+                        "(bf16 on CUDA, fp32 on the CPU)")
 
 
 def _add_bench_step(sub) -> None:
@@ -73,6 +85,7 @@ def _add_bench_step(sub) -> None:
     p.add_argument("--hidden", type=int, default=300)
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--seed", type=int, default=0)
+    _add_precision(p)
     p.set_defaults(func=_bench_step)
 
 
@@ -209,7 +222,7 @@ def settings_from_args(args: argparse.Namespace,
                         grad_clip=args.grad_clip,
                         max_epochs=args.epochs, patience=args.patience, metric=metric, seed=args.seed,
                         max_minutes=args.max_minutes, progress=not args.no_progress,
-                        bf16=args.precision == "bf16", bn_recalibrate=args.bn_recalibrate)
+                        precision=args.precision, bn_recalibrate=args.bn_recalibrate)
     if laat:
         model_options = {k: getattr(args, k) for k in LAAT_FLAGS if getattr(args, k) is not None}
         model_options.update(model="laat", attention_mask=not args.no_attention_mask)
@@ -380,8 +393,7 @@ def _add_training_options(p, demo: bool) -> None:
                    help="stop starting epochs after this many minutes")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16" if _default(TrainConfig, "bf16") else "fp32",
-                   help="CUDA training and evaluation under bf16 autocast or in fp32 (the CPU always runs fp32)")
+    _add_precision(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal; one line per epoch always)")
     if demo:
@@ -416,7 +428,8 @@ def _evaluate(args) -> int:
     from .training.evaluation import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, split=args.split,
-                                 threshold=args.threshold, backend=args.backend, out=args.out)
+                                 threshold=args.threshold, backend=args.backend, out=args.out,
+                                 precision=args.precision)
     print(report["table"])
     if args.out:
         print(f"metrics written to {args.out}, manifest to {report['manifest']}")
@@ -441,7 +454,8 @@ def _read_notes(paths) -> list:
 def _predict(args) -> int:
     from .predict import Predictor
 
-    predictor = Predictor(args.checkpoint, backend=args.backend)  # a bad checkpoint fails before stdin is read
+    # a bad checkpoint or option fails before stdin is read
+    predictor = Predictor(args.checkpoint, backend=args.backend, precision=args.precision)
     texts = _read_notes(args.files)
     results = predictor.predict(texts, top=args.top, evidence=args.evidence, threshold=args.threshold)
     names = args.files or ["stdin"]
@@ -489,6 +503,7 @@ def _add_eval_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="decision threshold (default: tuned on dev)")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
     p.add_argument("--out", default=None, help="write metrics JSON here")
+    _add_precision(p)
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("predict", help="code notes: top codes, probabilities, descriptions and evidence tokens")
     p.add_argument("checkpoint")
@@ -498,6 +513,7 @@ def _add_eval_commands(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, help="only codes above this probability")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto")
+    _add_precision(p)
     p.set_defaults(func=_predict)
 
 
@@ -550,7 +566,7 @@ def _tune(args) -> int:
             raise ValueError(f"--threads: expected >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = tune(shapes, hidden_size=args.hidden_size, dtype=args.dtype, device=device, modes=modes,
+    rows = tune(shapes, hidden_size=args.hidden_size, precision=args.precision, device=device, modes=modes,
                 fresh=args.fresh, rounds=args.rounds)
     print(format_table(rows))
     if args.write_table:
@@ -565,7 +581,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--shapes", nargs="+", required=True, metavar="BxNxL_ICD[xL_CCS]",
                    help="batch x padded length x ICD codes [x CCS codes], e.g. 4x500x8921x295 16x4000x50x38")
     p.add_argument("--hidden-size", type=int, default=None, help="d_r (default: the model's, 300)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: under autocast")
+    p.add_argument("--precision", "--dtype", dest="precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the precision the model will run in (bf16: under autocast; see train --precision)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (part of the CPU key)")

@@ -1,8 +1,11 @@
 """`marn-fast info` and `python -m marn_fast.info`: what marn_fast runs on this machine.
 
-Package, Python, torch/triton/CUDA versions; the device; which compiled extensions loaded (and,
-for one that did not, why and the command that fixes it); each op's candidate implementations here;
-the measured dispatch's tables; the shipped configs. The text is what a bug report needs: paste
+Package, Python, torch/triton/CUDA versions; the torch the installed build was made for and
+whether that is the running torch (with the fix when not); the device and whether its CPU computes
+bf16 natively (and so whether `--precision bf16` is recommended here); which compiled extensions
+loaded (and, for one that did not, why and the command that fixes it); each op's candidate
+implementations here; the measured dispatch's tables; the shipped configs. The text is what a bug
+report needs: paste
 all of it.
 """
 from __future__ import annotations
@@ -18,8 +21,16 @@ from typing import Optional
 
 import torch
 
+from . import build_tag
+
 BUILD_FIX = ("install torch first, then build against it: `pip install --no-build-isolation .` "
              "(in a clone for development: `pip install --no-build-isolation -e .`)")
+# A build for another torch: the extension links against one torch's C++ API. --no-cache-dir: pip
+# would otherwise reuse the wheel it built from the same sdist against the previous torch.
+REBUILD_FIX = ("install the marn_fast wheel built for this torch ({tag}) or rebuild against it from the sdist "
+               "(or `.` in a clone): `pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps "
+               "marn_fast-{version}.tar.gz` (docs/install.md)")
+ANOTHER_TORCH = "undefined symbol"  # how the dynamic loader reports a build against another torch's C++ API
 CUDA_BUILD_FIX = ("install a CUDA toolkit matching torch's CUDA {cuda}, set CUDA_HOME to it, then "
                   "`MARN_FAST_CUDA=1 pip install --no-build-isolation .` (docs/gpu.md)")
 ENV_VARS = ("TRITON_INTERPRET", "MARN_FAST_REQUIRE_EXTENSION", "MARN_FAST_CUDA", "MARN_FAST_OPENMP",
@@ -54,8 +65,20 @@ def device_info() -> dict:
     if not gpus:
         reason = ("torch is a CPU build" if torch.version.cuda is None
                   else "torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+    from .ops.precision import cpu_bf16_flags
+
     return {"cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-            "platform": platform.platform(), "gpus": gpus, "no_gpu_reason": reason}
+            "cpu_bf16": list(cpu_bf16_flags()), "platform": platform.platform(), "gpus": gpus,
+            "no_gpu_reason": reason}
+
+
+def bf16_advice(cpu_bf16: list) -> str:
+    """The `marn-fast info` line on bf16 for this CPU."""
+    if cpu_bf16:
+        return (f"native ({', '.join(cpu_bf16)}): --precision bf16 recommended on this CPU (bf16 GEMMs and "
+                "convolutions on its matrix units; docs/performance.md has the accuracy and speed measured)")
+    return ("emulated (no AVX-512 BF16 or AMX-BF16): keep --precision fp32 on this CPU (bf16 runs, correct "
+            "but usually slower than fp32)")
 
 
 def _extension(name: str) -> dict:
@@ -70,9 +93,11 @@ def _extension(name: str) -> dict:
         module = importlib.import_module(name)
     except ImportError as exc:
         entry["error"] = f"{type(exc).__name__}: {exc}"
-        if "undefined symbol" in str(exc):
+        if ANOTHER_TORCH in str(exc):
             entry["error"] += " (built against another torch than the one installed)"
-        entry["fix"] = CUDA_BUILD_FIX.format(cuda=torch.version.cuda) if name.endswith("_cuda") else BUILD_FIX
+            entry["fix"] = _rebuild_fix()
+        else:
+            entry["fix"] = CUDA_BUILD_FIX.format(cuda=torch.version.cuda) if name.endswith("_cuda") else BUILD_FIX
         return entry
     entry["loaded"], entry["file"] = True, getattr(module, "__file__", None)
     return entry
@@ -82,6 +107,35 @@ def extension_status() -> dict[str, dict]:
     """Every compiled extension: loaded (and from which file), or the import error and its fix
     (or not applicable: the CUDA one under a CPU build of torch)."""
     return {name: _extension(name) for name in EXTENSIONS}
+
+
+def running_torch_tag() -> str:
+    """The local version tag a wheel built against the running torch carries (`torch2.13cpu`)."""
+    return build_tag.torch_tag(torch.__version__, torch.version.cuda, getattr(torch.version, "hip", None))
+
+
+def _rebuild_fix() -> str:
+    from . import __version__
+
+    return REBUILD_FIX.format(tag=f"{__version__}+{running_torch_tag()}", version=__version__)
+
+
+def build_status(extensions: Optional[dict[str, dict]] = None) -> dict:
+    """The torch the installed marn_fast was built for, against the running one. Known from the
+    installed distribution's local version tag (`0.1.0+torch2.13cpu`: a wheel built with
+    MARN_FAST_LOCAL_VERSION=1) where it has one; otherwise (a plain `pip install .`) a build for
+    another torch shows only as an extension's import error ("undefined symbol"). `extensions`:
+    extension_status()'s result, computed when not given. `mismatch` is True when either says so."""
+    from .training.manifest import package_version
+
+    extensions = extension_status() if extensions is None else extensions
+    installed = package_version("marn_fast")
+    built_for = build_tag.local_tag(installed) if installed else None
+    running = running_torch_tag()
+    failed = [name for name, e in extensions.items() if e["error"] and ANOTHER_TORCH in e["error"]]
+    mismatch = (built_for is not None and built_for != running) or bool(failed)
+    return {"installed": installed, "built_for": built_for, "running": running, "torch": torch.__version__,
+            "extensions_failing": failed, "mismatch": mismatch, "fix": _rebuild_fix() if mismatch else None}
 
 
 def _probes(device: str) -> dict:
@@ -154,11 +208,35 @@ def collect() -> dict:
     """Everything `marn-fast info` reports, as one JSON-serialisable dict."""
     from .training.manifest import git_commit
 
+    extensions = extension_status()
     return {"versions": versions(), "package_dir": str(Path(__file__).resolve().parent), "commit": git_commit(),
-            "device": device_info(), "extensions": extension_status(), "ops": op_implementations(),
+            "build": build_status(extensions), "device": device_info(), "extensions": extensions,
+            "ops": op_implementations(),
             "dispatch": dispatch_table(),
             "configs": _shipped_configs(),
             "environment": {name: os.environ[name] for name in ENV_VARS if name in os.environ}}
+
+
+def _build_lines(build: dict) -> list[str]:
+    """The report's `build` line: the installed version and the torch it was built for; on a
+    mismatch, why, and the fix on a second line."""
+    if build["installed"] is None:
+        what = "not installed as a distribution (run from a source tree)"
+    elif build["built_for"] is None:
+        what = (f"{build['installed']} (no torch tag: built from source against the torch installed then; "
+                f"a wheel built with {build_tag.ENV_VAR}=1 names it)")
+    else:
+        what = f"{build['installed']}: built for {build['built_for']}, running {build['running']}"
+    if not build["mismatch"]:
+        return [f"build     {what}"]
+    why = []
+    if build["built_for"] not in (None, build["running"]):
+        why.append(f"{build['installed']} was built for {build['built_for']}, but torch {build['torch']} needs a "
+                   f"build for {build['running']}")
+    if build["extensions_failing"]:
+        why.append(f"{', '.join(build['extensions_failing'])} does not load under torch {build['torch']} "
+                   f"(undefined symbol: built against another torch)")
+    return ["build     TORCH MISMATCH: " + "; ".join(why), f"          fix: {build['fix']}"]
 
 
 def format_report(info: dict) -> str:
@@ -168,9 +246,11 @@ def format_report(info: dict) -> str:
     lines = [f"marn_fast {v['marn_fast']} at {info['package_dir']}{commit}",
              f"python    {v['python']} on {info['device']['platform']}",
              f"torch     {v['torch']} (CUDA {v['torch CUDA'] or 'none: CPU build'}, cuDNN {v['cuDNN'] or 'none'})",
+             *_build_lines(info["build"]),
              f"triton    {v['triton'] or 'not installed (the CUDA paths of label attention and focal loss need it)'}",
              "packages  " + ", ".join(f"{k} {v[k] or '-'}" for k in PACKAGES),
-             f"cpu       {info['device']['cpu']}"]
+             f"cpu       {info['device']['cpu']}",
+             f"cpu bf16  {bf16_advice(info['device']['cpu_bf16'])}"]
     gpus = info["device"]["gpus"]
     lines += [f"gpu {g['index']}     {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB)"
               for g in gpus]

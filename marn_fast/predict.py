@@ -10,6 +10,7 @@ import torch
 from .data import Vocabulary, tokenize
 from .data.descriptions import describe
 from .training.checkpoint import load_model
+from .training.precision import autocast
 
 
 @dataclass
@@ -23,12 +24,15 @@ class CodePrediction:
 class Predictor:
     """Loads a checkpoint once; `predict(texts)` codes raw note texts."""
 
-    def __init__(self, checkpoint_path, backend: str = "auto", device: Optional[str] = None) -> None:
+    def __init__(self, checkpoint_path, backend: str = "auto", device: Optional[str] = None,
+                 precision: str = "auto") -> None:
         # load_model checks the file, its config and that the vocabulary and labels fit the config
         self.model, payload = load_model(checkpoint_path, backend=backend)
         self.config = self.model.config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
+        self.precision = precision
+        autocast(self.device, precision)  # checks the option now, before any note is read
         self.vocab = Vocabulary(payload["vocab"])
         self.icd_labels = list(payload["icd_labels"])
 
@@ -47,16 +51,18 @@ class Predictor:
             truncated = len(tokens) > self.config.max_length
             tokens = tokens[: self.config.max_length]
             ids = torch.as_tensor(self.vocab.encode(tokens), device=self.device)[None, :]
-            features = self.model.encode(ids)
             head = self.model.icd_head
-            logits = self.model._head_logits(head, features, None)[0]
+            with autocast(self.device, self.precision):
+                features = self.model.encode(ids)
+                logits = self.model._head_logits(head, features, None)[0]
             probs = torch.sigmoid(logits.float())
             order = torch.argsort(probs, descending=True)[:top]
             if threshold is not None:
                 order = order[probs[order] > threshold]
             codes = []
             if len(order):
-                positions, weights = self.model.evidence_topk(features, order, min(evidence, len(tokens)))
+                with autocast(self.device, self.precision):
+                    positions, weights = self.model.evidence_topk(features, order, min(evidence, len(tokens)))
             for j, label in enumerate(order.tolist()):
                 codes.append(CodePrediction(code=self.icd_labels[label], probability=float(probs[label]),
                                             description=describe(self.icd_labels[label]),

@@ -3,7 +3,8 @@
 For each shape B×n×L_icd[×L_ccs] it builds `marn_fast.MARN(backend="auto")` (random weights, a
 small vocabulary: the vocabulary size does not enter any op's key) and runs one training step
 (forward, loss, backward) and one inference call on a random batch whose first document is n
-tokens long and the others shorter. Every op resolves its dispatch key on the way (measured
+tokens long and the others shorter, in the precision the model will run in (bf16: under
+autocast, so that the bf16 keys are the ones resolved). Every op resolves its dispatch key on the way (measured
 unless a cache or shipped table already holds it; `fresh=True` measures anyway), and the
 resolved table is returned: per op and key, the candidates' milliseconds and the one chosen.
 """
@@ -20,10 +21,10 @@ import torch
 from .config import MARNConfig
 from .model import MARN
 from .ops import dispatch
+from .training.precision import autocast, resolve_precision
 
 SHAPE_PATTERN = re.compile(r"^(\d+)x(\d+)x(\d+)(?:x(\d+))?$")
 MODES = ("train", "infer")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TUNE_VOCAB = 1000
 DEFAULT_MAX_LENGTH = MARNConfig.__dataclass_fields__["max_length"].default
 
@@ -55,15 +56,14 @@ def _batch(shape: TuneShape, device: torch.device, generator: torch.Generator):
     return move(tokens), move(lengths), move(icd), move(ccs)
 
 
-def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: str = "fp32",
+def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, precision: str = "fp32",
          device: str | torch.device = "cpu", modes: Sequence[str] = MODES, fresh: bool = False,
          rounds: int = dispatch.ROUNDS) -> List[dict]:
     """Resolve every op's key at these shapes (see the module docstring) → dispatch.choices()
     rows of the keys met here. fresh: measure even where a cache or table has the key, with up
     to `rounds` timed rounds per key."""
     device = torch.device(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    precision = resolve_precision(precision, device)
     for m in modes:
         if m not in MODES:
             raise ValueError(f"modes: expected values in {MODES}, got {m!r}")
@@ -80,15 +80,14 @@ def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, dtype: 
                                 **({"hidden_size": hidden_size} if hidden_size else {}))
             model = MARN(config, backend="auto").to(device)
             tokens, lengths, icd, ccs = _batch(shape, device, generator)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
             if "train" in modes:
                 model.train()
-                with autocast:
+                with autocast(device, precision):
                     loss = model.compute_loss(model(tokens, lengths), icd, ccs)
                 loss.backward()
             if "infer" in modes:
                 model.eval()
-                with torch.no_grad(), autocast:
+                with torch.no_grad(), autocast(device, precision):
                     model(tokens, lengths)
     return [row for row in dispatch.choices() if row["key"] not in seen]
 

@@ -75,7 +75,7 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 
 def test_docs_pages_exist_and_are_linked_from_the_readme():
-    expected = {"model", "performance", "data", "codiesp", "cli", "gpu"}
+    expected = {"model", "performance", "data", "codiesp", "cli", "gpu", "install"}
     assert {p.stem for p in (REPO / "docs").glob("*.md")} == expected
     targets = set(links(README))
     assert {f"docs/{name}.md" for name in expected} <= targets and "CONTRIBUTING.md" in targets

@@ -31,26 +31,39 @@ from marn_fast.reference.label_attention import label_attention as reference_lab
 from marn_fast.reference.label_attention import topk_evidence
 
 la_module = importlib.import_module("marn_fast.ops.label_attention")
+gemm_module = importlib.import_module("marn_fast.ops.label_attention_gemm")
+chunked_module = importlib.import_module("marn_fast.ops.label_attention_chunked")
+triton_module = importlib.import_module("marn_fast.ops.label_attention_triton")
+memory_module = importlib.import_module("marn_fast.ops.memory")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["reference", "torch", "triton", "gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops"]
-GEMM_IMPLS = ["gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops"]
+IMPLS = ["reference", "torch", "triton", "gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops",
+         "gemm/cpp", "gemm_saved/cpp"]
+GEMM_IMPLS = ["gemm", "gemm_saved", "gemm/torch-ops", "gemm_saved/torch-ops", "gemm/cpp", "gemm_saved/cpp"]
 # fp32: every path accumulates in fp32 (IEEE dots on GPU) — errors observed <= 5e-6 relative.
 # fp16: S and P are exact fp32 sums of fp16 products, but ds/dp enter the backward GEMMs as fp16
 #       in the Triton path and gradients are returned in fp16 — errors observed <= 5e-4 relative.
-# bf16 (GPU only): 8-bit mantissa, expected ~8× the fp16 error (not yet measured: no GPU here).
+# bf16: 8-bit mantissa, ~8× the fp16 error; where S itself is rounded to bf16 see tolerance().
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 PAD_VALUE = 1e4  # written into padded token positions: must not change logits or gradients
 
 
+def rounds_scores(impl: str, dtype: torch.dtype) -> bool:
+    """Whether `impl` rounds S to the half dtype before the softmax (its GEMMs run in that dtype,
+    as the eager reference's): "torch" and the gemm impls in bf16 on every device and in fp16 on
+    CUDA (fp16 on the CPU computes in fp32); "triton" keeps S in fp32."""
+    base = impl.partition("/")[0]
+    if base not in ("torch", "gemm", "gemm_saved"):
+        return False
+    return dtype == torch.bfloat16 or (dtype == torch.float16 and DEVICE == "cuda")
+
+
 def tolerance(impl: str, dtype: torch.dtype, max_score: float = 4.0) -> float:
-    """TOL[dtype], except where S is rounded to a half dtype before the softmax: the gemm impls
-    on CUDA with fp16/bf16 (as the eager reference does; not measured yet, no GPU here). There
-    each a_lt carries a relative error up to about max|s|·ε of the dtype, and so does the result
-    (observed on the CPU with half scores at max|s| = 4: <= 8e-4 fp16, <= 7.3e-3 bf16, a quarter
-    of max|s|·ε or less)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    if half and DEVICE == "cuda" and impl.startswith("gemm"):
+    """TOL[dtype], except where S is rounded to a half dtype before the softmax (`rounds_scores`).
+    There each a_lt carries a relative error up to about max|s|·ε of the dtype, and so does the
+    result (observed on the CPU with half scores at max|s| = 4: <= 8e-4 fp16, <= 7.3e-3 bf16, a
+    quarter of max|s|·ε or less)."""
+    if rounds_scores(impl, dtype):
         return max(TOL[dtype], max_score * torch.finfo(dtype).eps)
     return TOL[dtype]
 
@@ -58,15 +71,19 @@ def tolerance(impl: str, dtype: torch.dtype, max_score: float = 4.0) -> float:
 @contextlib.contextmanager
 def forced(variant: str, features, queries, weights, bias, lengths):
     """The impl name of a test variant, skipping when `available_impls` lacks it; "<impl>/torch-ops"
-    makes the gemm impls use their PyTorch twin instead of the Triton kernels."""
+    and "<impl>/cpp" make the gemm impls use their PyTorch twin or the C++ kernels for the
+    reduction and the elementwise pass (instead of Triton under the interpreter or on CUDA)."""
     impl, _, twin = variant.partition("/")
     if impl != "auto" and impl not in available_impls(features, queries, weights, bias, lengths):
         pytest.skip(f"impl {impl!r} not available for {features.dtype} on {features.device}")
     if impl == "reference" and features.dtype in (torch.float16, torch.bfloat16):
         pytest.skip("the eager reference in half precision is the baseline, not a fused path")
     with pytest.MonkeyPatch.context() as patch:
-        if twin == "torch-ops":
-            patch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
+        if twin == "cpp" and (features.device.type != "cpu" or not cpu_extension_available()):
+            pytest.skip("the C++ reductions need CPU tensors and the compiled extension")
+        if twin in ("torch-ops", "cpp"):
+            which = "torch" if twin == "torch-ops" else "cpp"
+            patch.setattr(gemm_module, "reductions", lambda device, dtype: which)
         yield impl
 
 
@@ -217,7 +234,7 @@ def test_property_small_shapes(batch, n, c, num_labels, impl, seed):
 def test_triton_backward_with_document_splits(monkeypatch):
     """The dQ/dW kernel split over document groups (as on a GPU with few label tiles): three
     documents in two groups, partial sums added by the caller."""
-    monkeypatch.setattr(la_module, "_label_splits", lambda device, batch, num_labels: 2)
+    monkeypatch.setattr(triton_module, "label_splits", lambda device, batch, num_labels: 2)
     inputs = make_inputs(3, 37, 20, 45, torch.float32, seed=15)
     grad = torch.randn(3, 45, device=DEVICE)
     run_and_compare("triton", *inputs, grad, TOL[torch.float32])
@@ -227,16 +244,16 @@ def test_triton_backward_with_document_splits(monkeypatch):
 
 def _pytorch_chunks_only(monkeypatch):
     """The "torch" path's forward through the PyTorch chunks even where the C++ kernel applies."""
-    monkeypatch.setattr(la_module, "_cpu_kernel_applies", lambda features: False)
+    monkeypatch.setattr(chunked_module, "cpu_kernel_applies", lambda features: False)
 
 
 def test_chunked_path_with_small_chunks(monkeypatch):
     """Chunks of 2 documents × 4 labels × 8 tokens: many label chunks, several token chunks per
     document (online softmax across token chunks, some fully padded), partial last chunks."""
     _pytorch_chunks_only(monkeypatch)
-    monkeypatch.setattr(la_module, "DOC_CHUNK", 2)
-    monkeypatch.setattr(la_module, "LABEL_CHUNK", 4)
-    monkeypatch.setattr(la_module, "TOKEN_CHUNK", 8)
+    monkeypatch.setattr(chunked_module, "DOC_CHUNK", 2)
+    monkeypatch.setattr(chunked_module, "LABEL_CHUNK", 4)
+    monkeypatch.setattr(chunked_module, "TOKEN_CHUNK", 8)
     inputs = make_inputs(3, 37, 20, 45, torch.float64, seed=8, score_scale=40.0)
     grad = torch.randn(3, 45, device=DEVICE, dtype=torch.float64)
     run_and_compare("torch", *inputs, grad, TOL[torch.float64])
@@ -271,9 +288,9 @@ def test_chunked_path_working_set_is_bounded(monkeypatch):
     test can fail)."""
     _pytorch_chunks_only(monkeypatch)
     doc_chunk, label_chunk, token_chunk = 2, 16, 64
-    monkeypatch.setattr(la_module, "DOC_CHUNK", doc_chunk)
-    monkeypatch.setattr(la_module, "LABEL_CHUNK", label_chunk)
-    monkeypatch.setattr(la_module, "TOKEN_CHUNK", token_chunk)
+    monkeypatch.setattr(chunked_module, "DOC_CHUNK", doc_chunk)
+    monkeypatch.setattr(chunked_module, "LABEL_CHUNK", label_chunk)
+    monkeypatch.setattr(chunked_module, "TOKEN_CHUNK", token_chunk)
     batch, n, c, num_labels = 3, 300, 8, 400
     features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=9)
     leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
@@ -316,9 +333,118 @@ def test_cpu_kernel_matches_reference(dtype, shape):
     assert z.dtype == lse.dtype == dtype
     _assert_close(z, expected_z, TOL[dtype], "C++ z")
     _assert_close(lse, expected_lse, TOL[dtype], "C++ lse")
-    z_chunks, lse_chunks = la_module.chunked_forward_torch(features, queries, weights, lengths)
+    z_chunks, lse_chunks = chunked_module.forward_torch(features, queries, weights, lengths)
     _assert_close(z_chunks, expected_z, TOL[dtype], "PyTorch chunks z")
     _assert_close(lse_chunks, expected_lse, TOL[dtype], "PyTorch chunks lse")
+
+
+BF16_SCORE = 4.0  # max |s| of the bf16 tests: S rounded to bf16 costs up to max|s|·ε relative
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("shape", [(3, 513, 24, 257), (2, 256, 9, 511), (1, 1, 3, 1)],
+                         ids=lambda s: "B{}-n{}-C{}-L{}".format(*s))
+def test_cpu_kernel_bf16(shape):
+    """bf16 features: bf16 tile GEMMs (scores rounded to bf16, as the eager reference's), fp32
+    statistics and outputs; against the float64 reference of the same bf16 values, tolerance
+    max|s|·ε(bf16) (module TOL's rationale)."""
+    features, queries, weights, _, lengths = make_inputs(*shape, torch.bfloat16, seed=sum(shape),
+                                                         score_scale=BF16_SCORE)
+    expected_z, expected_lse = _reference_z_lse(features, queries, weights, lengths)
+    z, lse = torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths)
+    assert z.dtype == lse.dtype == torch.float32
+    tol = BF16_SCORE * torch.finfo(torch.bfloat16).eps
+    _assert_close(z, expected_z, tol, "C++ bf16 z")
+    _assert_close(lse, expected_lse, tol, "C++ bf16 lse")
+
+
+def _block(dtype, labels, lengths, tokens, seed):
+    """Random s, p [labels, D·T] in dtype (padded tokens hold PAD_VALUE) and the group's lengths."""
+    g = torch.Generator().manual_seed(seed)
+    docs = len(lengths)
+    s = (3 * torch.randn(labels, docs * tokens, generator=g, dtype=torch.float64)).to(dtype)
+    p = torch.randn(labels, docs * tokens, generator=g, dtype=torch.float64).to(dtype)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    pad = (torch.arange(tokens)[None, :] >= lengths[:, None]).reshape(-1)
+    s[:, pad], p[:, pad] = PAD_VALUE, PAD_VALUE
+    return s, p, lengths
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("keep", [False, True])
+def test_cpp_block_passes(dtype, keep):
+    """The C++ reduction and elementwise pass of the GEMM-first path against the PyTorch twins run
+    in float64 on the same values, on a block with a strided row layout (a column slice, as a
+    group's block is), 3 documents of uneven lengths (17 = one lane block + 1, 1, and 40 = the
+    full width), padded tokens holding PAD_VALUE. The C++ passes compute in fp32 (fp64): z and
+    lse within 1e-5 (1e-12); the in-place results are rounded to the block's dtype on store
+    (bf16: within ε relative)."""
+    labels, tokens = 5, 40
+    s, p, lengths = _block(dtype, labels, [17, 1, 40], tokens, seed=31)
+    pad = torch.arange(tokens)[None, :] >= lengths[:, None]
+    wide_s, wide_p = (torch.cat([t, t[:, :7]], dim=1) for t in (s, p))  # row stride 3·40 + 7
+    block_s, block_p = wide_s[:, :3 * tokens], wide_p[:, :3 * tokens]
+    twin = gemm_module._Block(s.double().clone(), p.double().clone(), (0, 3, tokens), (0, labels), lengths, pad)
+    z, lse = torch.empty(3, labels, dtype=torch.float64), torch.empty(3, labels, dtype=torch.float64)
+    gemm_module._stats_torch(twin, z, lse, keep)
+    cz, clse = torch.ops.marn_fast.label_attention_block_stats(block_s, block_p, lengths, keep)
+    assert cz.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    stored = torch.finfo(dtype).eps if dtype == torch.bfloat16 else tol
+    _assert_close(cz, z, tol, "z")
+    _assert_close(clse, lse, tol, "lse")
+    if keep:
+        _assert_close(block_s, twin.s, stored, "A")
+        _assert_close(block_p, twin.p, stored, "A∘(P − z)")
+    assert torch.equal(wide_s[:, 3 * tokens:], s[:, :7]) and torch.equal(wide_p[:, 3 * tokens:], p[:, :7])
+    grad_z = torch.randn(3, labels, dtype=torch.float64)
+    s2, p2, _ = _block(dtype, labels, [17, 1, 40], tokens, seed=31)
+    twin = gemm_module._Block(s2.double().clone(), p2.double().clone(), (0, 3, tokens), (0, labels), lengths, pad)
+    gemm_module._scores_to_grads_torch(twin, z, lse, grad_z)
+    acc = cz.dtype
+    torch.ops.marn_fast.label_attention_block_grads(s2, p2, lengths, z.to(acc), lse.to(acc), grad_z.to(acc))
+    scale = grad_z.abs().max().item()
+    _assert_close(s2, twin.s, stored * scale, "dP")
+    _assert_close(p2, twin.p, stored * scale * 4, "dS")
+    assert torch.all(s2.view(labels, 3, tokens)[:, pad] == 0) and torch.all(p2.view(labels, 3, tokens)[:, pad] == 0)
+
+
+@pytest.mark.parametrize("variant", IMPLS)
+@pytest.mark.parametrize("shape", [(3, 37, 20, 45), (2, 1, 7, 3), (1, 70, 40, 66)],
+                         ids=lambda s: "B{}-n{}-C{}-L{}".format(*s))
+def test_cpu_autocast_bf16_matches_fp32_reference(variant, shape):
+    """Every impl under torch.autocast("cpu", bfloat16) on fp32 inputs and parameters: logits fp32,
+    gradients fp32 (the leaves' dtype), within max|s|·ε(bf16) (BF16_SCORE = 4; the autocast
+    reference itself rounds its scores and its softmax to bf16) of the fp32 reference. bf16
+    parameters would be rounded by autocast anyway: the reference gets the bf16-rounded inputs, so
+    the tolerance bounds the computation alone."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    batch, n, c, num_labels = shape
+    inputs = make_inputs(batch, n, c, num_labels, torch.bfloat16, seed=sum(shape), score_scale=BF16_SCORE)
+    inputs = tuple(t.float() for t in inputs[:4]) + (inputs[4],)
+    grad = torch.randn(batch, num_labels)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs[:4]]
+    with forced(variant, *inputs) as impl:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = label_attention(*leaves, inputs[4], impl=impl)
+        assert out.dtype == torch.float32
+        out.backward(grad)
+    expected, expected_grads = reference_with_grads(*inputs, grad)
+    tol = 2 * BF16_SCORE * torch.finfo(torch.bfloat16).eps
+    _assert_close(out, expected, tol, f"{variant} logits")
+    for name, leaf, ref_grad in zip(("dO", "dQ", "dW", "db"), leaves, expected_grads):
+        assert leaf.grad.dtype == torch.float32
+        _assert_close(leaf.grad, ref_grad, tol, f"{variant} {name}")
+
+
+@pytest.mark.parametrize("variant", [v for v in IMPLS if v != "reference"])
+def test_bf16_inputs_given_directly(variant):
+    """bf16 features, queries and weights (no autocast): gradients in bf16, logits fp32."""
+    inputs = make_inputs(3, 37, 20, 45, torch.bfloat16, seed=41, score_scale=BF16_SCORE)
+    grad = torch.randn(3, 45, device=DEVICE)
+    run_and_compare(variant, *inputs, grad, 2 * BF16_SCORE * torch.finfo(torch.bfloat16).eps)
 
 
 @needs_cpu_kernel
@@ -368,8 +494,11 @@ def test_cpu_kernel_opcheck():
 
 # --- the GEMM-first paths ("gemm", "gemm_saved"): groups, label chunks, splits, kept scores ---
 
-# (B, n, C, L, lengths): B <= 4 with unequal lengths runs document by document; B = 6 runs as one
-# group cut at the longest document, with padded tokens inside the group; equal lengths: one group.
+# (B, n, C, L, lengths). On the CPU every document is a group of its own, cut at its length; on
+# CUDA B <= 4 with unequal lengths runs document by document, B = 6 as one group cut at the longest
+# document (padded tokens inside the group), equal lengths as one group. The "cuda_rule" layout
+# forces CUDA's rule on any device.
+LAYOUTS = ["native", "cuda_rule"]
 GEMM_CASES = [(3, 37, 20, 45, [37, 1, 20]), (6, 29, 13, 33, [29, 3, 17, 1, 29, 8]),
               (6, 29, 13, 33, [22, 3, 17, 1, 9, 8]), (2, 30, 11, 19, [30, 30]), (1, 1, 5, 2, [1])]
 
@@ -392,13 +521,22 @@ def _gemm_inputs(case, dtype, seed, score_scale=None):
     return tuple(t.to(DEVICE, dtype) for t in (features, queries, weights, bias)) + (lengths.to(DEVICE),)
 
 
+def _layout(monkeypatch, layout: str) -> None:
+    """"cuda_rule": the document groups CUDA uses, on any device."""
+    if layout == "cuda_rule":
+        groups = gemm_module._groups
+        monkeypatch.setattr(gemm_module, "_groups", lambda ends, device: groups(ends, torch.device("cuda")))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", GEMM_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "B{}-n{}-C{}-L{}-".format(*c[:4]) + "-".join(map(str, c[4])))
-def test_gemm_groups(variant, dtype, case):
+def test_gemm_groups(monkeypatch, layout, variant, dtype, case):
     """Per-document groups, one group with padded tokens inside (PAD_VALUE there must not leak),
-    one group without padding; fp32 (Triton kernels under the interpreter, and the twin) and
-    fp64 (the twin)."""
+    one group without padding; fp32 (Triton kernels under the interpreter, the C++ kernels and
+    the twin) and fp64 (C++ and the twin)."""
+    _layout(monkeypatch, layout)
     inputs = _gemm_inputs(case, dtype, seed=len(case[4]) + case[1], score_scale=30.0)
     grad = torch.randn(case[0], case[3], device=DEVICE, dtype=dtype)
     leaves = run_and_compare(variant, *inputs, grad, TOL[dtype])
@@ -416,14 +554,15 @@ def test_gemm_small_label_chunks(monkeypatch, variant, dtype, per_document):
     batch, n, c, num_labels = 3, 37, 20, 45
     inputs = _gemm_inputs((batch, n, c, num_labels, [37, 1, 20]), dtype, seed=21, score_scale=30.0)
     itemsize = 8 if dtype == torch.float64 else 4
-    if per_document:  # documents of 37, 1 and 20 tokens: chunks of 3 labels (sized for the widest)
-        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 3 * 37 * itemsize)
-        expected_size = 3
+    if per_document:  # documents of 37, 1 and 20 tokens side by side: chunks of 3 labels
+        monkeypatch.setattr(gemm_module, "_groups", lambda ends, device: [(d, d + 1, t) for d, t in enumerate(ends)])
+        monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", 2 * 3 * (37 + 1 + 20) * itemsize)
+        expected_size, columns = 3, 37 + 1 + 20
     else:  # one group of 3 × 37 columns: 7 chunks of 7 labels, the last of 3
-        monkeypatch.setattr(la_module, "PER_DOCUMENT_MAX_BATCH", 0)
-        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 7 * batch * n * itemsize)
-        expected_size = 7
-    size, _ = la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), num_labels, dtype)
+        monkeypatch.setattr(gemm_module, "_groups", lambda ends, device: [(0, len(ends), max(ends))])
+        monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", 2 * 7 * batch * n * itemsize)
+        expected_size, columns = 7, batch * n
+    size, _ = gemm_module._chunk_size(inputs[0], columns, num_labels, dtype)
     assert size == expected_size
     grad = torch.randn(batch, num_labels, device=DEVICE, dtype=dtype)
     run_and_compare(variant, *inputs, grad, TOL[dtype])
@@ -434,34 +573,40 @@ def test_gemm_reduction_token_splits(monkeypatch, variant):
     """The Triton reduction split over 3 token ranges (as on a GPU when D·Lc is small): partial
     max, sum and Σe·p combined by the caller; a split past a document's length is empty."""
     inputs = _gemm_inputs((3, 100, 12, 20, [100, 1, 70]), torch.float32, seed=22, score_scale=40.0)
-    if not la_module._use_triton_reductions(inputs[0].device, inputs[0].dtype):
+    if gemm_module.reductions(inputs[0].device, inputs[0].dtype) != "triton":
         pytest.skip("needs the Triton kernels (CUDA or TRITON_INTERPRET=1)")
-    monkeypatch.setattr(la_module, "_token_splits", lambda device, docs, num_labels, tokens: 3)
+    monkeypatch.setattr(gemm_module, "_token_splits", lambda device, docs, num_labels, tokens: 3)
     grad = torch.randn(3, 20, device=DEVICE)
     run_and_compare(variant, *inputs, grad, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("variant", GEMM_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunked", [False, True])
-def test_gemm_half_scores_as_on_cuda(monkeypatch, variant, dtype, chunked):
-    """The CUDA half-precision branch on the CPU: S and P kept in fp16/bf16 (as on CUDA, where
-    they are the GEMM's output dtype), dO from one GEMM per chunk with [W_c; Q_c] plus an fp32
-    add. S rounded to the dtype before the softmax: tolerance max|s|·ε (max|s| = 4 here; errors
-    observed <= 8e-4 fp16, <= 7.3e-3 bf16)."""
-    monkeypatch.setattr(la_module, "_gemm_dtype", lambda features: features.dtype)
+def test_gemm_half_scores(monkeypatch, layout, variant, dtype, chunked):
+    """S and P kept in fp16/bf16 (the GEMMs' output dtype: bf16 on every device, fp16 forced here
+    as on CUDA), dO from one GEMM per chunk with [W_c; Q_c] plus an fp32 add. S rounded to the
+    dtype before the softmax: tolerance max|s|·ε (max|s| = 4 here; errors observed <= 8e-4 fp16,
+    <= 7.3e-3 bf16)."""
+    if variant.endswith("/cpp") and dtype == torch.float16:
+        pytest.skip("the C++ passes take fp32/fp64/bf16 blocks (fp16 blocks exist on CUDA only)")
+    monkeypatch.setattr(gemm_module, "gemm_dtype", lambda features: features.dtype)
+    _layout(monkeypatch, layout)
     case = (6, 29, 13, 33, [29, 3, 17, 1, 29, 8])
     inputs = _gemm_inputs(case, dtype, seed=27, score_scale=4.0)
     if chunked:  # chunks of 5 labels: 33 = 6 × 5 + 3
-        monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", 2 * 5 * 6 * 29 * 2)
-        assert la_module._chunk_size(inputs[0], la_module._groups(inputs[4].tolist()), 33, dtype)[0] == 5
+        groups = gemm_module._groups(inputs[4].tolist(), inputs[0].device)
+        columns = sum((d1 - d0) * t for d0, d1, t in groups)
+        monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", 2 * 5 * columns * 2)
+        assert gemm_module._chunk_size(inputs[0], columns, 33, dtype)[0] == 5
     grad = torch.randn(6, 33, device=DEVICE)
     run_and_compare(variant, *inputs, grad, 4.0 * torch.finfo(dtype).eps)
 
 
 def test_label_chunk_sizes_fit_the_budget_and_balance():
     for budget, columns, num_labels in [(10 ** 6, 1000, 9000), (800, 10, 45), (1, 7, 5), (10 ** 9, 4, 3)]:
-        size = la_module._label_chunk(budget, columns, num_labels, 4)
+        size = gemm_module._label_chunk(budget, columns, num_labels, 4)
         chunks = -(-num_labels // size)
         assert 1 <= size <= num_labels
         assert 2 * size * columns * 4 <= max(budget, 2 * columns * 4)  # fits (one label at least)
@@ -470,14 +615,15 @@ def test_label_chunk_sizes_fit_the_budget_and_balance():
 
 
 def test_chunk_budget_is_capped_by_free_memory(monkeypatch):
-    assert la_module.free_memory_bytes(torch.device("cpu")) is None or la_module.free_memory_bytes(
-        torch.device("cpu")) > 0
-    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: 10 ** 9)
-    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == 10 ** 8
-    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: 10 ** 12)
-    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == la_module.CHUNK_MAX_BYTES
-    monkeypatch.setattr(la_module, "free_memory_bytes", lambda device: None)
-    assert la_module._budget(torch.device("cpu"), la_module.CHUNK_MAX_BYTES, 0.1) == la_module.CHUNK_MAX_BYTES
+    free = memory_module.free_memory_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    limit = gemm_module.CHUNK_MAX_BYTES
+    monkeypatch.setattr(memory_module, "free_memory_bytes", lambda device: 10 ** 9)
+    assert memory_module.budget(torch.device("cpu"), limit, 0.1) == 10 ** 8
+    monkeypatch.setattr(memory_module, "free_memory_bytes", lambda device: 10 ** 12)
+    assert memory_module.budget(torch.device("cpu"), limit, 0.1) == limit
+    monkeypatch.setattr(memory_module, "free_memory_bytes", lambda device: None)
+    assert memory_module.budget(torch.device("cpu"), limit, 0.1) == limit
 
 
 class _CountingOp:
@@ -510,10 +656,10 @@ def test_gemm_saved_keeps_scores_only_for_autograd_and_within_budget(monkeypatch
     grad = torch.randn(3, 45, device=DEVICE)
     run_and_compare(variant, *inputs, grad, TOL[torch.float32])
     assert saved_fwd.calls == 1
-    monkeypatch.setattr(la_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4 - 1)  # one value short
+    monkeypatch.setattr(gemm_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4 - 1)  # one value short
     run_and_compare(variant, *inputs, grad, TOL[torch.float32])
     assert saved_fwd.calls == 1  # fell back to recomputing
-    monkeypatch.setattr(la_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4)
+    monkeypatch.setattr(gemm_module, "SAVED_MAX_BYTES", 2 * 45 * 3 * 37 * 4)
     run_and_compare(variant, *inputs, grad, TOL[torch.float32])
     assert saved_fwd.calls == 2
 
@@ -522,11 +668,11 @@ def test_gemm_saved_keeps_scores_only_for_autograd_and_within_budget(monkeypatch
 def test_gemm_saved_memory_inference_and_training(monkeypatch):
     """Under no_grad "gemm_saved" allocates nothing near the 2·L·B·n kept values (only its label
     chunk, forced small here); in training it keeps exactly one such buffer."""
-    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)  # no interpreter copies
+    monkeypatch.setattr(gemm_module, "reductions", lambda device, dtype: "torch")  # no interpreter copies
     batch, n, c, num_labels = 2, 300, 8, 400
     features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=24)
     kept = 4 * 2 * num_labels * batch * n
-    monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", kept // 16)
+    monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", kept // 16)
     with torch.no_grad():
         largest, _ = _allocations(lambda: label_attention(features, queries, weights, bias, lengths,
                                                           impl="gemm_saved"))
@@ -540,11 +686,11 @@ def test_gemm_saved_memory_inference_and_training(monkeypatch):
 def test_gemm_working_set_is_bounded(monkeypatch):
     """"gemm" forward and backward allocate at most the label chunk's buffer (the budget) or an
     input-sized buffer, while the reference allocates [B, L, n]."""
-    monkeypatch.setattr(la_module, "_use_triton_reductions", lambda device, dtype: False)
+    monkeypatch.setattr(gemm_module, "reductions", lambda device, dtype: "torch")
     batch, n, c, num_labels = 3, 300, 8, 400
     features, queries, weights, bias, lengths = make_inputs(batch, n, c, num_labels, torch.float32, seed=25)
     budget = 4 * 2 * 32 * batch * n
-    monkeypatch.setattr(la_module, "CHUNK_MAX_BYTES", budget)
+    monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", budget)
     leaves = [t.requires_grad_() for t in (features, queries, weights, bias)]
     largest, peak = _allocations(lambda: label_attention(*leaves, lengths, impl="gemm").sum().backward())
     assert largest <= max(budget, 4 * batch * n * c, 4 * num_labels * c), largest

@@ -222,10 +222,11 @@ def test_available_impls_and_unavailable_impls_raise(monkeypatch):
     assert available_impls(ram, h) == ("reference", "extension", "vendor_conv")
     assert available_impls(RAM(8).double(), h.double()) == ("reference", "extension", "vendor_conv")
     ram16, h16 = RAM(8).bfloat16(), h.bfloat16()
-    assert available_impls(ram16, h16) == ("reference",)
-    for impl in ("extension", "vendor_conv"):
-        with pytest.raises(ValueError, match=f"impl='{impl}' cannot run here: .*bfloat16"):
-            ram_forward(ram16, h16, impl=impl)
+    assert available_impls(ram16, h16) == ("reference", "vendor_conv")  # bf16 on the CPU: oneDNN's convs
+    with pytest.raises(ValueError, match="impl='extension' cannot run here: .*bfloat16"):
+        ram_forward(ram16, h16, impl="extension")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert available_impls(ram, h) == ("reference", "vendor_conv")
     with pytest.raises(ValueError, match="impl: expected 'auto' or one of"):
         ram_forward(ram, h, impl="cudnn")
     monkeypatch.setattr(ram_ops, "extension_available_for", lambda t: False)
@@ -585,6 +586,70 @@ def test_train_op_rejects_single_value():
     args = list(_block_args(True, EPILOGUE_NONE, b=1, n=1))
     with pytest.raises(RuntimeError, match="more than 1 value per channel"):
         torch.ops.marn_fast.ram_block_train(*args)
+
+
+# ------------------------------------------------------------------------------------------ bf16 (CPU)
+# The CPU's bf16 path: oneDNN convolutions and ATen passes (the Triton passes run on CUDA only,
+# where test_ram_cuda_matches_reference holds them in bf16).
+BF16_IMPLS = ("vendor_conv",)
+
+
+def _bf16_runs(fused_fn, channels, b, n, training, autocast, seed):
+    """(fused, eager) results [forward, grad h, parameter grads..., buffers...] of a bf16 run and
+    the fp32 reference's on the same bf16-rounded parameters and input. autocast: fp32 modules
+    under torch.autocast("cpu", bf16); else bf16 modules and input."""
+    base, _ = make_pair(RAM(channels), torch.float32, "cpu", seed)
+    base = base.bfloat16().float()  # parameters exactly representable in bf16
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = torch.randn(b, n, channels, generator=gen).bfloat16().float().transpose(1, 2)
+    g = torch.randn(b, channels, n, generator=gen)
+    runs = {}
+    for name in ("fused", "eager", "ref"):
+        module = copy.deepcopy(base).train(training)
+        low = name != "ref"
+        if low and not autocast:
+            module = module.bfloat16()
+        x = (h.bfloat16() if low and not autocast else h).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low and autocast):
+            out = fused_fn(module, x) if name == "fused" else module(x)
+        out.backward(g.to(out.dtype))
+        runs[name] = [out, x.grad] + [q.grad for q in module.parameters()] + list(module.buffers())
+    names = ["forward", "grad h"] + [f"grad {k}" for k, _ in base.named_parameters()] + \
+            [f"buffer {k}" for k, _ in base.named_buffers()]
+    return names, runs
+
+
+@pytest.mark.parametrize("impl", BF16_IMPLS)
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels,b,n", [(16, 2, 37), (13, 3, 1)])
+def test_cpu_bf16_matches_reference(impl, autocast, training, channels, b, n):
+    """bf16 on the CPU — fp32 modules under autocast, or bf16 modules and input — against the fp32
+    module on the same bf16-rounded values, held to the eager bf16 module's own error (as on
+    CUDA): the fused path's bf16 convolutions and fp32 BatchNorm statistics are the eager ones, so
+    its error is the format's. Bound: 3 × eager's error + 1e-2 (forward, grad h, buffers), 2 ×
+    eager's error + 2^-6 for parameter gradients (accumulated in another order; BatchNorm over
+    three values per channel at n = 1 makes eager's own error 0.3 there). Under autocast the
+    output is bf16 (autocast's conv dtype), the gradients and running statistics fp32."""
+    impl_arg, forced = impl_context(impl)
+
+    def fused_fn(module, x):
+        with forced:
+            out = ram_forward(module, x, impl=impl_arg)
+        assert out.dtype == torch.bfloat16
+        return out
+
+    names, runs = _bf16_runs(fused_fn, channels, b, n, training, autocast, seed=channels + n)
+    for i, what in enumerate(names):
+        want, got, eager = runs["ref"][i], runs["fused"][i], runs["eager"][i]
+        if what.endswith("num_batches_tracked"):
+            assert torch.equal(got, want), what
+            continue
+        if what.startswith("grad") or what.startswith("buffer"):
+            assert got.dtype == (torch.float32 if autocast else eager.dtype), f"{what} dtype {got.dtype}"
+        err, eager_err = rel_err(got, want), rel_err(eager, want)
+        bound = 2 * eager_err + 2 ** -6 if what.startswith("grad ") and what != "grad h" else 3 * eager_err + 1e-2
+        assert err <= bound, f"bf16 {what}: error {err:.3g}, eager bf16 {eager_err:.3g}, bound {bound:.3g}"
 
 
 # ------------------------------------------------------------------------------------------ CUDA

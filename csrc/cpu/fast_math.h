@@ -62,6 +62,17 @@ __attribute__((always_inline)) inline float log_(float x) {
   return (m + y) + k * 0.693359375f;
 }
 
+// bf16 as its 16 bits: widening is exact (the bits on top of a float), narrowing rounds to nearest
+// even (NaN stays a quiet NaN); both are branch-free so that the loops around them vectorise.
+__attribute__((always_inline)) inline float bf16_to_float(uint16_t v) {
+  return bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(v) << 16));
+}
+__attribute__((always_inline)) inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = static_cast<uint32_t>(float_to_bits(f));
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? 0x7fc0u : rounded);
+}
+
 inline double exp_(double x) { return std::exp(x); }
 inline double log_(double x) { return std::log(x); }
 

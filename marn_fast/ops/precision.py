@@ -8,16 +8,19 @@ second time; reductions (softmax statistics, BatchNorm statistics, the GRU state
 fp32. The measured dispatcher keys a call by this compute dtype, so bf16 (given directly or under
 autocast) has candidates and choices of its own.
 
-`compute_dtype(t)` gives that dtype; `native_bf16()` says whether the CPU has bf16 matrix or vector
-instructions (AMX-BF16 or AVX-512 BF16), without which oneDNN emulates bf16 in fp32 (correct, and
-usually slower than fp32); `warn_once(key, message)` is how an op says, once per process, that it
-computes in another dtype than the one asked for.
+`compute_dtype(t)` gives that dtype, `accumulation_dtype(dtype)` the dtype sums are kept in (fp64
+for fp64, else fp32), `autocast_off(device)` the context an op body runs in. `native_bf16()` says
+whether the CPU has bf16 matrix or vector instructions (AMX-BF16 or AVX-512 BF16), without which
+oneDNN emulates bf16 in fp32 (correct, and usually slower than fp32); `warn_once(key, message)`
+is how an op says, once per process, that it computes in another dtype than the one asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
+from typing import ContextManager
 
 import torch
 
@@ -42,6 +45,19 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
         if dtype is not None:
             return dtype
     return t.dtype
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums, softmax statistics and logits: fp64 for fp64 computations, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device: torch.device | str) -> ContextManager:
+    """Autocast disabled for this device type (a no-op context on devices without autocast)."""
+    kind = torch.device(device).type
+    if kind not in AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=kind, enabled=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,12 @@
 - "extension": the fused block ops of csrc/ (below); CPU (fp32, fp64) and CUDA builds.
 - "vendor_conv": the convolutions by cuDNN / oneDNN, BatchNorm, tanh and the epilogues fused in
   between (`marn_fast.ops.ram_vendor`; Triton passes on CUDA, torch ops on the CPU).
+Precision: the fused implementations compute in `ops.precision.compute_dtype(h)` — h's dtype, or
+under torch.autocast the autocast dtype (bf16 convolutions by oneDNN on the CPU's matrix units or
+cuDNN) — with the conv weights cast to it and the BatchNorms' statistics, running statistics and
+affine parameters in fp32 (fp64 for fp64); the output is in the compute dtype, as autocast's
+convolutions return. "extension" takes fp32/fp64 on the CPU (and every float dtype on CUDA), so
+bf16 on the CPU is "vendor_conv"'s; "reference" is the module under the caller's autocast.
 "auto" is the measured dispatcher's choice among `available_impls` for this call's key
 (ops/dispatch.py; the trial runs on a copy of the module, so only the real call updates the
 running statistics); where nothing is measured, the static `default_impl`: the extension where
@@ -47,11 +53,14 @@ from . import dispatch, ram_vendor
 from ._backend import triton_available
 from ._extension import cpu_extension_available, extension_available_for
 from .mul_tanh import mul_tanh
+from .precision import autocast_off, compute_dtype
 
 # Epilogue codes of the block ops (mirror csrc/ram_common.h).
 EPILOGUE_NONE, EPILOGUE_ADD, EPILOGUE_MUL, EPILOGUE_MUL_TANH = 0, 1, 2, 3
-_DTYPES = {"cpu": (torch.float32, torch.float64),
-           "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The compute dtypes each fused implementation takes, per device type.
+_DTYPES = {"extension": {"cpu": (torch.float32, torch.float64), "cuda": _CUDA_DTYPES},
+           "vendor_conv": {"cpu": (torch.float32, torch.float64, torch.bfloat16), "cuda": _CUDA_DTYPES}}
 IMPLS = ("reference", "extension", "vendor_conv")
 
 if cpu_extension_available():
@@ -174,12 +183,14 @@ def _reference_layout(block: nn.Sequential) -> bool:
 
 def _fusable(block: nn.Sequential, x: torch.Tensor) -> bool:
     """Whether the extension's block ops can run this block on x."""
-    return (_reference_layout(block) and x.dtype in _DTYPES.get(x.device.type, ())
+    return (_reference_layout(block) and x.dtype in _DTYPES["extension"].get(x.device.type, ())
             and extension_available_for(x))
 
 
 def _plain_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tensor], epilogue: int):
-    v = block(x.transpose(1, 2)).transpose(1, 2)
+    mixed = any(p.is_floating_point() and p.dtype != x.dtype for p in block.parameters())
+    with torch.autocast(x.device.type, dtype=x.dtype, enabled=mixed and x.dtype in (torch.bfloat16, torch.float16)):
+        v = block(x.transpose(1, 2)).transpose(1, 2).to(x.dtype)
     if epilogue == EPILOGUE_NONE:
         return v
     assert other is not None, "the ADD, MUL and MUL_TANH epilogues take `other`"
@@ -253,9 +264,11 @@ def ram_block(block: nn.Sequential, x: torch.Tensor, other: Optional[torch.Tenso
     other = None if other is None else other.contiguous()
     if _batch_stats(bn1):
         count = _check_count(x)
+        dtype = x.dtype  # the block ops take their parameters in x's dtype (cast under autocast)
         out, _, _, _, mean1, var1, mean2, var2 = torch.ops.marn_fast.ram_block_train(
-            x, conv_weight(conv1).contiguous(), bn1.weight, bn1.bias, conv_weight(conv2).contiguous(),
-            bn2.weight, bn2.bias, other, epilogue, bn1.eps, bn2.eps)
+            x, conv_weight(conv1).to(dtype).contiguous(), bn1.weight.to(dtype), bn1.bias.to(dtype),
+            conv_weight(conv2).to(dtype).contiguous(), bn2.weight.to(dtype), bn2.bias.to(dtype), other, epilogue,
+            bn1.eps, bn2.eps)
         _update_running_stats(bn1, mean1, var1, count)
         _update_running_stats(bn2, mean2, var2, count)
         return out
@@ -285,15 +298,15 @@ def vendor_conv_block(block: nn.Sequential, x: torch.Tensor, other: Optional[tor
     use_triton = _vendor_uses_triton(x)
     if _batch_stats(bn1):
         _check_count(x)
-        return ram_vendor.block_batch_stats(x, conv_weight(conv1), bn1, conv_weight(conv2), bn2, other, mul, tanh,
-                                            use_triton)
+        return ram_vendor.block_batch_stats(x, conv_weight(conv1).to(x.dtype), bn1, conv_weight(conv2).to(x.dtype),
+                                            bn2, other, mul, tanh, use_triton)
     w1, b1, w2, b2 = folded_block(block, x.dtype)
     return ram_vendor.block_folded(x, w1, b1, w2, b2, other, mul, tanh, use_triton)
 
 
 def _run_dtype(ram: RAM, h: torch.Tensor) -> torch.dtype:
-    """The dtype the fused implementations run in: h's, or the parameters' under autocast."""
-    return _parameter_dtype(ram) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    """The dtype the fused implementations run in: h's, or the autocast dtype under autocast."""
+    return compute_dtype(h)
 
 
 def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str]:
@@ -302,8 +315,8 @@ def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str
     if impl not in IMPLS:
         raise ValueError(f"impl: expected 'auto' or one of {IMPLS}, got {impl!r}")
     device = h.device.type
-    if impl != "reference" and dtype not in _DTYPES.get(device, ()):
-        return f"{impl} takes {_DTYPES.get(device, ())} on {device}, got {dtype}"
+    if impl != "reference" and dtype not in _DTYPES[impl].get(device, ()):
+        return f"{impl} takes {_DTYPES[impl].get(device, ())} on {device}, got {dtype}"
     if impl == "extension" and not extension_available_for(h):
         return f"the compiled extension has no kernels for {device} tensors (not built or not loaded)"
     if impl == "vendor_conv" and device == "cuda" and not triton_available():
@@ -314,7 +327,7 @@ def _unavailable(impl: str, h: torch.Tensor, dtype: torch.dtype) -> Optional[str
 def available_impls(ram: RAM, h: torch.Tensor) -> tuple[str, ...]:
     """The implementations that can run `ram_forward(ram, h, impl=...)` now, "reference" first.
 
-    Under autocast the fused ones run in the parameters' dtype (see `ram_forward`)."""
+    Under autocast the fused ones run in the autocast dtype (see the module docstring)."""
     dtype = _run_dtype(ram, h)
     return tuple(impl for impl in IMPLS if _unavailable(impl, h, dtype) is None)
 
@@ -367,11 +380,15 @@ def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     reason = _unavailable(impl, h, _run_dtype(ram, h))
     if reason is not None:
         raise ValueError(f"impl={impl!r} cannot run here: {reason}")
-    if torch.is_autocast_enabled(h.device.type):
-        # The fused blocks take their inputs in the parameters' dtype; autocast would re-cast the
-        # ATen calls inside them. Run the RAM in the parameters' dtype with autocast off.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return ram_forward(ram, h.to(parameter_dtype), impl)
+    # The fused blocks take their input in the compute dtype and cast their conv weights to it;
+    # autocast would re-cast the ATen calls inside them (BatchNorm's statistics among them).
+    dtype = _run_dtype(ram, h)
+    with autocast_off(h.device):
+        return _fused(ram, h.to(dtype), impl)
+
+
+def _fused(ram: RAM, h: torch.Tensor, impl: str) -> torch.Tensor:
+    """The RAM's five blocks through impl's block function, in h's dtype."""
     block = vendor_conv_block if impl == "vendor_conv" else ram_block
     x = h.transpose(1, 2)
     d1 = block(ram.down1, x)

@@ -25,8 +25,9 @@ def _difference(name: str, ours: list, theirs: list) -> str:
 
 def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str = "test",
                         threshold: Optional[float] = None, backend: str = "auto",
-                        out: Optional[str] = None) -> dict:
-    """Metrics of a checkpoint on `split` (threshold tuned on dev unless given)."""
+                        out: Optional[str] = None, precision: str = "auto") -> dict:
+    """Metrics of a checkpoint on `split` (threshold tuned on dev unless given), computed in
+    `precision` (training/precision.py)."""
     model, payload = load_model(checkpoint, backend=backend)
     config = model.config
     stored = dict(payload.get("data", {}))
@@ -50,14 +51,14 @@ def evaluate_checkpoint(checkpoint, data_dir: Optional[str] = None, split: str =
     model.to(device)
     threshold_source = "given" if threshold is not None else "tuned on dev"
     if threshold is None:
-        dev = predict_loader(model, exp.loader("dev"), device)
+        dev = predict_loader(model, exp.loader("dev"), device, precision)
         threshold = metrics.tune_threshold(dev.icd_scores, dev.icd_targets)
-    result = evaluate_result(predict_loader(model, exp.loader(split), device), threshold)
+    result = evaluate_result(predict_loader(model, exp.loader(split), device, precision), threshold)
     report = {"checkpoint": str(checkpoint), "split": split, "threshold": threshold, "metrics": result,
               "table": comparison_table(result, settings.setting, title=f"{split} @{threshold:.3f}")}
     if out:
         write_json(Path(out), {k: v for k, v in report.items() if k != "table"})
         report["manifest"] = str(manifest_path(out))
         write_json(manifest_path(out), evaluation_manifest(checkpoint, payload, model, settings, exp, split,
-                                                           threshold, threshold_source))
+                                                           threshold, threshold_source, precision))
     return report

@@ -15,6 +15,7 @@ import torch
 
 from ..data import MIN_DOC_FREQ
 from ..ops import dispatch
+from .precision import precision_record
 
 if TYPE_CHECKING:
     from ..model import MARN
@@ -67,11 +68,12 @@ def run_manifest(model: "MARN", settings: "DataSettings", train_config: "TrainCo
     """manifest.json of a train run; `config_file` records the config file the run applied (its
     name, path, whether it is a shipped recipe, how it was chosen, its values and the flags that
     overrode them), or None when it ran on flags and the package defaults alone."""
-    cuda = torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = precision_record(train_config.precision, device)
     return {
         "config_file": config_file,
         "model": model.config.to_dict(), "backend": model.backend, "dispatch": dispatch.choices(),
-        "dtype": "bfloat16 autocast" if (cuda and train_config.bf16) else "float32",
+        "dtype": record["dtype"], "precision": record,
         "train": asdict(train_config), "seeds": {"train": train_config.seed, "data": settings.seed},
         "data": asdict(settings),
         "preprocessing": {"tokenizer": "CAML: \\w+ tokens, lower-cased, purely numeric tokens dropped",
@@ -87,14 +89,20 @@ def run_manifest(model: "MARN", settings: "DataSettings", train_config: "TrainCo
     }
 
 
+def _device_of(model: "MARN") -> torch.device:
+    return next(model.parameters()).device
+
+
 def evaluation_manifest(checkpoint: str | Path, payload: dict[str, Any], model: "MARN", settings: "DataSettings",
                         experiment: "Experiment", split: str, threshold: float,
-                        threshold_source: str) -> dict:
+                        threshold_source: str, precision: str = "auto") -> dict:
     """manifest.json of `marn-fast evaluate`: the checkpoint and its config, the data settings, the
     label-space and vocabulary sizes, the threshold and where it came from, and the environment."""
     return {
         "kind": "evaluate", "checkpoint": str(Path(checkpoint).resolve()), "model": model.config.to_dict(),
-        "backend": model.backend, "dispatch": dispatch.choices(), "dtype": "float32", "split": split,
+        "backend": model.backend, "dispatch": dispatch.choices(), "split": split,
+        "dtype": precision_record(precision, _device_of(model))["dtype"],
+        "precision": precision_record(precision, _device_of(model)),
         "threshold": threshold, "threshold_source": threshold_source,
         "trained_with": {"data": payload.get("data"), "train": (payload.get("train") or {}).get("train_config")},
         "data": asdict(settings),

@@ -79,8 +79,8 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end)
     state = trainer.fit(exp.loader("train"), exp.loader("dev"), resume=resume)
     trainer.load_best()
-    dev = predict_loader(trainer.wrapped, exp.loader("dev"), trainer.device, train_config.bf16)
-    test = predict_loader(trainer.wrapped, exp.loader("test"), trainer.device, train_config.bf16)
+    dev = predict_loader(trainer.wrapped, exp.loader("dev"), trainer.device, train_config.precision)
+    test = predict_loader(trainer.wrapped, exp.loader("test"), trainer.device, train_config.precision)
     if not is_main_process():
         return {}
     threshold = metrics.tune_threshold(dev.icd_scores, dev.icd_targets)

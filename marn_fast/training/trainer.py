@@ -25,6 +25,7 @@ from .. import metrics as metric_fns
 from ..files import remove_stale_temporaries
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, one_line, save_checkpoint
 from .distributed import gather_objects, is_main_process, world
+from .precision import PRECISIONS, autocast
 
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
@@ -45,7 +46,7 @@ class TrainConfig:
     metric: str = "f1_micro"
     threshold: float = 0.5
     seed: int = 0
-    bf16: bool = True  # autocast to bf16 on CUDA; ignored on the CPU
+    precision: str = "auto"  # "fp32", "bf16" (autocast on either device) or "auto": bf16 on CUDA, fp32 on the CPU
     max_minutes: Optional[float] = None  # stop starting new epochs after this wall time
     progress: bool = True  # progress bars, shown only when stderr is a terminal (show_progress_bars)
     # After each training epoch, recompute every BatchNorm's running statistics as the exact
@@ -65,6 +66,8 @@ class TrainConfig:
                              f"{self.max_epochs}, {self.patience}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"TrainConfig: threshold must be in (0, 1), got {self.threshold}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -135,13 +138,9 @@ def _unwrap(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
 @torch.no_grad()
 def predict_loader(model: torch.nn.Module, loader: Iterable[Any], device: torch.device,
-                   bf16: bool = True) -> EvalResult:
+                   precision: str = "auto") -> EvalResult:
     """Run `model` over `loader`; gather sigmoid probabilities and targets from every rank,
     dropping the duplicates a distributed sampler pads with."""
     core = _unwrap(model)
@@ -150,7 +149,7 @@ def predict_loader(model: torch.nn.Module, loader: Iterable[Any], device: torch.
     ids, icd_s, icd_t, ccs_s, ccs_t, losses = [], [], [], [], [], []
     for batch in loader:
         tokens, lengths = batch.tokens.to(device), batch.lengths.to(device)
-        with _autocast(device, bf16):
+        with autocast(device, precision):
             out = core(tokens, lengths)
         has_ccs = batch.ccs_targets is not None and out.ccs_logits is not None
         ccs_target = batch.ccs_targets.to(device) if has_ccs else None
@@ -269,7 +268,7 @@ class Trainer:
             icd_t = batch.icd_targets.to(self.device)
             has_ccs = batch.ccs_targets is not None and self.model.ccs_head is not None
             ccs_t = batch.ccs_targets.to(self.device) if has_ccs else None
-            with _autocast(self.device, self.config.bf16):
+            with autocast(self.device, self.config.precision):
                 out = self.wrapped(tokens, lengths)
                 loss = self.model.compute_loss(out, icd_t, ccs_t)
             if not torch.isfinite(loss):
@@ -307,7 +306,7 @@ class Trainer:
             m.eval()
         try:
             for batch in loader:
-                with _autocast(self.device, self.config.bf16):
+                with autocast(self.device, self.config.precision):
                     core.encode(batch.tokens.to(self.device), batch.lengths.to(self.device))
         finally:
             for m, momentum in zip(norms, momenta):
@@ -332,7 +331,7 @@ class Trainer:
             if cfg.bn_recalibrate:
                 self.recalibrate_batchnorm(train_loader)
             train_seconds = time.perf_counter() - epoch_start
-            dev = evaluate_result(predict_loader(self.wrapped, dev_loader, self.device, cfg.bf16), cfg.threshold)
+            dev = evaluate_result(predict_loader(self.wrapped, dev_loader, self.device, cfg.precision), cfg.threshold)
             if cfg.metric not in dev:
                 raise ValueError(f"metric: {cfg.metric!r} is not one of {sorted(k for k in dev if k != 'ccs')}")
             value = float(dev[cfg.metric])
