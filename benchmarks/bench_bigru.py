@@ -17,7 +17,11 @@ its name), from one profiled forward call.
     python benchmarks/bench_bigru.py                 # CPU: B=4, n=500/2000, h=64 and 300
     python benchmarks/bench_bigru.py --device cuda   # B=16, n=1000/4000, h=300, bf16 and fp32
     python benchmarks/bench_bigru.py --device cuda --impls packed,persistent --name bigru_persistent
+    python benchmarks/bench_bigru.py --device cuda --sizes 16x4000x300 --dtypes bf16 --rounds 5
     python benchmarks/bench_bigru.py --smoke         # tiny, CPU, one round, writes nothing
+
+bf16 rows give the inputs and weights in bf16 (every impl computes from bf16 tensors); the model's
+training runs fp32 weights under bf16 autocast instead (benchmarks/bench_model.py).
 
 Writes benchmarks/results/<device-slug>/<name>.{json,csv} (atomically; name defaults to bigru).
 """
@@ -42,6 +46,7 @@ CPU_SIZES = [(4, 500, 64), (4, 2000, 64), (4, 500, 300)]  # (B, n, h)
 GPU_SIZES = [(16, 1000, 300), (16, 4000, 300)]
 SMOKE_SIZES = [(2, 16, 8)]
 MODES = ("fwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STEP_LIMIT_US = 1.0  # the per-step exchange estimate of the docstring
 
 
@@ -103,12 +108,27 @@ def main() -> None:
     parser.add_argument("--impls", default=None, help="comma-separated subset of the candidates (default: all "
                         "available); the baseline always runs")
     parser.add_argument("--name", default=NAME, help="results file name (default bigru)")
+    parser.add_argument("--sizes", default=None, help="comma-separated BxNxH (default: the device's sizes)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated of bf16, fp32 (default: both on CUDA, "
+                        "fp32 on the CPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, one round, write nothing")
     args = parser.parse_args()
     device = args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     cuda = device == "cuda"
     sizes = SMOKE_SIZES if args.smoke else GPU_SIZES if cuda else CPU_SIZES
+    if args.sizes:
+        try:
+            sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+            if any(len(size) != 3 or min(size) < 1 for size in sizes):
+                raise ValueError
+        except ValueError:
+            parser.error(f"--sizes: expected comma-separated BxNxH with positive sizes, got {args.sizes!r}")
     dtypes = (torch.bfloat16, torch.float32) if cuda or args.smoke else (torch.float32,)
+    if args.dtypes:
+        unknown = set(args.dtypes.split(",")) - set(DTYPES)
+        if unknown:
+            parser.error(f"--dtypes: expected values in {sorted(DTYPES)}, got {sorted(unknown)}")
+        dtypes = tuple(DTYPES[name] for name in args.dtypes.split(","))
     rounds = 1 if args.smoke else args.rounds or (10 if cuda else 3)
     baseline = "packed" if cuda else "reference"
     wanted = None if args.impls is None else set(args.impls.split(",")) | {baseline}

@@ -53,7 +53,7 @@ import torch
 if "--smoke" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, write_results  # noqa: E402
+from common import device_name, extra_peak_rss_bytes, write_results  # noqa: E402
 
 from marn_fast.files import atomic_path  # noqa: E402
 from marn_fast.ops import label_attention_chunked as chunked  # noqa: E402
@@ -126,24 +126,13 @@ def _make_call(impl, mode, tensors, lengths, grad, compiled_reference):
 
 # --- CPU ------------------------------------------------------------------------------------
 
-def _rss_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_child(spec: dict) -> None:
     """Subprocess body: one warm-up call, reset the RSS high-water mark, one measured call."""
     torch.set_num_threads(spec["threads"])
     tensors, lengths, grad = make_inputs(tuple(spec["size"]), torch.float32, "cpu", full_length=True)
     compiled = torch.compile(reference_label_attention) if spec["impl"] == "compiled" else None
     call = make_call(spec["impl"], spec["mode"], tensors, lengths, grad, compiled, spec.get("bf16", False))
-    call()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _rss_kib("VmRSS:")
-    call()
-    print(json.dumps({"peak_bytes": 1024 * (_rss_kib("VmHWM:") - before)}))
+    print(json.dumps({"peak_bytes": extra_peak_rss_bytes(call)}))
 
 
 def measure_peak_cpu(impl, mode, size, threads, bf16=False) -> int:

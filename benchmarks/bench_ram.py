@@ -15,6 +15,13 @@ too: the numbers compare exact fp32 with exact fp32); --tf32 leaves PyTorch's de
     python benchmarks/bench_ram.py --smoke              # seconds: tiny CPU shapes, the Triton
                                                         # passes under TRITON_INTERPRET=1; writes nothing
 
+CPU bf16 (default on the CPU; --no-bf16 skips it): the same modules under torch.autocast("cpu",
+bfloat16) — eager and every implementation that can compute in bf16 — interleaved with the fp32
+rows of the case, each with its ratio against eager fp32 (speedup_vs_eager_fp32) and its
+convolutions' rate: conv_gflops = the ten k=3 convolutions' FLOPs (2·3·Σ C_in·C_out per token;
+×3 for train) / median, against this CPU's bf16 torch.mm rate at a conv-sized GEMM
+[B·n, 3·C]·[3·C, C/2] measured in the same process (mm_ceiling_gflops).
+
 Writes benchmarks/results/<device-slug>/bench_ram.{json,csv} and its manifest (atomically).
 The issue-19 GPU target (RAM training ≥ 1.2× eager at B=16, C=600, n=4000, bf16 and fp32) is
 checked and printed on CUDA runs.
@@ -79,6 +86,41 @@ def triton_passes_on_cpu(fn):
     return run
 
 
+def under_autocast(fn):
+    def run(t):
+        with torch.autocast(t.device.type, dtype=torch.bfloat16):
+            return fn(t)
+    return run
+
+
+def bf16_implementations(ref_ram: RAM, h: torch.Tensor) -> dict:
+    """name@bf16 → (module, callable under bf16 autocast): eager and the impls that take bf16."""
+    impls = {"eager@bf16": (copy.deepcopy(ref_ram), None)}
+    impls["eager@bf16"] = (impls["eager@bf16"][0], under_autocast(impls["eager@bf16"][0]))
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):
+        names = [n for n in ram_ops.available_impls(ref_ram, h) if n != "reference"]
+    for name in names:
+        module = copy.deepcopy(ref_ram)
+        impls[f"{name}@bf16"] = (module, under_autocast(
+            lambda t, m=module, name=name: ram_ops.ram_forward(m, t, impl=name)))
+    return impls
+
+
+def conv_flops(c: int, tokens: int) -> int:
+    """FLOPs of the RAM's ten k=3 convolutions over `tokens` tokens (forward)."""
+    c2, c3 = c // 2, c // 4
+    pairs = [(c, c2), (c2, c2), (c2, c3), (c3, c3), (c3, c3), (c3, c3), (c3, c2), (c2, c2), (c2, c), (c, c)]
+    return 2 * 3 * sum(a * b for a, b in pairs) * tokens
+
+
+def mm_ceiling_gflops(b: int, c: int, n: int, repeat: int = 3) -> float:
+    """bf16 torch.mm GFLOP/s at a conv-sized GEMM [B·n, 3·C]·[3·C, C/2] (best of `repeat`)."""
+    x, w = torch.randn(b * n, 3 * c).bfloat16(), torch.randn(3 * c, c // 2).bfloat16()
+    torch.mm(x, w)
+    best = min(timed(lambda: torch.mm(x, w), "cpu") for _ in range(repeat))
+    return 2 * b * n * 3 * c * (c // 2) / best / 1e9
+
+
 def implementations(ref_ram: RAM, h: torch.Tensor, use_compile: bool, smoke: bool) -> dict:
     """name → (module whose train/eval mode is set, callable); eager first."""
     impls = {"eager": (ref_ram, lambda t: ref_ram(t))}
@@ -97,10 +139,14 @@ def implementations(ref_ram: RAM, h: torch.Tensor, use_compile: bool, smoke: boo
     return impls
 
 
-def bench_case(b, c, n, dtype, device, rounds, use_compile, smoke, tf32):
+def bench_case(b, c, n, dtype, device, rounds, use_compile, smoke, tf32, bf16=False):
     ref_ram = make_ram(c, dtype, device)
     h = torch.randn(b, n, c, device=device, dtype=dtype).transpose(1, 2)
     impls = implementations(ref_ram, h, use_compile, smoke)
+    ceiling = None
+    if bf16:
+        impls.update(bf16_implementations(ref_ram, h))
+        ceiling = mm_ceiling_gflops(b, c, n)
     rows = []
     for mode in ("eval", "train"):
         for module, _ in impls.values():
@@ -124,12 +170,22 @@ def bench_case(b, c, n, dtype, device, rounds, use_compile, smoke, tf32):
         eager = statistics.median(times["eager"])
         for k, ts in times.items():
             med = statistics.median(ts)
-            rows.append(dict(mode=mode, impl=k, B=b, C=c, n=n, dtype=str(dtype).replace("torch.", ""),
+            impl, _, low = k.partition("@")
+            same = statistics.median(times["eager@bf16" if low else "eager"])
+            rows.append(dict(mode=mode, impl=impl, B=b, C=c, n=n,
+                             dtype="bfloat16 autocast" if low else str(dtype).replace("torch.", ""),
                              median_ms=round(med * 1e3, 3), min_ms=round(min(ts) * 1e3, 3),
-                             speedup_vs_eager=round(eager / med, 3), rounds=rounds,
+                             speedup_vs_eager=round(same / med, 3), rounds=rounds,
                              tf32=bool(tf32) if dtype == torch.float32 and device == "cuda" else None))
+            if low:
+                flops = conv_flops(c, b * n) * (3 if mode == "train" else 1)
+                rows[-1].update(speedup_vs_eager_fp32=round(eager / med, 3),
+                                conv_gflops=round(flops / med / 1e9, 1), mm_ceiling_gflops=round(ceiling, 1),
+                                share_of_ceiling=round(flops / med / 1e9 / ceiling, 3))
             print(f"{mode:5s} {k:20s} B={b} C={c} n={n} {rows[-1]['dtype']:8s} median {med * 1e3:9.2f} ms "
-                  f"min {min(ts) * 1e3:9.2f} ms  ×{eager / med:.2f} vs eager", flush=True)
+                  f"min {min(ts) * 1e3:9.2f} ms  ×{same / med:.2f} vs eager"
+                  + (f" (×{eager / med:.2f} vs eager fp32, {rows[-1]['conv_gflops']} GFLOP/s)" if low else ""),
+                  flush=True)
     return rows
 
 
@@ -159,6 +215,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--tf32", action="store_true", help="leave TF32 at PyTorch's defaults for fp32 on CUDA")
     parser.add_argument("--no-save", action="store_true", help="print only (A/B runs on a busy machine)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU: also time the modules under bf16 autocast (default on)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny CPU shapes, 2 rounds, no compile, Triton passes interpreted; writes nothing")
     args = parser.parse_args()
@@ -179,7 +237,8 @@ def main() -> None:
     rows = []
     for b, c, n in sizes:
         for dt in dtypes:
-            rows += bench_case(b, c, n, dt, args.device, rounds, args.compile, args.smoke, args.tf32)
+            rows += bench_case(b, c, n, dt, args.device, rounds, args.compile, args.smoke, args.tf32,
+                               bf16=args.bf16 and args.device == "cpu" and dt == torch.float32)
     if args.device == "cuda":
         check_gpu_target(rows)
     if args.smoke or args.no_save:

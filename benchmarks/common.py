@@ -34,6 +34,25 @@ def manifest_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.manifest.json"
 
 
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def extra_peak_rss_bytes(call: Callable[[], object]) -> int:
+    """Extra peak RSS of one call of `call` in this process (Linux): one warm-up call, then the RSS
+    high-water mark VmHWM is reset through /proc/self/clear_refs and the call's VmHWM − VmRSS
+    before it is returned. Run it in a fresh subprocess with a fixed glibc mmap threshold
+    (MALLOC_MMAP_THRESHOLD_), so that memory freed by the warm-up is not silently reused."""
+    call()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kib("VmRSS:")
+    call()
+    return 1024 * (_rss_kib("VmHWM:") - before)
+
+
 def time_cpu(fn: Callable[[], object], warmup: int = 1, repeat: int = 5) -> float:
     """Median wall seconds of fn() (synchronising CUDA around each call)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)

@@ -63,11 +63,18 @@ TORCH_LIBRARY(marn_fast, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Persistent BiGRU recurrence (see marn_fast/ops/bigru_persistent.py), both directions in
   // processing order, fp32 (fp32 or fp64 on the CPU): gx [2, B, T, 3h], lengths [B], w_hh [2, 3h, h], b_hh [2, 3h], `steps`
-  // = max(lengths) → the states [2, B, T, h] (zero at s ≥ lengths[b]).
-  m.def("bigru_persistent_forward(Tensor gx, Tensor lengths, Tensor w_hh, Tensor b_hh, int steps) -> Tensor");
+  // = max(lengths) → the states [2, B, T, h] (zero at s ≥ lengths[b]). timeout_s bounds each wait of the CUDA
+  // kernels at a grid barrier (an error naming the cause when it expires; a normal wait takes microseconds);
+  // absent_block ≥ 0 makes that CUDA block leave at once (fault injection for tests; -1: none). The CPU kernels
+  // wait on nothing: timeout_s is range-checked only, absent_block must be -1.
+  m.def("bigru_persistent_forward(Tensor gx, Tensor lengths, Tensor w_hh, Tensor b_hh, int steps, float timeout_s=2., "
+        "int absent_block=-1) -> Tensor");
   // Reverse-time pass: dout, hprev [2, B, T, h], gx, gh [2, B, T, 3h] (gh = hprev·W_hhᵀ + b_hh) → (dG_x, dG_h).
   m.def("bigru_persistent_backward(Tensor dout, Tensor hprev, Tensor gx, Tensor gh, Tensor lengths, Tensor w_hh, "
-        "int steps) -> (Tensor, Tensor)");
+        "int steps, float timeout_s=2., int absent_block=-1) -> (Tensor, Tensor)");
+  // [SMs, shared memory per block (opt-in bytes), cooperative launch 0/1] of the GPU of `like` (CUDA only), asked of
+  // the device: what the host plans the persistent launches with.
+  m.def("bigru_persistent_device_limits(Tensor like) -> int[]");
   // nn.BatchNorm1d's running-statistics update from the batch (mean, biased var) over `count` values.
   m.def("ram_bn_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
         "int count, float momentum) -> ()");

@@ -149,6 +149,41 @@ def _add_data_commands(sub) -> None:
 # ----------------------------------------------------------------------------- train / demo
 MODEL_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "focal_gamma", "focal_balanced",
                "lambda_icd", "lambda_ccs", "encoder", "num_filter_maps", "filter_size")
+# --model laat: LAATConfig's options; the MARN-only ones must stay at their defaults.
+LAAT_FLAGS = ("hidden_size", "embed_dim", "dropout", "loss", "focal_alpha", "focal_gamma", "focal_balanced", "d_a")
+MARN_ONLY_FLAGS = ("lambda_icd", "lambda_ccs", "encoder", "num_filter_maps", "filter_size", "no_ram", "no_mtl")
+# Flags whose default depends on --model (their parser default is None): `model_dependent_default`.
+MODEL_DEPENDENT_FLAGS = ("hidden_size", "dropout", "loss", "batch_size", "patience")
+
+
+def model_dependent_default(model: str, name: str) -> Any:
+    """The default of a MODEL_DEPENDENT_FLAGS flag: for --model laat LAAT_TRAINING's or LAATConfig's,
+    for marn MARNConfig's, DataSettings' or TrainConfig's."""
+    from .config import LAAT_TRAINING, LAATConfig, MARNConfig
+    from .training import DataSettings, TrainConfig
+
+    if model == "laat":
+        return LAAT_TRAINING[name] if name in LAAT_TRAINING else _default(LAATConfig, name)
+    owner = next(cls for cls in (MARNConfig, DataSettings, TrainConfig)
+                 if name in {f.name for f in dataclasses.fields(cls)})
+    return _default(owner, name)
+
+
+def resolve_model_options(args: argparse.Namespace) -> None:
+    """Fill the MODEL_DEPENDENT_FLAGS left unset from --model's defaults; a ValueError for options
+    that do not apply to the model (MARN-only ones changed with --model laat, --d-a with marn)."""
+    model = getattr(args, "model", "marn")
+    for name in MODEL_DEPENDENT_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, model_dependent_default(model, name))
+    if model == "laat":
+        changed = [name for name in MARN_ONLY_FLAGS
+                   if getattr(args, name) != (False if name.startswith("no_") else model_default(name))]
+        if changed:
+            raise ValueError(f"--model laat: {', '.join('--' + n.replace('_', '-') for n in changed)} "
+                             "apply to --model marn only (LAAT has no RAM, no CCS head and a BiLSTM encoder)")
+    elif getattr(args, "d_a", None) is not None or getattr(args, "no_attention_mask", False):
+        raise ValueError("--d-a and --no-attention-mask apply to --model laat only")
 
 
 def _train_settings(args: argparse.Namespace) -> tuple["DataSettings", "TrainConfig", dict[str, Any]]:
@@ -173,8 +208,10 @@ def settings_from_args(args: argparse.Namespace,
     its values (ValueError naming the option)."""
     from .training import DataSettings, TrainConfig
 
+    resolve_model_options(args)
+    laat = getattr(args, "model", "marn") == "laat"
     settings = DataSettings(data_dir=str(data_dir), setting=args.labels, top50=args.top50,
-                            ccs="none" if args.no_mtl else args.ccs,
+                            ccs="none" if args.no_mtl or laat else args.ccs,
                             hcup_dir=args.hcup_dir, label_union=args.label_union, max_length=args.max_length,
                             batch_size=args.batch_size, seed=args.seed,
                             source="codiesp" if args.data == "codiesp" else "caml", language=args.language,
@@ -186,8 +223,12 @@ def settings_from_args(args: argparse.Namespace,
                         max_epochs=args.epochs, patience=args.patience, metric=metric, seed=args.seed,
                         max_minutes=args.max_minutes, progress=not args.no_progress,
                         precision=args.precision, bn_recalibrate=args.bn_recalibrate)
-    model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
-    model_options.update(use_ram=not args.no_ram, no_mtl=args.no_mtl)
+    if laat:
+        model_options = {k: getattr(args, k) for k in LAAT_FLAGS if getattr(args, k) is not None}
+        model_options.update(model="laat", attention_mask=not args.no_attention_mask)
+    else:
+        model_options = {k: getattr(args, k) for k in MODEL_FLAGS}
+        model_options.update(use_ram=not args.no_ram, no_mtl=args.no_mtl)
     if args.train_embeddings:
         model_options["freeze_embeddings"] = False
     return settings, train, model_options
@@ -265,7 +306,7 @@ def model_default(name: str) -> Any:
 
 
 def _add_training_options(p, demo: bool) -> None:
-    from .config import ENCODERS
+    from .config import ENCODERS, MODELS, LAATConfig
     from .data import SYNTHETIC_PRESETS
     from .data.labels import TOP50_SOURCES
     from .training import DataSettings, TrainConfig
@@ -308,26 +349,33 @@ def _add_training_options(p, demo: bool) -> None:
                    help="codiesp --language es: attention tokens per code scored against the gold evidence")
     p.add_argument("--no-mtl", action="store_true", help="ablation: no CCS branch")
     p.add_argument("--no-ram", action="store_true", help="ablation: no RAM")
-    p.add_argument("--loss", choices=("focal", "bce"), default="focal", help="ablation: --loss bce")
+    p.add_argument("--loss", choices=("focal", "bce"), default=None,
+                   help="default focal (MARN), bce (--model laat); --loss bce is MARN's ablation")
     p.add_argument("--focal-alpha", type=float, default=model_default("focal_alpha"))
     p.add_argument("--focal-gamma", type=float, default=model_default("focal_gamma"))
     p.add_argument("--focal-balanced", action="store_true", help="the paper's eq. 16 instead of the official form")
     p.add_argument("--lambda-icd", type=float, default=model_default("lambda_icd"))
     p.add_argument("--lambda-ccs", type=float, default=model_default("lambda_ccs"))
-    p.add_argument("--hidden-size", type=int, default=model_default("hidden_size"), help="d_r per GRU direction")
+    p.add_argument("--hidden-size", type=int, default=None,
+                   help=f"per direction of the encoder: MARN's d_r (default {model_default('hidden_size')}), "
+                        f"LAAT's u (default {model_dependent_default('laat', 'hidden_size')})")
     p.add_argument("--embed-dim", type=int, default=model_default("embed_dim"))
     p.add_argument("--encoder", choices=ENCODERS, default=model_default("encoder"),
                    help="base model (paper Fig. 7): MARN's BiGRU, or CAML's CNN / MultiResCNN with MARN's "
                         "blocks on top")
     p.add_argument("--num-filter-maps", type=int, default=model_default("num_filter_maps"), help="CNN encoders")
     p.add_argument("--filter-size", type=int, default=model_default("filter_size"), help="CNN encoder kernel")
-    p.add_argument("--dropout", type=float, default=model_default("dropout"))
+    p.add_argument("--dropout", type=float, default=None,
+                   help=f"default {model_default('dropout')} (MARN), {model_dependent_default('laat', 'dropout')} "
+                        "(--model laat)")
     p.add_argument("--train-embeddings", action="store_true",
                    help="fine-tune the word2vec embedding (default: frozen, as the official code)")
     p.add_argument("--bn-recalibrate", action="store_true",
                    help="after each epoch, recompute the RAM's BatchNorm running statistics over the training "
                         "data (exact averages, dropout off) before evaluating")
-    p.add_argument("--batch-size", type=int, default=_default(DataSettings, "batch_size"))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {_default(DataSettings, 'batch_size')} (MARN), "
+                        f"{model_dependent_default('laat', 'batch_size')} (--model laat)")
     p.add_argument("--lr", type=float, default=_default(TrainConfig, "lr"))
     p.add_argument("--weight-decay", type=float, default=_default(TrainConfig, "weight_decay"))
     p.add_argument("--decay-matrices-only", action="store_true",
@@ -335,7 +383,10 @@ def _add_training_options(p, demo: bool) -> None:
                         "scales/shifts (default: on every parameter, as torch's AdamW)")
     p.add_argument("--grad-clip", type=float, default=_default(TrainConfig, "grad_clip"))
     p.add_argument("--epochs", type=int, default=_default(TrainConfig, "max_epochs"))
-    p.add_argument("--patience", type=int, default=_default(TrainConfig, "patience"))
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"epochs without a better dev metric before stopping: default "
+                        f"{_default(TrainConfig, 'patience')} (MARN), {model_dependent_default('laat', 'patience')} "
+                        "(--model laat)")
     p.add_argument("--metric", default=None, help="dev metric for early stopping (f1_micro, f1_macro, p@8, map, ...; "
                    f"default {_default(TrainConfig, 'metric')}, map with --data codiesp)")
     p.add_argument("--max-minutes", type=float, default=None,
@@ -348,6 +399,13 @@ def _add_training_options(p, demo: bool) -> None:
     if demo:
         p.add_argument("--quick", action="store_true", help=f"a smoke run in well under a minute: {DEMO_QUICK}")
     else:
+        p.add_argument("--model", choices=MODELS, default="marn",
+                       help="marn: MARN (BiGRU, RAM, label attention, CCS head); laat: LAAT (BiLSTM and LAAT's "
+                            "label attention, ICD only; its paper's settings: docs/model.md#laat)")
+        p.add_argument("--d-a", type=int, default=None,
+                       help=f"--model laat: d_a of the keys tanh(H W_a^T) (default {_default(LAATConfig, 'd_a')})")
+        p.add_argument("--no-attention-mask", action="store_true",
+                       help="--model laat: attend over padded tokens too, as the official LAAT code does")
         p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
         p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                        help="one run per seed in OUT/seed-<n>/ and mean ± sample std of every metric in "
@@ -355,7 +413,8 @@ def _add_training_options(p, demo: bool) -> None:
 
 
 def _add_train_commands(sub) -> None:
-    p = sub.add_parser("train", help="train MARN (early stopping on dev), evaluate the best checkpoint on test")
+    p = sub.add_parser("train", help="train MARN (or --model laat: LAAT) with early stopping on dev, evaluate the "
+                                     "best checkpoint on test")
     _add_training_options(p, demo=False)
     p.set_defaults(func=_train)
     p = sub.add_parser("demo", help="the main job on the embedded corpus: synth → train → test metrics and report "
@@ -566,6 +625,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.applied_config = apply_config(parser, args, argv)
+        if args.command in ("train", "demo"):
+            resolve_model_options(args)
         return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, UnicodeDecodeError) as exc:
         print(f"marn-fast {args.command}: error: {exc}", file=sys.stderr)

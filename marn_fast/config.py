@@ -1,14 +1,15 @@
-"""MARNConfig: the one source of truth for MARN's hyper-parameters and defaults.
+"""MARNConfig and LAATConfig: the one source of truth for the models' hyper-parameters and defaults.
 
-Defaults follow the official MARN code (VRCMF/MARN), which produced the published numbers;
+MARN's defaults follow the official MARN code (VRCMF/MARN), which produced the published numbers;
 the paper's forms are options (docs/model.md, "Where the paper and the official code differ").
-Recipes that change the defaults for one dataset are the shipped configs (configs/*.yaml).
+LAAT's follow the official LAAT code (aehrc/LAAT). Recipes that change the defaults for one dataset
+are the shipped configs (configs/*.yaml).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Union
 
 LOSS_FORMS = ("focal", "bce")
 ENCODERS = ("bigru", "cnn", "multirescnn")
@@ -120,3 +121,100 @@ class MARNConfig:
         if unknown:
             raise ValueError(f"MARNConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**values)
+
+
+@dataclass
+class LAATConfig:
+    """Hyper-parameters of a LAAT model (Vu, Nguyen and Nguyen, IJCAI 2020): word2vec embedding →
+    dropout → BiLSTM (u = hidden_size per direction, C = 2u) → LAAT's label-wise attention
+    (K = tanh(H·W_aᵀ), d_a = d_a) → ICD logits. No auxiliary (CCS) head: num_ccs is always 0.
+
+    Defaults follow the official code's MIMIC-III recipe (aehrc/LAAT run.sh and readme.md; its
+    src/args_parser.py defaults): embedding 100-d word2vec kept frozen (--mode static), dropout
+    0.3 on the embedding (--dropout 0.3), d_a = 512 (--d_a 512), documents cut at 4,000 tokens
+    (--max_seq_length 4000), BCE loss (--loss BCE), AdamW at lr 1e-3 with batch size 8
+    (`LAAT_TRAINING`). hidden_size: u = 256 per direction here; run.sh trains u = 512 on
+    MIMIC-III-full (--hidden_size 512). The official code masks no padding in the attention:
+    attention_mask=False reproduces it, True (the default) ignores padded tokens.
+    loss "focal" uses MARN's focal loss (focal_alpha, focal_gamma, focal_balanced as MARNConfig).
+    """
+
+    MODEL: ClassVar[str] = "laat"
+
+    vocab_size: int
+    num_icd: int
+    embed_dim: int = MARNConfig.embed_dim
+    hidden_size: int = 256
+    d_a: int = 512
+    dropout: float = 0.3
+    loss: str = "bce"
+    focal_alpha: float = MARNConfig.focal_alpha
+    focal_gamma: float = MARNConfig.focal_gamma
+    focal_balanced: bool = MARNConfig.focal_balanced
+    max_length: int = MARNConfig.max_length
+    freeze_embeddings: bool = MARNConfig.freeze_embeddings
+    attention_mask: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"LAATConfig: {msg}")
+
+        for name in ("vocab_size", "num_icd", "embed_dim", "hidden_size", "d_a", "max_length"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+        need(self.vocab_size >= 2, f"vocab_size must be >= 2 (PAD and at least one word), got {self.vocab_size}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.loss in LOSS_FORMS, f"loss must be one of {LOSS_FORMS}, got {self.loss!r}")
+        need(0.0 <= self.focal_alpha <= 1.0, f"focal_alpha must be in [0, 1], got {self.focal_alpha}")
+        need(self.focal_gamma >= 0.0, f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        for name in ("focal_balanced", "freeze_embeddings", "attention_mask"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def num_ccs(self) -> int:
+        """LAAT has no auxiliary head."""
+        return 0
+
+    @property
+    def feature_size(self) -> int:
+        """C = 2u, the width of the BiLSTM's states H."""
+        return 2 * self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields and "model": "laat" (what a checkpoint stores; `config_from_dict` reads it)."""
+        return {"model": self.MODEL, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LAATConfig":
+        values = {k: v for k, v in values.items() if k != "model"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"LAATConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
+
+
+# The LAAT paper's training settings that differ from the package's (MARN's) TrainConfig and
+# DataSettings defaults, applied by `marn-fast train --model laat` unless a flag or config sets
+# them: batch size 8 (aehrc/LAAT run.sh --batch_size 8) and early stopping after 6 epochs without
+# a better dev score (run.sh --patience 5; its trainer stops once check_to_stop > patience).
+LAAT_TRAINING: dict[str, Any] = {"batch_size": 8, "patience": 6}
+
+MODELS = ("marn", "laat")
+ModelConfig = Union[MARNConfig, LAATConfig]
+
+
+def config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    """The model config a dict describes: LAATConfig when values["model"] is "laat", MARNConfig
+    when "marn" or absent (checkpoints written before LAAT carry no "model" key)."""
+    model = values.get("model", "marn")
+    if model not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
+    if model == "laat":
+        return LAATConfig.from_dict(values)
+    return MARNConfig.from_dict({k: v for k, v in values.items() if k != "model"})

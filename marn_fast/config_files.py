@@ -2,10 +2,12 @@
 as the package data `marn_fast/configs/`), reading a YAML or JSON file of options and checking it
 against the command line's own options, and which recipe a run applies by default.
 
-Precedence: the parser's defaults (the package defaults: the official MARN recipe) < the config
-file (--config FILE, or the default recipe: demo.yaml for `demo`, codiesp-<language>-D.yaml for
-`train --data codiesp`) < flags given on the command line. `--recipe official` applies no shipped
-config. Bad files raise ValueError naming the file and the key (the CLI prints it on one line).
+Precedence: the parser's defaults (the package defaults: the official MARN recipe, or LAAT's
+with --model laat) < the config file (--config FILE, or the default recipe: demo.yaml for `demo`,
+codiesp-<language>-D.yaml for `train --data codiesp`, laat-codiesp-<language>-D.yaml for
+`train --model laat --data codiesp`) < flags given on the command line. `--recipe official`
+applies no shipped config. Bad files raise ValueError naming the file and the key (the CLI prints
+it on one line).
 """
 from __future__ import annotations
 
@@ -151,13 +153,15 @@ def _given_options(subparser: argparse.ArgumentParser, argv: list[str]) -> set[s
 def default_recipe(args: argparse.Namespace) -> Optional[Path]:
     """The shipped config a run applies when no --config is given: `demo.yaml` for `demo`, the
     CodiEsp recipe of the language for `train --data codiesp` (and `tune`) (measured on diagnoses: codiesp-<lang>-D
-    also for --codes P/DP), none otherwise (the package defaults are the official MARN recipe)."""
+    also for --codes P/DP; laat-codiesp-<lang>-D with --model laat), none otherwise (the package
+    defaults are the official MARN recipe, and LAAT's with --model laat)."""
     if getattr(args, "recipe", "official") == "official":
         return None
     if args.command == "demo":
         return shipped_config_dir() / "demo.yaml"
     if args.command in ("train", "tune") and args.data == "codiesp":
-        return shipped_config_dir() / f"codiesp-{args.language}-D.yaml"
+        model = "" if getattr(args, "model", "marn") == "marn" else f"{args.model}-"
+        return shipped_config_dir() / f"{model}codiesp-{args.language}-D.yaml"
     return None
 
 
@@ -192,7 +196,8 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if overridden:
         line += "; overridden by flags: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overridden.items())
     if how != "--config":
-        line += "; `--recipe official` runs the package defaults (the official MARN recipe) instead"
+        official = "LAAT's defaults" if getattr(args, "model", "marn") == "laat" else "the official MARN recipe"
+        line += f"; `--recipe official` runs the package defaults ({official}) instead"
         if args.command == "train" and args.codes != "D":
             line += f". Its values were measured on diagnoses (codes D), not on --codes {args.codes}"
     if os.environ.get("RANK", "0") == "0":  # once under torchrun

@@ -20,7 +20,7 @@ manifest.json).
 """
 from __future__ import annotations
 
-from typing import List, Optional, cast
+from typing import List, Optional, Tuple, cast
 
 import torch
 
@@ -31,7 +31,7 @@ from .ops.bigru import default_impl as bigru_default
 from .ops.focal_loss import default_impl as focal_default
 from .ops.focal_loss import focal_loss, multitask_focal_loss
 from .ops.label_attention import default_impl as attention_default
-from .ops.label_attention import label_attention
+from .ops.label_attention import label_attention, label_attention_topk
 from .ops.ram import default_impl as ram_default
 from .ops.ram import ram_forward
 from .reference.model import MARN as ReferenceMARN
@@ -100,3 +100,9 @@ class MARN(ReferenceMARN):
         return multitask_focal_loss(output.icd_logits, icd_targets, output.ccs_logits, ccs_targets,
                                     lambda_icd=cfg.lambda_icd, lambda_ccs=cfg.lambda_ccs, impl=impl,
                                     alpha=cfg.focal_alpha, gamma=cfg.focal_gamma, balanced=cfg.focal_balanced)
+
+    def evidence_topk(self, features: torch.Tensor, labels: torch.Tensor, k: int,
+                      lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The k tokens of largest ICD attention weight for chosen labels ([B, K] or [K] int64) in
+        features O from `encode`: (indices [B, K, k], weights [B, K, k]); `label_attention_topk`."""
+        return label_attention_topk(features, self.icd_head.U.weight, labels, k, lengths)

@@ -9,7 +9,6 @@ import torch
 
 from .data import Vocabulary, tokenize
 from .data.descriptions import describe
-from .ops import label_attention_topk
 from .training.checkpoint import load_model
 from .training.precision import autocast
 
@@ -63,8 +62,7 @@ class Predictor:
             codes = []
             if len(order):
                 with autocast(self.device, self.precision):
-                    positions, weights = label_attention_topk(features, head.U.weight, order,
-                                                              min(evidence, len(tokens)))
+                    positions, weights = self.model.evidence_topk(features, order, min(evidence, len(tokens)))
             for j, label in enumerate(order.tolist()):
                 codes.append(CodePrediction(code=self.icd_labels[label], probability=float(probs[label]),
                                             description=describe(self.icd_labels[label]),

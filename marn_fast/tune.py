@@ -8,8 +8,8 @@ under autocast, so that the bf16 keys are the ones resolved).
 `tune_data(settings, ...)`: what training on that data does before its first epoch
 (`Trainer.tune_dispatch`, training/pretune.py): one training step per dispatch key its training
 batches will hit and one evaluation forward per key of its dev batches, found from the data's
-length histogram, with that run's model, batch sizes and precision (random weights: word2vec is
-not trained, the embedding's values enter no key).
+length histogram, with that run's model (MARN, or LAAT), batch sizes and precision (random
+weights: word2vec is not trained, the embedding's values enter no key).
 Every op resolves its dispatch key on the way (measured unless a cache or shipped table already
 holds it; `fresh=True` measures anyway), and the resolved table is returned: per op and key, the
 candidates' milliseconds and the one chosen.
@@ -108,6 +108,7 @@ def tune_data(settings: DataSettings, model_options: dict, train_config: TrainCo
     the dispatch.choices() rows of the keys met here. ValueError when the dispatcher cannot
     measure here (MARN_FAST_DISPATCH is not tune, or Triton is interpreted)."""
     from .training import Experiment, Trainer
+    from .training.checkpoint import model_from_config
     from .training.run import model_config
 
     if dispatch.mode() != "tune":
@@ -120,7 +121,7 @@ def tune_data(settings: DataSettings, model_options: dict, train_config: TrainCo
         raise ValueError("device: cuda requested but no GPU is visible")
     exp = Experiment(settings)
     log(f"data: {exp.summary()}")
-    model = MARN(model_config(exp, model_options), backend="auto")
+    model = model_from_config(model_config(exp, model_options), backend="auto")  # MARN, or LAAT with --model laat
     # The trainer serves its tuning step only: nothing is written to its folder.
     trainer = Trainer(model, train_config, ".", exp.metadata(), device=device, log=log)
     seen = {row["key"] for row in dispatch.choices()}

@@ -52,8 +52,10 @@ def run(command: list, precision: str, seed: int, out: Path) -> dict:
 def test_metrics(report: dict) -> dict:
     """micro-F1 at the dev-tuned threshold and MAP (CodiEsp: the track MAP) of a run's best checkpoint."""
     tuned = report["test_at_tuned_threshold"]
-    codiesp = (report.get("codiesp") or {}).get("marn") or {}
-    return {"f1_micro": tuned["f1_micro"], "map": codiesp.get("map", tuned.get("map"))}
+    track = ((report.get("codiesp") or {}).get("marn") or {}).get("map")
+    if isinstance(track, dict):  # {"CodiEsp-D": value}: the run's one track
+        [track] = track.values()
+    return {"f1_micro": tuned["f1_micro"], "map": tuned.get("map") if track is None else track}
 
 
 def compare(values: dict, seeds: list) -> list:

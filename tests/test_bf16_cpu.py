@@ -101,3 +101,49 @@ def test_fused_model_under_bf16_autocast_matches_fp32_reference():
             out = fused(tokens, lengths)
     _close(out.icd_logits, expected.icd_logits, 5e-2, "ICD logits")
     _close(out.ccs_logits, expected.ccs_logits, 5e-2, "CCS logits")
+
+
+# The whole model under CPU autocast, every BiGRU implementation with each RAM and label-attention
+# implementation that takes bf16 on the CPU (forced through MARN_FAST_IMPL), train and eval mode.
+BIGRU_IMPLS = ("reference", "split", "persistent")
+PATH_COMBOS = [(g, r, a) for g in BIGRU_IMPLS for r, a in (("vendor_conv", "gemm_saved"), ("reference", "torch"),
+                                                        ("vendor_conv", "gemm"))]
+
+
+@pytest.mark.parametrize("bigru,ram,attention", PATH_COMBOS)
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_model_under_autocast_forward_and_backward(monkeypatch, bigru, ram, attention, training):
+    """marn_fast.MARN under torch.autocast("cpu", bf16) at the tests' odd shapes (C = 18: RAM
+    channels 18 → 9 → 4; lengths 20, 13, 1): logits within 5e-2 (relative to max(1, max|logit|),
+    as above) of the fp32 reference on the same weights and batch, the loss within 5e-2, every
+    trainable parameter's gradient finite and within 0.1 of the fp32 reference's (relative to its
+    largest value: the RAM's BatchNorm over few tokens amplifies bf16 rounding)."""
+    monkeypatch.setenv("MARN_FAST_IMPL", f"bigru={bigru},ram={ram},label_attention={attention}")
+    torch.manual_seed(7)
+    cfg = MARNConfig(vocab_size=60, num_icd=11, num_ccs=5, hidden_size=9, embed_dim=12, dropout=0.0)
+    ref = reference.MARN(cfg).train(training)
+    fused = MARN(cfg).train(training)
+    fused.load_state_dict(ref.state_dict())
+    tokens = torch.randint(2, 60, (3, 20))
+    lengths = torch.tensor([20, 13, 1])
+    for b, length in enumerate(lengths.tolist()):
+        tokens[b, length:] = 0
+    y_icd, y_ccs = (torch.rand(3, 11) < 0.3).float(), (torch.rand(3, 5) < 0.3).float()
+    expected = ref(tokens, lengths)
+    ref_loss = ref.compute_loss(expected, y_icd, y_ccs)
+    ref_loss.backward()
+    with torch.autocast("cpu", dtype=BF16):
+        out = fused(tokens, lengths)
+        loss = fused.compute_loss(out, y_icd, y_ccs)
+    loss.backward()
+    assert out.icd_logits.dtype == torch.float32 and loss.dtype == torch.float32
+    _close(out.icd_logits, expected.icd_logits.detach(), 5e-2, "ICD logits")
+    _close(out.ccs_logits, expected.ccs_logits.detach(), 5e-2, "CCS logits")
+    assert abs(loss.item() - ref_loss.item()) <= 5e-2 * max(1.0, abs(ref_loss.item()))
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        if not p.requires_grad:
+            continue
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        scale = q.grad.abs().max().clamp_min(1e-6)
+        err = (p.grad - q.grad).abs().max() / scale
+        assert err <= 0.1, f"grad {name}: error {err:.3g} relative to {scale:.3g}"

@@ -15,7 +15,13 @@ from torch import nn
 
 from marn_fast import ops
 from marn_fast.ops import cpu_extension_available
-from marn_fast.ops.bigru_persistent import _kernels, _recurrence_backward, _recurrence_forward, persistent_bigru
+from marn_fast.ops.bigru_persistent import (
+    _kernels,
+    _recurrence_backward,
+    _recurrence_forward,
+    barrier_timeout_s,
+    persistent_bigru,
+)
 from marn_fast.reference import packed_bigru as reference_bigru
 
 pytestmark = pytest.mark.skipif(not cpu_extension_available(), reason="needs the compiled extension marn_fast._C")
@@ -121,6 +127,12 @@ def test_ops_reject_bad_input():
         BACKWARD(dout, dout[:, :, :-1], gx, gx, lengths, w_hh, 6)
     with pytest.raises(RuntimeError, match="gh"):
         BACKWARD(dout, dout, gx, gx.double(), lengths, w_hh, 6)
+    # The CUDA kernels' barrier arguments: the timeout's range is checked here too; nothing on the
+    # CPU can be left out.
+    with pytest.raises(RuntimeError, match=r"timeout_s must lie in \(0, 3600\], got 0"):
+        FORWARD(gx, lengths, w_hh, b_hh, 6, 0.0)
+    with pytest.raises(RuntimeError, match="absent_block .* must be -1 on the CPU, got 3"):
+        BACKWARD(dout, dout, gx, gx, lengths, w_hh, 6, 2.0, 3)
 
 
 # ----------------------------------------------------------------- persistent_bigru on the CPU
@@ -133,8 +145,9 @@ def _gru_case(batch, n, d_in, hidden, lengths, dtype, seed):
 
 
 def test_cpu_path_runs_the_compiled_kernels():
-    forward, _ = _kernels(torch.device("cpu"), 4)
-    assert forward is FORWARD
+    forward, backward = _kernels(torch.device("cpu"), 4)
+    assert forward.func is FORWARD and backward.func is BACKWARD
+    assert forward.keywords == backward.keywords == {"timeout_s": barrier_timeout_s()}
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 2e-5), (torch.float64, 1e-10)])

@@ -1,9 +1,15 @@
 """The persistent BiGRU (marn_fast.ops.bigru_persistent: CUDA kernels, and their step-exact CPU
-twins here) against nn.GRU on a PackedSequence: forward and its own reverse-time backward.
+twins here) against nn.GRU on a PackedSequence: forward and its own reverse-time backward; the
+launch plan and the fall-back to cuDNN; the bounded grid barrier (its protocol is tested on the CPU
+by csrc/tests/test_gru.cpp, its timeout setting and the dispatcher's rejection here, its error path
+on a GPU below).
 
 Tolerances: float64 1e-10 (only the summation order differs: W_hh in blocks, G_h in one GEMM in
 backward); float32 2e-5 relative to the largest value (fp32 state through up to 40 steps);
-bf16 inputs (computed in fp32 from the bf16 values, output rounded to bf16) 1e-2.
+bf16 inputs (bf16 GEMMs, fp32 recurrence, output rounded to bf16) against the same values in fp32
+1e-2. On a GPU (TF32 off): fp32 1e-4 forward and 1e-3 on gradients (up to 32,000 steps); under
+bf16 autocast against cuDNN's packed path under the same autocast 3e-2 (both compute their GEMMs
+in bf16, 8 significand bits; cuDNN its recurrence too).
 """
 import warnings
 
@@ -12,8 +18,16 @@ import torch
 from torch import nn
 
 from marn_fast.ops import bigru_persistent
-from marn_fast.ops.bigru import available_impls, packed_bigru
-from marn_fast.ops.bigru_persistent import _gate_rows, _slices, fallback_reason, launch_plan, persistent_bigru
+from marn_fast.ops.bigru import available_impls, dispatch_candidates, packed_bigru
+from marn_fast.ops.bigru_persistent import (
+    _gate_rows,
+    _slices,
+    barrier_timeout_s,
+    device_limits,
+    fallback_reason,
+    launch_plan,
+    persistent_bigru,
+)
 from marn_fast.reference import packed_bigru as reference_bigru
 
 
@@ -114,13 +128,28 @@ def test_bad_input():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+# (batch, n, hidden): one token; odd h; the model's h = 300; 32,000 steps; a partial last block at
+# h = 67 and 301 (on 132 SMs: 2 and 5 units per block, the last block 1); h = 700 takes the forward's
+# shared-memory path for W_hh (more rows per block than warps), the others its register path.
+CUDA_CASES = [(1, 1, 4), (3, 37, 7), (5, 41, 67), (13, 300, 300), (4, 33, 301), (2, 50, 700), (2, 32000, 64)]
+
+
 @requires_cuda
-@pytest.mark.parametrize("batch,n,hidden", [(1, 1, 4), (3, 37, 7), (13, 300, 300), (2, 32000, 64)])
+def test_cuda_cases_cover_both_weight_paths_and_partial_last_blocks():
+    sms = device_limits(torch.device("cuda")).sms
+    plans = [launch_plan(batch, hidden, sms) for batch, _, hidden in CUDA_CASES]
+    assert {p.register_weights for p in plans} == {True, False}
+    assert any(p.units * p.blocks_per_dir > hidden for p, (_, _, hidden) in zip(plans, CUDA_CASES))
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,n,hidden", CUDA_CASES)
 def test_cuda_kernels_match_packed_nn_gru_fp32(no_tf32, batch, n, hidden):
     # fp32 with TF32 off on both sides: 1e-4 of the largest value over up to 32,000 steps.
     gru, x, lengths = _case(batch, n, 5, hidden, seed=n, dtype=torch.float32)
     gru, x = gru.cuda(), x.detach().cuda().requires_grad_()
     lengths = lengths.cuda()
+    assert fallback_reason(x, gru._flat_weights, backward=True) is None  # the kernels run, not cuDNN
     want = reference_bigru(gru, x, lengths)
     got = persistent_bigru(x, lengths, gru._flat_weights)
     _close(got, want, 1e-4)
@@ -131,8 +160,88 @@ def test_cuda_kernels_match_packed_nn_gru_fp32(no_tf32, batch, n, hidden):
 
 
 @requires_cuda
+@pytest.mark.parametrize("hidden", [67, 300])
+def test_cuda_kernels_under_bf16_autocast_match_cudnn(hidden):
+    # Both under autocast: cuDNN's packed path computes in bf16, the persistent kernel its GEMMs in
+    # bf16 and its recurrence in fp32 (its output in x's dtype, fp32).
+    gru, x, lengths = _case(6, 120, 10, hidden, seed=hidden, dtype=torch.float32, lengths=[120, 1, 77, 119, 3, 60])
+    gru, x, lengths = gru.cuda(), x.detach().cuda().requires_grad_(), lengths.cuda()
+    assert fallback_reason(x, gru._flat_weights, backward=True) is None
+    leaves = [x, *gru.parameters()]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = packed_bigru(x, lengths, gru._flat_weights)
+        got = persistent_bigru(x, lengths, gru._flat_weights)
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.float32
+    _close(got, want.float(), 3e-2)
+    grad = torch.randn(got.shape, device="cuda")
+    for w, g in zip(torch.autograd.grad(want.float(), leaves, grad), torch.autograd.grad(got, leaves, grad)):
+        assert g.dtype == torch.float32
+        _close(g, w.float(), 3e-2)
+
+
+@requires_cuda
+def test_cuda_barrier_timeout_raises_naming_the_cause_and_leaves_the_context_usable(no_tf32):
+    # One block of the forward direction never arrives (the ops' fault injection): the others give
+    # up after the timeout, every block leaves, the op raises; the next launches run normally.
+    g = torch.Generator().manual_seed(12)
+    batch, steps, hidden = 3, 20, 64
+    gx = torch.randn(2, batch, steps, 3 * hidden, generator=g).cuda()
+    w_hh = (torch.randn(2, 3 * hidden, hidden, generator=g) / hidden ** 0.5).cuda()
+    b_hh = torch.randn(2, 3 * hidden, generator=g).cuda()
+    lengths = torch.tensor([20, 7, 1], device="cuda")
+    dout = torch.randn(2, batch, steps, hidden, generator=g).cuda()
+    forward = torch.ops.marn_fast.bigru_persistent_forward
+    backward = torch.ops.marn_fast.bigru_persistent_backward
+    with pytest.raises(RuntimeError, match=r"grid barrier timed out after 0.05 s \(direction 0, step 0: block \d+ "
+                                           r"counted \d+ of the \d+ arrivals.*not co-resident"):
+        forward(gx, lengths, w_hh, b_hh, steps, 0.05, 0)
+    hproc = forward(gx, lengths, w_hh, b_hh, steps)
+    want = bigru_persistent._recurrence_forward(gx.cpu(), lengths.cpu(), w_hh.cpu(), b_hh.cpu(), steps, 4)
+    _close(hproc.cpu(), want, 1e-4)
+    hprev = torch.nn.functional.pad(hproc[:, :, :-1], (0, 0, 1, 0))
+    gh = torch.baddbmm(b_hh[:, None], hprev.reshape(2, -1, hidden), w_hh.transpose(1, 2)).view_as(gx)
+    last = 2 * launch_plan(batch, hidden, device_limits(gx.device).sms).blocks_per_dir - 1  # a reverse-direction block
+    with pytest.raises(RuntimeError, match=r"bigru_persistent_backward: the grid barrier timed out .*direction 1"):
+        backward(dout, hprev, gx, gh, lengths, w_hh, steps, 0.05, last)
+    twin = bigru_persistent._recurrence_backward(dout.cpu(), hprev.cpu(), gx.cpu(), gh.cpu(), lengths.cpu(),
+                                                 w_hh.cpu(), steps, 4)
+    for got, ref in zip(backward(dout, hprev, gx, gh, lengths, w_hh, steps), twin):
+        _close(got.cpu(), ref, 1e-4)
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_cuda_device_limits_are_the_devices():
+    props = torch.cuda.get_device_properties(0)
+    limits = device_limits(torch.device("cuda", 0))
+    assert (limits.sms, limits.smem) == (props.multi_processor_count, props.shared_memory_per_block_optin)
+    assert limits.cooperative  # every GPU the project runs on (sm_75 and later) supports cooperative launches
+
+
+@requires_cuda
+def test_cuda_float64_runs_cudnn_in_float64_with_a_warning(monkeypatch):
+    monkeypatch.setattr(bigru_persistent, "_WARNED", set())
+    gru, x, lengths = _case(3, 9, 4, 6, seed=13, lengths=[9, 4, 1])
+    gru, x, lengths = gru.cuda(), x.detach().cuda().requires_grad_(), lengths.cuda()
+    assert "persistent" not in available_impls(x, lengths, gru._flat_weights)
+    with pytest.warns(RuntimeWarning, match="compute in float32; float64 inputs run cuDNN's packed path in float64"):
+        got = persistent_bigru(x, lengths, gru._flat_weights)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, packed_bigru(x, lengths, gru._flat_weights), atol=0, rtol=0)
+
+
+@requires_cuda
+def test_cuda_auto_offers_persistent():
+    gru, x, lengths = _case(4, 30, 5, 20, seed=14, dtype=torch.float32)
+    gru, x, lengths = gru.cuda(), x.detach().cuda().requires_grad_(), lengths.cuda()
+    for train in (True, False):
+        assert "persistent" in dispatch_candidates(x, lengths, gru._flat_weights, train)
+
+
+@requires_cuda
 def test_cuda_kernels_match_their_cpu_twins_bf16():
-    # bf16 inputs, fp32 state on both: the kernel and the CPU twin agree to fp32 rounding.
+    # bf16 inputs: bf16 GEMMs (the CPU's rounds G_x to bf16, cuBLAS's keeps fp32 output) and an fp32
+    # recurrence on both: they agree to bf16's rounding of G_x carried through the steps.
     gru, x, lengths = _case(5, 60, 6, 20, seed=3, dtype=torch.float32, lengths=[60, 1, 33, 59, 12])
     xb, weights = x.detach().bfloat16(), [w.detach().bfloat16() for w in gru._flat_weights]
     cpu = persistent_bigru(xb.requires_grad_(), lengths, weights)
@@ -166,13 +275,22 @@ def limits(monkeypatch):
 
 
 def test_launch_plan_on_an_h100_or_h200():
-    # 132 SMs, 227 KiB per block: 5 units per block, 60 blocks per direction; the backward kernel's
-    # dG_h (B·3h floats) stops fitting at B = 55 for h = 300.
+    # 132 SMs, 227 KiB per block: 5 units per block, 60 blocks per direction, W_hh's 15 rows per
+    # block in registers (one per warp); the backward kernel's dG_h (B·3h floats) stops fitting at
+    # B = 55 for h = 300.
     plan = launch_plan(16, 300, 132)
-    assert (plan.units, plan.blocks_per_dir) == (5, 60)
+    assert (plan.units, plan.blocks_per_dir, plan.register_weights) == (5, 60, True)
     assert plan.forward_smem == 4 * (3 * 5 * 300 + 16 * 300 + 9 * 16 * 5)
     assert plan.backward_smem == 4 * (3 * 300 * 5 + 3 * 16 * 300 + 18 * 16 * 5)
     assert launch_plan(54, 300, 132).backward_smem <= 232448 < launch_plan(55, 300, 132).backward_smem
+    # Partial last blocks: h = 301 and 67 leave the last block 1 unit.
+    partial = [launch_plan(4, 301, 132), launch_plan(4, 67, 132)]
+    assert [(p.units, p.blocks_per_dir) for p in partial] == [(5, 61), (2, 34)]
+    # An even number of units gets an odd row stride for the backward's W_hh columns (no bank
+    # conflicts): 6 units at h = 300 on 108 SMs take 7 columns.
+    assert launch_plan(16, 300, 108).backward_smem == 4 * (3 * 300 * 7 + 3 * 16 * 300 + 18 * 16 * 6)
+    # More than one row per warp (6 units: 18 rows) or h > 384: W_hh in shared memory.
+    assert not launch_plan(16, 300, 108).register_weights and not launch_plan(2, 1000, 132).register_weights
     assert all(launch_plan(b, h, sms).blocks_per_dir * 2 <= sms for b in (1, 16) for h in (1, 7, 300, 1024)
                for sms in (2, 3, 80, 132))
 
@@ -228,6 +346,19 @@ def test_fallback_reason_names_the_first_kernel_that_does_not_fit(limits):
     assert "persistent" in available_impls(x, lengths, gru._flat_weights)  # the twin always runs on the CPU
     limits(sms=2, smem=10)
     assert fallback_reason(x, gru._flat_weights, backward=True).startswith("its forward kernel needs")
+
+
+def test_barrier_timeout_setting(monkeypatch):
+    monkeypatch.delenv(bigru_persistent.TIMEOUT_ENV, raising=False)
+    assert barrier_timeout_s() == 2.0  # the ops' schema default (csrc/ops.cpp)
+    monkeypatch.setenv(bigru_persistent.TIMEOUT_ENV, "30")
+    assert barrier_timeout_s() == 30.0
+    gru, x, lengths = _case(2, 5, 3, 4, seed=26)
+    persistent_bigru(x, lengths, gru._flat_weights)  # the CPU kernels take (and range-check) it too
+    for bad in ("0", "-1", "soon", "1e9"):
+        monkeypatch.setenv(bigru_persistent.TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=bigru_persistent.TIMEOUT_ENV):
+            persistent_bigru(x, lengths, gru._flat_weights)
 
 
 def test_bad_limits_variable(monkeypatch):

@@ -178,12 +178,14 @@ def test_recalibrate_batchnorm_sets_exact_training_statistics(tmp_path):
 
 
 def _applied(argv, capsys):
-    from marn_fast.cli import build_parser
+    """The options as `main` hands them to a command: the config applied, the model's defaults filled."""
+    from marn_fast.cli import build_parser, resolve_model_options
     from marn_fast.config_files import apply_config
 
     parser = build_parser()
     args = parser.parse_args(argv)
     record = apply_config(parser, args, argv)
+    resolve_model_options(args)
     return args, record, capsys.readouterr().out
 
 

@@ -8,12 +8,18 @@ import pytest
 
 pytest.importorskip("yaml")
 
-from marn_fast import MARNConfig  # noqa: E402
-from marn_fast.cli import build_parser, settings_from_args  # noqa: E402
+from marn_fast.cli import (  # noqa: E402
+    MODEL_DEPENDENT_FLAGS,
+    build_parser,
+    model_dependent_default,
+    settings_from_args,
+)
+from marn_fast.config import config_from_dict  # noqa: E402
 from marn_fast.config_files import apply_config, config_values, shipped_config_dir, shipped_configs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = {"codiesp-en-D", "codiesp-es-D", "demo", "mimic3-50", "mimic3-full"}
+EXPECTED = {"codiesp-en-D", "codiesp-es-D", "demo", "laat-codiesp-en-D", "laat-codiesp-es-D", "mimic3-50",
+            "mimic3-full"}
 OFFICIAL = ("mimic3-full", "mimic3-50")
 # Keys that pick the data rather than the recipe.
 DATA_KEYS = {"data", "labels", "top50", "ccs"}
@@ -37,8 +43,10 @@ def test_every_shipped_config_loads_and_validates(name, tmp_path, capsys):
     for key, value in record["values"].items():
         assert getattr(args, key) == value
     settings, train, options = settings_from_args(args, tmp_path)  # DataSettings and TrainConfig check themselves
-    options.pop("no_mtl")
-    MARNConfig(vocab_size=10, num_icd=5, num_ccs=3, **options)  # and the model options
+    options.pop("no_mtl", None)
+    sizes = {"vocab_size": 10, "num_icd": 5} if options.get("model") == "laat" else {"vocab_size": 10, "num_icd": 5,
+                                                                                    "num_ccs": 3}
+    config_from_dict({**options, **sizes})  # and the model options
     assert train.lr > 0 and settings.batch_size >= 1
     first = (shipped_config_dir() / f"{name}.yaml").read_text().splitlines()[0]
     assert first.startswith("# "), "each config starts with a comment saying where its numbers come from"
@@ -48,7 +56,8 @@ def test_every_shipped_config_loads_and_validates(name, tmp_path, capsys):
 def test_official_recipe_files_equal_the_package_defaults(name):
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices["train"]
-    defaults = {a.dest: a.default for a in sub._actions}
+    defaults = {a.dest: model_dependent_default("marn", a.dest) if a.default is None and a.dest in MODEL_DEPENDENT_FLAGS
+                else a.default for a in sub._actions}
     values = config_values(sub, shipped_config_dir() / f"{name}.yaml")
     metric = values.pop("metric")
     from marn_fast.training import TrainConfig
@@ -98,7 +107,7 @@ def test_yaml_values_are_coerced_and_checked(tmp_path):
              "codes: X\n": "codes must be one of", "no_ram: 1\n": "no_ram must be true or false",
              "seeds: 3\n": "seeds must be a list", "hiden_size: 3\n": "unknown keys ['hiden_size']",
              "config: other.yaml\n": "unknown keys ['config']", "- 1\n": "expected a mapping",
-             "lr: [\n": "not valid YAML", "patience: null\n": "patience cannot be null"}
+             "lr: [\n": "not valid YAML", "epochs: null\n": "epochs cannot be null"}
     for text, message in cases.items():
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)

@@ -101,9 +101,27 @@ def test_readme_headline_table_is_generated_from_the_results(monkeypatch):
 
 
 def _readme_example() -> str:
-    text = README.read_text(encoding="utf-8")
-    start = text.index("<!-- the example")
+    return _example(README, "<!-- the example")
+
+
+def _example(page: Path, marker: str) -> str:
+    """The first ```python block after `marker` on `page`."""
+    text = page.read_text(encoding="utf-8")
+    start = text.index(marker)
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+def test_model_page_layer_example_runs_on_the_cpu():
+    """docs/model.md's LabelWiseAttention example, verbatim: logits, a loss with gradients for the
+    encoder and the head, and evidence tokens inside each document."""
+    namespace: dict = {}
+    exec(compile(_example(REPO / "docs" / "model.md", "<!-- the layer example"), "docs/model.md example", "exec"),
+         namespace)
+    head, lengths = namespace["head"], namespace["lengths"]
+    assert namespace["logits"].shape == (4, 50) and torch.isfinite(namespace["loss"])
+    assert all(p.grad is not None for p in [*head.parameters(), *namespace["encoder"].parameters()])
+    tokens = namespace["tokens"]
+    assert tokens.shape == (4, 2, 5) and ((tokens >= 0) & (tokens < lengths[:, None, None])).all()
 
 
 def test_readme_training_loop_example_runs_on_the_cpu(monkeypatch):

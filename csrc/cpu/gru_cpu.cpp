@@ -201,6 +201,14 @@ void check_common(const at::Tensor& lengths, const at::Tensor& w_hh, const at::T
   TORCH_CHECK(steps >= 0 && steps <= T, op, ": steps must lie in [0, T=", T, "], got ", steps);
 }
 
+// The CUDA kernels' barrier arguments (see csrc/ops.cpp): the same range for timeout_s; nothing here
+// waits, and there is no block to leave out.
+void check_barrier_args(double timeout_s, int64_t absent_block, const char* op) {
+  TORCH_CHECK(timeout_s > 0 && timeout_s <= 3600, op, ": timeout_s must lie in (0, 3600], got ", timeout_s);
+  TORCH_CHECK(absent_block == -1, op, ": absent_block (fault injection of the CUDA kernels) must be -1 on the CPU, got ",
+              absent_block);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& gx, const Order& o, const at::Tensor& w_hh, const at::Tensor& b_hh,
                   at::Tensor& hproc, int64_t steps) {
@@ -276,13 +284,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& hprev, const at::Te
 }
 
 at::Tensor bigru_persistent_forward_cpu(const at::Tensor& gx_in, const at::Tensor& lengths, const at::Tensor& w_hh_in,
-                                        const at::Tensor& b_hh_in, int64_t steps) {
+                                        const at::Tensor& b_hh_in, int64_t steps, double timeout_s,
+                                        int64_t absent_block) {
   const char* op = "marn_fast::bigru_persistent_forward";
   TORCH_CHECK(gx_in.dim() == 4 && gx_in.size(0) == 2 && gx_in.size(3) % 3 == 0, op,
               ": gx must be [2, B, T, 3h], got ", gx_in.sizes());
   const int64_t B = gx_in.size(1), T = gx_in.size(2), H = gx_in.size(3) / 3;
   check_common(lengths, w_hh_in, gx_in, B, T, H, steps, op);
   check_input(b_hh_in, "b_hh", {2, 3 * H}, gx_in, op);
+  check_barrier_args(timeout_s, absent_block, op);
   const at::Tensor gx = gx_in.contiguous(), b_hh = b_hh_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor hproc = at::empty({2, B, T, H}, gx.options());
   const Order o = order_by_length(lengths.contiguous(), steps);
@@ -295,7 +305,8 @@ at::Tensor bigru_persistent_forward_cpu(const at::Tensor& gx_in, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cpu(const at::Tensor& dout_in, const at::Tensor& hprev_in,
                                                                  const at::Tensor& gx_in, const at::Tensor& gh_in,
                                                                  const at::Tensor& lengths, const at::Tensor& w_hh_in,
-                                                                 int64_t steps) {
+                                                                 int64_t steps, double timeout_s,
+                                                                 int64_t absent_block) {
   const char* op = "marn_fast::bigru_persistent_backward";
   TORCH_CHECK(dout_in.dim() == 4 && dout_in.size(0) == 2, op, ": dout must be [2, B, T, h], got ", dout_in.sizes());
   const int64_t B = dout_in.size(1), T = dout_in.size(2), H = dout_in.size(3);
@@ -303,6 +314,7 @@ std::tuple<at::Tensor, at::Tensor> bigru_persistent_backward_cpu(const at::Tenso
   check_input(hprev_in, "hprev", {2, B, T, H}, dout_in, op);
   check_input(gx_in, "gx", {2, B, T, 3 * H}, dout_in, op);
   check_input(gh_in, "gh", {2, B, T, 3 * H}, dout_in, op);
+  check_barrier_args(timeout_s, absent_block, op);
   const at::Tensor dout = dout_in.contiguous(), hprev = hprev_in.contiguous(), gx = gx_in.contiguous();
   const at::Tensor gh = gh_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor dgx = at::empty({2, B, T, 3 * H}, dout.options());

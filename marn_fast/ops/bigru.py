@@ -21,23 +21,33 @@ Implementations (`bigru(..., impl=...)`, `available_impls(x, lengths, weights)`)
   sizes multiples of 128): hidden and input sizes zero-padded to multiples of 128 (zero weights,
   biases and inputs keep the padded units at exactly 0 from h_0 = 0 and leave the real units'
   results unchanged; their outputs are dropped, and autograd maps the gradients back to the real
-  weights), fp16 on CUDA. On the CPU it computes in fp32 (fp64 for fp64 inputs): a test of the
-  padding and reversal only. Note: PyTorch's cuDNN heuristic (aten/src/ATen/native/cudnn/RNN.cpp,
-  use_persist_device_heuristics) does not grant the persistent algorithm to GRUs on sm80+ GPUs
-  with ≥ 98 SMs (A100, H100, H200), so there this runs cuDNN's standard algorithm on fp16, unpacked
-  — still a candidate for the dispatcher to time (benchmarks/bench_bigru.py reports which kernels ran).
+  weights), fp16 on CUDA (said once, by a warning, where the call asked for another dtype). On the
+  CPU it computes as "split": a test of the padding and reversal only. Note: PyTorch's cuDNN
+  heuristic (aten/src/ATen/native/cudnn/RNN.cpp, use_persist_device_heuristics) does not grant the
+  persistent algorithm to GRUs on sm80+ GPUs with ≥ 98 SMs (A100, H100, H200), so there this runs
+  cuDNN's standard algorithm on fp16, unpacked — still a candidate for the dispatcher to time
+  (benchmarks/bench_bigru.py reports which kernels ran).
 - "persistent": the persistent recurrence of `marn_fast.ops.bigru_persistent` (CUDA kernels; on the
-  CPU their step-exact twins). Opt-in: listed on CUDA only where its launch fits (fallback_reason).
+  CPU their C++ twins). Listed on CUDA only where its launch fits (fallback_reason).
 - "auto": the measured dispatcher's choice for the call's key (ops/dispatch.py) among
-  `dispatch_candidates`: the available impls except "persistent" on CUDA (opt-in until a GPU run
-  of scripts/gpu_check.sh has validated its kernels), "cudnn_persistent" on the CPU (there only a
+  `dispatch_candidates`: the available impls except "cudnn_persistent" on the CPU (there only a
   test of its padding, never faster than "split") and, when training on the CPU beyond
-  QUADRATIC_MAX_N steps, "reference" (its backward is quadratic in n). Where nothing is
-  measured, the static `default_impl`: without lengths one bidirectional GRU call on the
-  batch ("reference"); with them "packed" on CUDA and "split" on the CPU.
+  QUADRATIC_MAX_N steps, "reference" (its backward is quadratic in n). The dispatcher's first-use
+  check against the reference rejects a candidate that differs or raises (the persistent kernels
+  raise when a grid barrier times out). Where nothing is measured, the static `default_impl`:
+  without lengths one bidirectional GRU call on the batch ("reference"); with them "packed" on
+  CUDA and "split" on the CPU.
+
+Precision: every impl follows autocast as torch's GRU does (`marn_fast.ops.precision`), and the
+dispatcher keys a call by its compute dtype (`compute_dtype(x)`: bf16 under bf16 autocast), so
+bf16 has candidates and choices of its own. "reference", "packed" and "split" run torch's GRU
+under the caller's autocast (on the CPU its GEMMs in bf16 with an fp32 state, returning fp32; on
+CUDA cuDNN in the autocast dtype); "persistent" runs its GEMMs in the compute dtype and its
+recurrence in fp32 and returns x's dtype; "cudnn_persistent" computes in fp16 on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +57,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_same_device, check_tensor
 from . import dispatch
 from ._extension import cuda_extension_available
+from .precision import compute_dtype, warn_once
 
 NUM_WEIGHTS = 8
 IMPLS = ("auto", "reference", "split", "packed", "persistent", "cudnn_persistent")
@@ -100,36 +111,49 @@ def _pad_gates(w: torch.Tensor, hidden: int, padded_hidden: int, padded_cols: Op
 def split_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
                 multiple: int = 1, compute: Optional[torch.dtype] = None) -> torch.Tensor:
     """The two directions as unidirectional GRUs on the padded batch (module docstring, "split").
-    multiple > 1: hidden and input sizes zero-padded to multiples of it; compute: the GRUs' dtype."""
+    multiple > 1: hidden and input sizes zero-padded to multiples of it. compute: the GRUs' dtype,
+    with autocast off (the output then has x's dtype); None: torch's GRU under the caller's
+    autocast, which decides the dtypes as for nn.GRU."""
     batch, n, d_in = x.shape
     hidden = weights[1].shape[1]
     lengths = _full_lengths(x) if lengths is None else lengths
-    compute = compute or x.dtype
     padded_hidden, padded_in = -(-hidden // multiple) * multiple, -(-d_in // multiple) * multiple
     padded = (padded_hidden, padded_in) != (hidden, d_in)
     index = reverse_within_lengths_index(lengths, n)
-    xc = (F.pad(x, (0, padded_in - d_in)) if padded else x).to(compute)
+    xc = F.pad(x, (0, padded_in - d_in)) if padded else x
+    xc = xc if compute is None else xc.to(compute)
     h0 = xc.new_zeros(1, batch, padded_hidden)
     train = needs_grad(x, weights)
     outs = []
-    with torch.autocast(x.device.type, enabled=False):  # autocast would recast the GRU to its own dtype
+    # With an explicit compute dtype, autocast would recast the GRU to its own dtype.
+    with contextlib.nullcontext() if compute is None else torch.autocast(x.device.type, enabled=False):
         for direction, inputs in ((0, xc), (1, gather_time(xc, index))):
             params = list(weights[4 * direction:4 * direction + 4])
             if padded:
                 cols = (padded_in, padded_hidden, None, None)
                 params = [_pad_gates(p, hidden, padded_hidden, c) for p, c in zip(params, cols)]
-            out = torch.gru(inputs, h0, [p.to(compute) for p in params], True, 1, 0.0, train, False, True)[0]
+            if compute is not None:
+                params = [p.to(compute) for p in params]
+            out = torch.gru(inputs, h0, params, True, 1, 0.0, train, False, True)[0]
             outs.append(out[..., :hidden])
-    out = torch.cat([outs[0], gather_time(outs[1], index)], dim=2).to(x.dtype)
+    out = torch.cat([outs[0], gather_time(outs[1], index)], dim=2)
+    out = out if compute is None else out.to(x.dtype)
     valid = (torch.arange(n, device=x.device)[None, :] < lengths[:, None])[:, :, None]
     return out * valid
 
 
 def cudnn_persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor],
                            weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """"split" with sizes padded to multiples of 128, in fp16 on CUDA (module docstring)."""
-    compute = torch.float16 if x.is_cuda else (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return split_bigru(x, lengths, weights, multiple=PERSIST_MULTIPLE, compute=compute)
+    """"split" with sizes padded to multiples of 128, in fp16 on CUDA (module docstring); on the
+    CPU as "split" (the caller's autocast decides)."""
+    if not x.is_cuda:
+        return split_bigru(x, lengths, weights, multiple=PERSIST_MULTIPLE)
+    asked = compute_dtype(x)
+    if asked != torch.float16:
+        warn_once(f"bigru.cudnn_persistent.{asked}",
+                  f"the BiGRU's impl 'cudnn_persistent' computes in float16 on CUDA (cuDNN's persistent RNN "
+                  f"algorithm), not in {str(asked).replace('torch.', '')}")
+    return split_bigru(x, lengths, weights, multiple=PERSIST_MULTIPLE, compute=torch.float16)
 
 
 def _persistent(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -189,7 +213,7 @@ def default_impl(x: torch.Tensor, lengths: Optional[torch.Tensor]) -> str:
 def dispatch_candidates(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
                         train: bool) -> tuple:
     """The impls "auto" measures (see the module docstring)."""
-    excluded = {"persistent" if x.is_cuda else "cudnn_persistent"}
+    excluded = set() if x.is_cuda else {"cudnn_persistent"}
     if train and not x.is_cuda and x.shape[1] > QUADRATIC_MAX_N:
         excluded.add("reference")
     return tuple(impl for impl in available_impls(x, lengths, weights) if impl not in excluded)
@@ -222,7 +246,7 @@ def _measured_impl(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Se
     train = dispatch.grad_flows(x, *weights)
     batch, n, embed = x.shape
     return dispatch.choose(
-        "bigru", device=x.device, dtype=x.dtype, train=train,
+        "bigru", device=x.device, dtype=compute_dtype(x), train=train,
         sizes={"B": batch, "n": n, "d_e": embed, "h": weights[1].shape[1]},
         candidates=lambda: dispatch_candidates(x, lengths, weights, train), default=default_impl(x, lengths),
         trial=lambda: dispatch.autograd_trial(lambda impl, t, lens, *w: bigru(t, lens, w, impl), [x, lengths, *weights],
@@ -234,7 +258,7 @@ def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[to
           impl: str = "auto") -> torch.Tensor:
     """The BiGRU (module docstring) through implementation `impl`; a ValueError names why an impl
     cannot run here. impl="persistent" falls back to cuDNN (with a warning) where its CUDA
-    kernels cannot launch."""
+    kernels cannot launch, and raises a RuntimeError naming the cause where a launch fails."""
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     _check(x, lengths, weights)

@@ -30,16 +30,27 @@ The algorithm (what the kernel does, and what this module runs on the CPU):
      and after it dW_hh = Σ dG_hᵀ·H_prev, db_hh = Σ dG_h, dX = dG_x·W_ih, dW_ih = dG_xᵀ·X,
      db_ih = Σ dG_x — each one GEMM or reduction over all steps. Forward saves H and G_x (and X).
 
+Precision (`marn_fast.ops.precision`): the GEMMs outside the recurrence run in the compute dtype
+`compute_dtype(x)` — the autocast dtype for fp32 inputs under `torch.autocast`, else x's dtype —
+with fp32 results (cuBLAS's fp32-output form on CUDA; on the CPU, where torch has no bf16×bf16→fp32
+product, the vendor GEMM's bf16 result upcast): G_x in the forward; the all-steps G_h, dX, dW_ih and
+dW_hh in the backward. The recurrences (state, gates, the product with W_hh, dh) and the bias
+sums are fp32 (fp64 for fp64 inputs on the CPU). The op casts its operands itself and runs with
+autocast off, so nothing inside is cast again. The output has x's dtype (fp32 under autocast, as
+nn.GRU under CPU autocast), the gradients their inputs' and weights' dtypes.
+
 `persistent_bigru` runs it: the recurrences are the CUDA kernels of csrc/cuda/gru_cuda.cu on CUDA
 tensors and the C++ kernels of csrc/cpu/gru_cpu.cpp on CPU tensors (the two directions on two
 threads, the step's product with W_hh by the vendor GEMM on the still-active documents, one
-vectorised gate pass; fp32, and fp64 for fp64 inputs); `_recurrence_forward` and
-`_recurrence_backward` (a Python loop over steps) are their step-exact oracle, and the CPU path
-when the extension is not built. Everything around them (the input GEMM, the processing-order
-gathers, the all-steps G_h GEMM, the weight gradients) is the same code on both devices. Not yet
-the model's default: the CUDA kernels have been compile-checked only, and replace cuDNN once a GPU
-run has tested and timed them (scripts/gpu_check.sh). Where they cannot launch (see
-`fallback_reason`), `persistent_bigru` returns cuDNN's packed result.
+vectorised gate pass); `_recurrence_forward` and `_recurrence_backward` (a Python loop over steps)
+are their step-exact oracle, and the CPU path when the extension is not built. Everything around
+them (the input GEMM, the processing-order gathers, the all-steps G_h GEMM, the weight gradients)
+is the same code on both devices. The CUDA kernels' grid barriers are bounded in time
+(`barrier_timeout_s`): a launch whose blocks are not all running at once fails with a RuntimeError
+naming the cause instead of hanging (the measured dispatcher then rejects the candidate), and the
+CUDA context stays usable; each launch waits for its own end to read that status. Where the CUDA
+kernels cannot launch (see `fallback_reason`), `persistent_bigru` returns cuDNN's packed result,
+with a one-time warning.
 """
 from __future__ import annotations
 
@@ -47,15 +58,21 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, cast
 
 import torch
 
 from ..reference.checks import FLOAT_DTYPES, check_lengths, check_tensor
 from ._extension import cpu_extension_available, cuda_extension_available
 from .bigru import NUM_WEIGHTS, needs_grad, packed_bigru, reverse_within_lengths_index
+from .precision import compute_dtype
 
 DEFAULT_SLICES = 4
+# Overrides the ops' own bound on each wait of the CUDA kernels at a grid barrier (the schema's
+# default, csrc/ops.cpp), e.g. under compute-sanitizer, which slows the kernels by orders of magnitude.
+TIMEOUT_ENV = "MARN_FAST_PERSISTENT_TIMEOUT_S"
+# cuBLAS's bf16/fp16 GEMMs with fp32 output (torch >= 2.8 on CUDA: the `out_dtype` overloads).
+_FP32_OUTPUT_GEMM = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def _slices(hidden: int, num_slices: int) -> list[range]:
@@ -130,19 +147,40 @@ def _recurrence_backward(dout: torch.Tensor, hprev: torch.Tensor, gx: torch.Tens
     return d_gx, d_gh
 
 
+def barrier_timeout_s() -> float:
+    """Seconds each wait of the CUDA kernels at a grid barrier may last: MARN_FAST_PERSISTENT_TIMEOUT_S,
+    else the ops' default (needs the compiled extension)."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        schema = torch.ops.marn_fast.bigru_persistent_forward.default._schema
+        return cast(float, next(a.default_value for a in schema.arguments if a.name == "timeout_s"))
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 3600:
+        raise ValueError(f"{TIMEOUT_ENV}: expected seconds in (0, 3600], got {text!r}")
+    return value
+
+
 def _kernels(device: torch.device, num_slices: int):
     """(forward, backward) recurrence kernels for the device: the compiled ops (CUDA kernels of
     csrc/cuda/gru_cuda.cu, C++ kernels of csrc/cpu/gru_cpu.cpp), or on a CPU without the compiled
     extension their step-by-step twins above (num_slices applies to these only)."""
     if device.type == "cuda":
-        if not cuda_extension_available():
-            raise ValueError("persistent BiGRU on CUDA needs the compiled extension marn_fast._C_cuda; "
-                             "reinstall with `pip install --no-build-isolation .` on a CUDA build of torch")
+        _require_cuda_extension()
     elif not cpu_extension_available():
         return (functools.partial(_recurrence_forward, num_slices=num_slices),
                 functools.partial(_recurrence_backward, num_slices=num_slices))
-    return (torch.ops.marn_fast.bigru_persistent_forward,
-            lambda *args: tuple(torch.ops.marn_fast.bigru_persistent_backward(*args)))
+    timeout = barrier_timeout_s()
+    return (functools.partial(torch.ops.marn_fast.bigru_persistent_forward, timeout_s=timeout),
+            functools.partial(torch.ops.marn_fast.bigru_persistent_backward, timeout_s=timeout))
+
+
+def _require_cuda_extension() -> None:
+    if not cuda_extension_available():
+        raise ValueError("persistent BiGRU on CUDA needs the compiled extension marn_fast._C_cuda; "
+                         "reinstall with `pip install --no-build-isolation .` on a CUDA build of torch")
 
 
 # ----------------------------------------------------------------- host side (both devices)
@@ -175,49 +213,81 @@ def _grad_processing_order(grad: torch.Tensor, rev: torch.Tensor) -> torch.Tenso
     return grad.reshape(-1, two_h // 2).index_select(0, rows).view(2, batch, n, two_h // 2)
 
 
+def _state_dtype(compute: torch.dtype) -> torch.dtype:
+    """The recurrence's dtype: fp64 for fp64, else fp32."""
+    return torch.float64 if compute == torch.float64 else torch.float32
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+    """a·b (batched; a, b in the compute dtype) in dtype `out`: one GEMM with fp32 output from bf16/fp16
+    operands on CUDA where torch has it, else the GEMM in the operands' dtype, upcast."""
+    if a.dtype != out and a.is_cuda and _FP32_OUTPUT_GEMM:
+        return torch.bmm(a, b, out_dtype=out)
+    return torch.bmm(a, b).to(out)
+
+
+def _affine(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bias + a·b in the bias's dtype (fp32/fp64), a·b as in _product."""
+    if a.dtype == bias.dtype:
+        return torch.baddbmm(bias, a, b)
+    if a.is_cuda and _FP32_OUTPUT_GEMM:
+        return _product(a, b, bias.dtype).add_(bias)
+    return torch.add(torch.bmm(a, b), bias)  # the low-precision product, summed with the bias in fp32
+
+
 class _PersistentBiGRU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lengths, num_slices, *weights):
-        batch, n, _ = x.shape
-        steps = int(lengths.max()) if lengths.numel() else 0
-        forward_kernel, _ = _kernels(x.device, num_slices)
-        rev = _reverse_rows(reverse_within_lengths_index(lengths, n))
-        w_ih, w_hh = torch.stack([weights[0], weights[4]]), torch.stack([weights[1], weights[5]])
-        b_ih, b_hh = torch.stack([weights[2], weights[6]]), torch.stack([weights[3], weights[7]])
-        # Both directions' input GEMM: G_x = X_proc·W_ihᵀ + b_ih → [2, B, n, 3h], contiguous.
-        gx = torch.baddbmm(b_ih[:, None], _processing_order(x, rev), w_ih.transpose(1, 2)).view(2, batch, n, -1)
-        hproc = forward_kernel(gx, lengths, w_hh, b_hh, steps)
-        # G_x is kept for the backward (3× the states' memory) rather than recomputed: one GEMM less.
-        ctx.save_for_backward(x, lengths, rev, hproc, gx, w_ih, w_hh, b_hh)
-        ctx.num_slices, ctx.steps = num_slices, steps
-        return _natural_order(hproc, rev)
+    def forward(ctx, x, lengths, num_slices, compute, *weights):
+        with torch.autocast(x.device.type, enabled=False):  # the op casts its operands itself
+            batch, n, _ = x.shape
+            state = _state_dtype(compute)
+            steps = int(lengths.max()) if lengths.numel() else 0
+            forward_kernel, _ = _kernels(x.device, num_slices)
+            rev = _reverse_rows(reverse_within_lengths_index(lengths, n))
+            x_c = x.to(compute)
+            w_ih = torch.stack([weights[0], weights[4]]).to(compute)
+            w_hh = torch.stack([weights[1], weights[5]]).to(state)
+            b_ih = torch.stack([weights[2], weights[6]]).to(state)
+            b_hh = torch.stack([weights[3], weights[7]]).to(state)
+            # Both directions' input GEMM: G_x = X_proc·W_ihᵀ + b_ih → [2, B, n, 3h] in the state dtype.
+            gx = _affine(b_ih[:, None], _processing_order(x_c, rev), w_ih.transpose(1, 2)).view(2, batch, n, -1)
+            hproc = forward_kernel(gx, lengths, w_hh, b_hh, steps)
+            # G_x is kept for the backward (3× the states' memory) rather than recomputed: one GEMM less.
+            ctx.save_for_backward(x_c, lengths, rev, hproc, gx, w_ih, w_hh, b_hh)
+            ctx.num_slices, ctx.steps = num_slices, steps
+            ctx.dtypes = (x.dtype, *(w.dtype for w in weights))
+            return _natural_order(hproc, rev).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, lengths, rev, hproc, gx, w_ih, w_hh, b_hh = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[3:])
-        _, batch, n, hidden = hproc.shape
-        _, backward_kernel = _kernels(x.device, ctx.num_slices)
-        dout = _grad_processing_order(grad, rev)
-        hprev = torch.cat([hproc.new_zeros(2, batch, 1, hidden), hproc[:, :, :-1]], dim=2)  # h_{s−1}, 0 at s = 0
-        flat = lambda t: t.view(2, batch * n, t.shape[-1])  # noqa: E731
-        gh = torch.baddbmm(b_hh[:, None], flat(hprev), w_hh.transpose(1, 2)).view_as(gx)  # every step, one GEMM
-        d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh, ctx.steps)
-        dx = None
-        grads: Optional[List[Optional[torch.Tensor]]] = None
-        if need_x:
-            d_x_proc = torch.bmm(flat(d_gx), w_ih)  # [2, B·n, d_e]
-            dx = (d_x_proc[0] + d_x_proc[1].index_select(0, rev)).view(x.shape)
-        if need_w:
-            # dW_ih and db_ih in one GEMM: X_proc with a column of ones.
-            x_proc = _processing_order(x, rev)
-            x_ones = torch.cat([x_proc, x_proc.new_ones(2, batch * n, 1)], dim=2)
-            d_w_ih = torch.bmm(flat(d_gx).transpose(1, 2), x_ones)
-            d_w_hh = torch.bmm(flat(d_gh).transpose(1, 2), flat(hprev))
-            # dG_h equals dG_x on the r and z gates: only the n gate's bias gradient needs a sum.
-            d_b_hh = torch.cat([d_w_ih[:, :2 * hidden, -1], flat(d_gh)[..., 2 * hidden:].sum(1)], dim=1)
-            grads = [g for d in range(2) for g in (d_w_ih[d, :, :-1], d_w_hh[d], d_w_ih[d, :, -1], d_b_hh[d])]
-        return (dx, None, None, *(grads or [None] * NUM_WEIGHTS))
+        x_c, lengths, rev, hproc, gx, w_ih, w_hh, b_hh = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[4:])
+            _, batch, n, hidden = hproc.shape
+            compute, state = w_ih.dtype, hproc.dtype
+            _, backward_kernel = _kernels(grad.device, ctx.num_slices)
+            dout = _grad_processing_order(grad.to(state), rev)
+            hprev = torch.cat([hproc.new_zeros(2, batch, 1, hidden), hproc[:, :, :-1]], dim=2)  # h_{s−1}, 0 at s = 0
+            flat = lambda t: t.view(2, batch * n, t.shape[-1])  # noqa: E731
+            hprev_c = flat(hprev).to(compute)
+            # G_h of every step, one GEMM (the recurrence's own G_h never left the kernel).
+            gh = _affine(b_hh[:, None], hprev_c, w_hh.to(compute).transpose(1, 2)).view_as(gx)
+            d_gx, d_gh = backward_kernel(dout, hprev, gx, gh, lengths, w_hh, ctx.steps)
+            d_gx_c = flat(d_gx).to(compute)
+            dx = None
+            grads: Optional[List[Optional[torch.Tensor]]] = None
+            if need_x:
+                d_x_proc = _product(d_gx_c, w_ih, state)  # [2, B·n, d_e]
+                dx = (d_x_proc[0] + d_x_proc[1].index_select(0, rev)).view(batch, n, -1).to(ctx.dtypes[0])
+            if need_w:
+                d_w_ih = _product(d_gx_c.transpose(1, 2), _processing_order(x_c, rev), state)
+                d_w_hh = _product(flat(d_gh).to(compute).transpose(1, 2), hprev_c, state)
+                d_b_ih = flat(d_gx).sum(1)
+                # dG_h equals dG_x on the r and z gates: only the n gate's bias gradient needs a sum of its own.
+                d_b_hh = torch.cat([d_b_ih[:, :2 * hidden], flat(d_gh)[..., 2 * hidden:].sum(1)], dim=1)
+                grads = [g.to(dtype) for d in range(2) for g, dtype in
+                         zip((d_w_ih[d], d_w_hh[d], d_b_ih[d], d_b_hh[d]), ctx.dtypes[1 + 4 * d:5 + 4 * d])]
+        return (dx, None, None, None, *(grads or [None] * NUM_WEIGHTS))
 
 
 # ----------------------------------------------------------------- fall-back to cuDNN (CUDA)
@@ -225,11 +295,15 @@ class _PersistentBiGRU(torch.autograd.Function):
 # contract) and warns once per reason. The kernels run one block per SM, both directions' 2·K blocks
 # resident at once (a cooperative launch; each direction synchronises its K blocks every step):
 # K = ⌈h / units⌉ with units = ⌈h / ⌊SMs / 2⌋⌉, and each kernel's shared memory for that many units
-# must fit one block. launch_plan mirrors csrc/cuda/gru_cuda.cu (forward_smem, backward_smem, plan), whose
-# checks remain the backstop; registers never limit (__launch_bounds__(512, 1): ≤ 128 per thread).
+# must fit one block. launch_plan mirrors csrc/cuda/gru_cuda.cu (forward_smem, backward_smem,
+# register_weights, plan), whose checks remain the backstop; registers never limit
+# (__launch_bounds__(512, 1): ≤ 128 per thread). The kernels compute in fp32: float64 inputs run
+# cuDNN's packed path in float64 instead (with the warning) rather than silently in fp32.
 LIMITS_ENV = "MARN_FAST_PERSISTENT_LIMITS"  # e.g. "sms=8,smem=40000,cooperative=1": forces limits (tests)
 FLOAT_BYTES = 4
 BACKWARD_INPUTS = 8  # per-unit inputs the backward kernel prefetches: dout, hprev, gx (r, z, n), gh (r, z, n)
+WARPS = 16  # per block (512 threads)
+REGISTER_COLUMNS = 12  # forward: a warp holds one row of W_hh's slice in registers when h ≤ 32·this
 
 
 @dataclass(frozen=True)
@@ -241,25 +315,37 @@ class DeviceLimits:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    units: int  # hidden units per block
+    units: int  # hidden units per block (the last block may have fewer)
     blocks_per_dir: int
     forward_smem: int  # bytes
     backward_smem: int
+    register_weights: bool  # the forward kernel holds W_hh's rows in registers (else in shared memory)
 
 
 def launch_plan(batch: int, hidden: int, sms: int) -> LaunchPlan:
     """The CUDA kernels' launch for B=batch, h=hidden on a GPU with `sms` SMs (sms ≥ 2)."""
     units = -(-hidden // (sms // 2))
     forward = FLOAT_BYTES * (3 * units * hidden + batch * hidden + 3 * batch * units + 2 * 3 * batch * units)
-    backward = FLOAT_BYTES * (3 * hidden * units + 3 * batch * hidden + 2 * batch * units
+    # The backward's W_hh columns have an odd row stride (units | 1): no shared-memory bank conflicts.
+    backward = FLOAT_BYTES * (3 * hidden * (units | 1) + 3 * batch * hidden + 2 * batch * units
                               + 2 * BACKWARD_INPUTS * batch * units)
-    return LaunchPlan(units, -(-hidden // units), forward, backward)
+    registers = 3 * units <= WARPS and hidden <= 32 * REGISTER_COLUMNS
+    return LaunchPlan(units, -(-hidden // units), forward, backward, registers)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> DeviceLimits:
+    """The GPU's own limits, asked of the device by the extension (cudaDeviceGetAttribute)."""
+    sms, smem, cooperative = torch.ops.marn_fast.bigru_persistent_device_limits(
+        torch.empty(0, device=torch.device("cuda", index)))
+    return DeviceLimits(sms, smem, bool(cooperative))
 
 
 def device_limits(device: torch.device) -> Optional[DeviceLimits]:
     """The limits the CUDA kernels launch under: MARN_FAST_PERSISTENT_LIMITS when set (on any
-    device, so that tests can force them on the CPU), the GPU's own on CUDA, None on the CPU (its
-    twin has none)."""
+    device, so that tests can force them on the CPU), the GPU's own on CUDA (SMs, opt-in shared
+    memory per block and cooperative-launch support, from the device), None on the CPU (its twin
+    has none)."""
     forced = os.environ.get(LIMITS_ENV, "").strip()
     if forced:
         try:
@@ -269,9 +355,8 @@ def device_limits(device: torch.device) -> Optional[DeviceLimits]:
             raise ValueError(f"{LIMITS_ENV}: expected 'sms=N,smem=BYTES[,cooperative=0|1]', got {forced!r}") from exc
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    smem = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
-    return DeviceLimits(props.multi_processor_count, smem, props.major >= 6)
+    _require_cuda_extension()
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fallback(x: torch.Tensor, weights: Sequence[torch.Tensor], backward: bool) -> Optional[tuple[str, str]]:
@@ -280,6 +365,8 @@ def _fallback(x: torch.Tensor, weights: Sequence[torch.Tensor], backward: bool) 
     if limits is None:
         return None
     batch, hidden = x.shape[0], weights[1].shape[1]
+    if x.is_cuda and x.dtype == torch.float64:
+        return "float64", "its CUDA kernels compute in float32; float64 inputs run cuDNN's packed path in float64"
     if not limits.cooperative:
         return "cooperative", "this GPU does not support cooperative launches"
     if limits.sms < 2:
@@ -321,10 +408,12 @@ def persistent_fallback(x: torch.Tensor, lengths: torch.Tensor,
 def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
                      num_slices: int = DEFAULT_SLICES) -> torch.Tensor:
     """The persistent BiGRU (see the module docstring); differentiable through its own
-    reverse-time backward. Computes in fp32 (fp64 for fp64 inputs on the CPU) and returns x's
-    dtype. num_slices: blocks per direction of the Python twin (the compiled kernels size their own).
-    Where the CUDA kernels cannot launch (shared memory, SMs, cooperative launch: see
-    fallback_reason) it returns cuDNN's packed result instead, with a one-time warning."""
+    reverse-time backward. GEMMs in `compute_dtype(x)` (bf16 under bf16 autocast), recurrence in
+    fp32 (fp64 for fp64 inputs on the CPU); returns x's dtype. num_slices: blocks per direction of
+    the Python twin (the compiled kernels size their own). Where the CUDA kernels cannot launch
+    (shared memory, SMs, cooperative launch, float64: see fallback_reason) it returns cuDNN's packed
+    result instead, with a one-time warning; where a launch fails (a grid barrier timed out) it
+    raises a RuntimeError naming the cause."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES, expected="[B, n, d_e] float")
     if len(weights) != NUM_WEIGHTS:
         raise ValueError(f"weights: expected the {NUM_WEIGHTS} tensors of a one-layer bidirectional nn.GRU, "
@@ -338,6 +427,4 @@ def persistent_bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: 
     fallback = persistent_fallback(x, lengths, weights)
     if fallback is not None:
         return fallback
-    compute = torch.float64 if (x.dtype == torch.float64 and not x.is_cuda) else torch.float32
-    out = _PersistentBiGRU.apply(x.to(compute), lengths, num_slices, *(w.to(compute) for w in weights))
-    return out.to(x.dtype)
+    return _PersistentBiGRU.apply(x, lengths, num_slices, compute_dtype(x), *weights)

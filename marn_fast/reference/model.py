@@ -44,6 +44,37 @@ class LabelAttentionHead(nn.Module):
         nn.init.xavier_uniform_(self.final.weight)
 
 
+def copy_embeddings(embedding: nn.Embedding, matrix, normalize: bool = False) -> None:
+    """Copy a [vocab_size, embed_dim] matrix (e.g. word2vec) into `embedding`; normalize=True
+    L2-normalises every non-zero row (the official preprocessing)."""
+    matrix = torch.as_tensor(matrix, dtype=embedding.weight.dtype)
+    expected = tuple(embedding.weight.shape)
+    check_tensor("matrix", matrix, ndim=2, expected=f"[vocab_size, embed_dim]={expected}")
+    check_shape("matrix", matrix, expected, "[vocab_size, embed_dim]")
+    if normalize:
+        norms = matrix.norm(dim=1, keepdim=True)
+        matrix = torch.where(norms > 0, matrix / norms.clamp_min(1e-12), matrix)
+    with torch.no_grad():
+        embedding.weight.copy_(matrix.to(embedding.weight.device))
+
+
+def check_tokens(tokens: torch.Tensor, lengths: Optional[torch.Tensor], vocab_size: int, max_length: int) -> None:
+    """A model's input: tokens [B, n] int64 with ids in [0, vocab_size), 1 <= n <= max_length, and
+    lengths [B] in [1, n] or None (ValueError naming the argument otherwise)."""
+    check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64,), expected="[B, n] int64")
+    batch, n = tokens.shape
+    if batch == 0 or n == 0:
+        raise ValueError(f"tokens: expected a non-empty [B, n] batch, got shape {tuple(tokens.shape)}")
+    if n > max_length:
+        raise ValueError(f"tokens: n={n} exceeds config.max_length={max_length}; "
+                         "truncate documents when batching (the data module does and counts it)")
+    if has_values(tokens):
+        lo, hi = (int(v) for v in torch.aminmax(tokens))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"tokens: ids must lie in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]")
+    check_lengths(lengths, batch, n, tokens.device)
+
+
 def build_encoder(config: MARNConfig) -> nn.Module:
     """The base encoder: a one-layer BiGRU (MARN), or CAML's CNN / MultiResCNN (paper Fig. 7)."""
     if config.encoder == "cnn":
@@ -76,15 +107,7 @@ class MARN(nn.Module):
         """Copy a [vocab_size, embed_dim] matrix (e.g. word2vec) into the embedding.
 
         normalize=True L2-normalises every non-zero row (the official preprocessing)."""
-        matrix = torch.as_tensor(matrix, dtype=self.embedding.weight.dtype)
-        expected = (self.config.vocab_size, self.config.embed_dim)
-        check_tensor("matrix", matrix, ndim=2, expected=f"[vocab_size, embed_dim]={expected}")
-        check_shape("matrix", matrix, expected, "[vocab_size, embed_dim]")
-        if normalize:
-            norms = matrix.norm(dim=1, keepdim=True)
-            matrix = torch.where(norms > 0, matrix / norms.clamp_min(1e-12), matrix)
-        with torch.no_grad():
-            self.embedding.weight.copy_(matrix.to(self.embedding.weight.device))
+        copy_embeddings(self.embedding, matrix, normalize)
 
     @classmethod
     def from_pretrained(cls, config: MARNConfig, embeddings, normalize: bool = True, **kwargs):
@@ -95,19 +118,7 @@ class MARN(nn.Module):
 
     # ----------------------------------------------------------------- input checks
     def check_inputs(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
-        check_tensor("tokens", tokens, ndim=2, dtypes=(torch.int64,), expected="[B, n] int64")
-        batch, n = tokens.shape
-        if batch == 0 or n == 0:
-            raise ValueError(f"tokens: expected a non-empty [B, n] batch, got shape {tuple(tokens.shape)}")
-        if n > self.config.max_length:
-            raise ValueError(f"tokens: n={n} exceeds config.max_length={self.config.max_length}; "
-                             "truncate documents when batching (the data module does and counts it)")
-        if has_values(tokens):
-            lo, hi = (int(v) for v in torch.aminmax(tokens))
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"tokens: ids must lie in [0, vocab_size={self.config.vocab_size}), "
-                                 f"got values in [{lo}, {hi}]")
-        check_lengths(lengths, batch, n, tokens.device)
+        check_tokens(tokens, lengths, self.config.vocab_size, self.config.max_length)
 
     # ----------------------------------------------------------------- the steps (overridden by the fused model)
     def _encode_tokens(self, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Checkpoints: weights, config, vocabulary, label maps and training state in one file.
 
 A checkpoint is a dict:
-    format, config (MARNConfig dict), model (state_dict), vocab (list of words, id order),
+    format, config (the model config's dict: MARNConfig's, or LAATConfig's with "model": "laat"),
+    model (state_dict), vocab (list of words, id order),
     icd_labels, ccs_labels (lists of code strings), data (dict describing the data source),
     train (optimizer state, RNG states, epoch, early-stopping state, history) — optional.
 
@@ -26,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from ..config import MARNConfig
+from ..config import LAATConfig, ModelConfig, config_from_dict
 from ..files import atomic_path
+from ..laat import LAAT
 from ..model import MARN
 
 FORMAT = "marn_fast.checkpoint/1"
@@ -113,10 +115,11 @@ def _check_structure(path: Path, payload) -> None:
             raise CheckpointError(path, f"'{key}' must be a list of strings")
 
 
-def checkpoint_config(payload: dict, path) -> MARNConfig:
-    """The MARNConfig stored in a checkpoint, checked against its vocabulary and label lists."""
+def checkpoint_config(payload: dict, path) -> ModelConfig:
+    """The model config stored in a checkpoint (MARNConfig, or LAATConfig for "model": "laat"),
+    checked against its vocabulary and label lists."""
     try:
-        config = MARNConfig.from_dict(dict(payload["config"]))
+        config = config_from_dict(dict(payload["config"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(path, f"its model config is not valid ({one_line(exc)})") from exc
     sizes = {"vocab": (len(payload["vocab"]) + 2, config.vocab_size, "vocab_size (words + PAD + UNK)"),
@@ -129,14 +132,16 @@ def checkpoint_config(payload: dict, path) -> MARNConfig:
     return config
 
 
-def _config_difference(ours: MARNConfig, theirs: MARNConfig) -> str:
+def _config_difference(ours: ModelConfig, theirs: ModelConfig) -> str:
+    if type(ours) is not type(theirs):
+        return f"model {type(ours).__name__} here vs {type(theirs).__name__} in the checkpoint"
     a, b = ours.to_dict(), theirs.to_dict()
     return ", ".join(f"{k} {a[k]!r} here vs {b[k]!r} in the checkpoint" for k in a if a[k] != b.get(k))
 
 
 def load_weights(model: torch.nn.Module, payload: dict, path) -> None:
     """Copy a checkpoint's weights into `model` after checking that it was built with the same
-    MARNConfig (CheckpointError naming the differing fields, or the first weight that does not fit)."""
+    model config (CheckpointError naming the differing fields, or the first weight that does not fit)."""
     stored = checkpoint_config(payload, path)
     difference = _config_difference(model.config, stored)
     if difference:
@@ -156,14 +161,20 @@ def load_weights(model: torch.nn.Module, payload: dict, path) -> None:
     model.load_state_dict(state)
 
 
-def load_model(path, backend: str = "auto", config: Optional[MARNConfig] = None,
+def model_from_config(config: ModelConfig, backend: str = "auto") -> torch.nn.Module:
+    """The model a config describes: `marn_fast.LAAT` for a LAATConfig, else `marn_fast.MARN`."""
+    return LAAT(config, backend=backend) if isinstance(config, LAATConfig) else MARN(config, backend=backend)
+
+
+def load_model(path, backend: str = "auto", config: Optional[ModelConfig] = None,
                map_location="cpu") -> tuple[torch.nn.Module, dict]:
-    """A `marn_fast.MARN` with a checkpoint's weights, and the checkpoint (for its vocabulary and
-    labels). With `config`, the checkpoint must have been written for that config."""
+    """The model a checkpoint was written for (`marn_fast.MARN`, or `marn_fast.LAAT` when its config
+    says "model": "laat") with its weights, and the checkpoint (for its vocabulary and labels).
+    With `config`, the checkpoint must have been written for that config."""
     payload = load_checkpoint(path, map_location=map_location)
     stored = checkpoint_config(payload, path)
     if config is not None and _config_difference(config, stored):
         raise CheckpointError(path, f"written for another model config: {_config_difference(config, stored)}")
-    model = MARN(stored, backend=backend)
+    model = model_from_config(stored, backend=backend)
     load_weights(model, payload, path)
     return model, payload

@@ -1,4 +1,4 @@
-"""One training run end to end: data → MARN → early-stopped training → best checkpoint →
+"""One training run end to end: data → MARN (or LAAT) → early-stopped training → best checkpoint →
 dev threshold tuning → test metrics → report folder (used by `marn-fast train` and `demo`)."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..config import MARNConfig
-from ..model import MARN
+from ..config import LAATConfig, MARNConfig, ModelConfig
 from .alarms import degenerate_run_warnings
+from .checkpoint import model_from_config
 from .distributed import is_main_process
 from .experiment import DataSettings, Experiment
 from .manifest import run_manifest
@@ -25,18 +25,24 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def model_config(exp: Experiment, model_options: dict) -> MARNConfig:
-    """The MARNConfig of a run: the model options, sized for the experiment's vocabulary and label spaces."""
+def model_config(exp: Experiment, model_options: dict) -> ModelConfig:
+    """The model config of a run: LAATConfig for model_options["model"] == "laat", else MARNConfig,
+    sized for the experiment's vocabulary and label spaces."""
     options = dict(model_options)
-    num_ccs = 0 if options.pop("no_mtl", False) else exp.num_ccs
-    return MARNConfig(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), num_ccs=num_ccs,
-                      max_length=exp.settings.max_length, **options)
+    model = options.pop("model", "marn")
+    no_mtl = options.pop("no_mtl", False)
+    sizes = dict(vocab_size=len(exp.vocab), num_icd=len(exp.icd_space), max_length=exp.settings.max_length)
+    if model == "laat":
+        return LAATConfig(**sizes, **options)
+    return MARNConfig(**sizes, num_ccs=0 if no_mtl else exp.num_ccs, **options)
 
 
-def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> MARN:
-    """MARN sized for the experiment's vocabulary and label spaces, word2vec embedding loaded."""
-    return MARN.from_pretrained(model_config(exp, model_options), exp.word2vec(cache_dir), normalize=False,
-                                backend=backend)
+def build_model(exp: Experiment, model_options: dict, backend: str, cache_dir: Optional[Path]) -> torch.nn.Module:
+    """The run's model (MARN, or LAAT for model_options["model"] == "laat") sized for the
+    experiment, word2vec embedding loaded."""
+    model = model_from_config(model_config(exp, model_options), backend=backend)
+    model.set_embeddings(exp.word2vec(cache_dir), normalize=False)
+    return model
 
 
 def train_and_report(settings: DataSettings, model_options: dict, train_config: TrainConfig, out_dir,
@@ -57,9 +63,9 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     exp = Experiment(settings)
     log(f"data: {exp.summary()}")
     model = build_model(exp, model_options, backend, cache_dir=out_dir / "cache")
-    log(f"model: MARN backend={model.backend}, C={model.config.feature_size}, L_icd={model.config.num_icd}, "
-        f"L_ccs={model.config.num_ccs}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-        "trainable parameters")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {type(model).__name__} backend={model.backend}, C={model.config.feature_size}, "
+        f"L_icd={model.config.num_icd}, L_ccs={model.config.num_ccs}, {trainable:,} trainable parameters")
     if is_main_process():
         write_json(out_dir / CONFIG_FILE, {"model": model.config.to_dict(), "data": asdict(settings),
                                             "train": asdict(train_config), "backend": model.backend})
