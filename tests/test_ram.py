@@ -54,6 +54,14 @@ def assert_close(got, want, dtype, what, slack=0.0):
     assert err <= TOL[dtype] + slack, f"{what}: relative error {err:.3g} > {TOL[dtype]:g} + {slack:.3g}"
 
 
+@pytest.fixture(autouse=True)
+def _fixed_weights():
+    """Every test draws its modules' conv weights from the same global seed, whatever ran before it:
+    BatchNorm over a few values per channel is ill-conditioned for some draws, and a test's outcome
+    must not depend on the order of the suite."""
+    torch.manual_seed(1234)
+
+
 def randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
     """Random BN affine parameters and running statistics (not the defaults), and conv weights."""
     with torch.no_grad():
@@ -182,9 +190,15 @@ def run_both(channels, b, n, dtype, training, output_tanh=True, device="cpu", se
     with forced:
         out.backward(g)
     want.backward(g)
+    slack = 0.0
     if exact is not None:
-        exact(h_ref.detach().double()).backward(g.double())
-    assert_close(h.grad, h_ref.grad, dtype, "RAM grad h")
+        h_exact = h_ref.detach().double().requires_grad_()
+        exact(h_exact).backward(g.double())
+        # BatchNorm over a few values per channel amplifies rounding, in whichever implementation
+        # (and the thread split of ATen's reductions varies it from run to run): as for the
+        # parameter gradients, allow 3× the reference's own error against float64.
+        slack = 3 * rel_err(h_ref.grad, h_exact.grad)
+    assert_close(h.grad, h_ref.grad, dtype, "RAM grad h", slack)
     compare_modules(fused, ref, dtype, "RAM", exact)
     return fused, ref
 
