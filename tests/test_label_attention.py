@@ -6,7 +6,9 @@ PyTorch chunks; the backward in PyTorch chunks), "triton" (Triton kernels; on th
 TRITON_INTERPRET=1, set by conftest.py), "gemm" and "gemm_saved" (vendor GEMMs; their reduction
 and elementwise pass as Triton kernels where those run, and also forced onto their PyTorch twin:
 the variants "gemm/torch-ops" and "gemm_saved/torch-ops"). The C++ forward and the
-PyTorch-chunk forward are also tested on their own.
+PyTorch-chunk forward are also tested on their own. Every impl also runs with keys K [B, n, d_k]
+separate from the values (LAAT's and PLM-ICD's form, d_k ≠ C: five gradients) and with mask=False
+(the "keyed" tests).
 Tolerances are stated per dtype in TOL and are relative to the largest reference value:
 |actual − expected| ≤ tol · max(1, max|expected|); `tolerance()` states the exceptions.
 """
@@ -1124,6 +1126,18 @@ def test_gpu_bf16(impl, shape):
     inputs = make_inputs(*shape, torch.bfloat16, seed=13)
     grad = torch.randn(shape[0], shape[3], device=DEVICE)
     run_and_compare(impl, *inputs, grad, tolerance(impl, torch.bfloat16))
+
+
+@requires_cuda
+@MASKS
+@pytest.mark.parametrize("impl", ["triton", "gemm", "gemm_saved"])
+@pytest.mark.parametrize("shape", [(3, 37, 20, 11, 45), (4, 300, 96, 64, 200), (8, 300, 96, 160, 200)], ids=str)
+def test_gpu_bf16_keyed(impl, shape, mask):
+    """bf16 with keys on the GPU (the Triton kernels compiled with KEYED, d_k below, at and above
+    a C block), masked and unmasked."""
+    *inputs, keys = make_keyed_inputs(*shape, torch.bfloat16, seed=55, mask=mask, score_scale=BF16_SCORE)
+    grad = torch.randn(shape[0], shape[4], device=DEVICE)
+    run_and_compare(impl, *inputs, grad, 2 * BF16_SCORE * torch.finfo(torch.bfloat16).eps, keys=keys, mask=mask)
 
 
 @requires_cuda

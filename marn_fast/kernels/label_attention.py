@@ -18,8 +18,9 @@ Backward, with g = dz, a_lt = exp(s_lt − lse_l) recomputed tile by tile from t
 It is split in two kernels so that no output is written by two programs (no atomics, results
 are deterministic), at the price of recomputing S and P twice (16·B·n·C·L FLOPs instead of 12):
   * `label_attention_bwd_features` — one program per (document, token tile); loops over label
-    tiles and accumulates its own dO rows (and, KEYED, its dK rows in a second [B, n, D] buffer). C can be far larger than a register tile (C = 600),
-    so the [BLOCK_N, C] accumulator lives in an fp32 buffer that only this program touches,
+    tiles and accumulates its own dO rows (and, KEYED, its dK rows in a second [B, n, D]
+    buffer). C can be far larger than a register tile (C = 600), so the [BLOCK_N, C]
+    accumulator lives in an fp32 buffer that only this program touches,
     updated chunk by chunk (it stays in L2); the first label tile overwrites instead of adding,
     so autotuning reruns and uninitialised memory are harmless.
   * `label_attention_bwd_labels` — one program per (label tile, split); split s handles the

@@ -163,5 +163,5 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
     for chunk in _chunk_grid(lengths, queries.shape[0]):
         _backward_chunk(features, queries, weights, lengths, keys, chunk, dtype, grad_z, z, lse,
                         grad_features, grad_keys, grad_q, grad_w)
-    grad_k = features.new_empty(0) if keys is None or grad_keys is None else grad_keys.to(keys.dtype)
+    grad_k = features.new_empty(0) if keys is None else grad_keys.to(keys.dtype)
     return grad_features.to(features.dtype), grad_k, grad_q.to(queries.dtype), grad_w.to(weights.dtype)

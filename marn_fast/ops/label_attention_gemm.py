@@ -6,9 +6,10 @@ PER_DOCUMENT_MAX_BATCH and lengths differ. Per group (D documents of T tokens) a
 labels (its [2·Lc, D·T] buffer within CHUNK_MAX_BYTES and CHUNK_FREE_FRACTION of free memory)
 vendor GEMMs write S_c = Q_c·Kᵀ and P_c = W_c·Oᵀ label-major, [Lc, D·T] each with the batch folded
 into the GEMM (the transpose of O·[Q_c; W_c]ᵀ when K = O: same FLOPs, and the token reductions
-read contiguous memory; keys K [B, n, d_k] get a column space of their own), in the compute dtype (the inputs' dtype: bf16 GEMMs for bf16, whose scores are
-rounded to bf16 as the eager reference's; fp32 for fp16 on the CPU, said once); then one
-reduction over the valid tokens (online softmax, fp32; fp64 for fp64) gives z and lse.
+read contiguous memory; keys K [B, n, d_k] get a column space of their own), in the compute
+dtype (the inputs' dtype: bf16 GEMMs for bf16, whose scores are rounded to bf16 as the eager
+reference's; fp32 for fp16 on the CPU, said once); then one reduction over the valid tokens
+(online softmax, fp32; fp64 for fp64) gives z and lse.
 Backward recomputes S_c, P_c, turns them in place into dP = g·a and dS = g·a·(p − z) (zero on
 padded tokens), then dO += dPᵀ·W_c (+ dSᵀ·Q_c when K = O, else dK += dSᵀ·Q_c), dW_c += dP·O,
 dQ_c += dS·K (vendor GEMMs into fp32/fp64 accumulators).

@@ -1,8 +1,9 @@
 """The fused Triton implementation of the label-wise attention (impl "triton"): launches the kernels
 of `marn_fast.kernels.label_attention` (one pass over token tiles with an online softmax forward;
 a recompute-from-lse backward split into a token-major pass for dO (and dK with keys) and a
-label-major pass for dQ, dW). fp16/bf16/fp32 on CUDA, or on CPU tensors under TRITON_INTERPRET=1. Inputs in one dtype
-(the entry point casts them); z, lse and the gradient accumulators fp32. The math and the
+label-major pass for dQ, dW). fp16/bf16/fp32 on CUDA, or on CPU tensors under
+TRITON_INTERPRET=1. Inputs in one dtype (the entry point casts them); z, lse and the gradient
+accumulators fp32. The math and the
 registration are in `marn_fast.ops.label_attention`.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
 
     features, queries, weights, lengths = (t.contiguous() for t in (features, queries, weights, lengths))
     keyed = keys is not None
-    k = keys.contiguous() if keyed else features
+    k = features if keys is None else keys.contiguous()
     batch, n, c = features.shape
     num_labels = queries.shape[0]
     z = features.new_empty((batch, num_labels), dtype=torch.float32)
@@ -65,7 +66,7 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
     grad_z, features, queries, weights, lengths, z, lse = (
         t.contiguous() for t in (grad_z.float(), features, queries, weights, lengths, z, lse))
     keyed = keys is not None
-    k = keys.contiguous() if keyed else features
+    k = features if keys is None else keys.contiguous()
     batch, n, c = features.shape
     d_k = k.shape[2]
     num_labels = queries.shape[0]
@@ -81,6 +82,6 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
     grid_b = lambda meta: (triton.cdiv(num_labels, meta["BLOCK_L"]), splits)  # noqa: E731
     kernels.label_attention_bwd_labels[grid_b](features, k, queries, weights, lengths, z, lse, grad_z, grad_q,
                                                grad_w, batch, n, num_labels, c, d_k, splits, **flags)
-    grad_keys = grad_k.to(keys.dtype) if keyed else features.new_empty(0)
+    grad_keys = features.new_empty(0) if keys is None else grad_k.to(keys.dtype)
     return (grad_features.to(features.dtype), grad_keys, grad_q.sum(0).to(queries.dtype),
             grad_w.sum(0).to(weights.dtype))
