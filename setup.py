@@ -11,6 +11,7 @@ which builds against any torch (docs/install.md).
 """
 import ast
 import glob
+import hashlib
 import importlib.util
 import os
 import sys
@@ -70,6 +71,29 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# The compiled libraries' build identity (csrc/build_identity.h): a fingerprint of the sources they
+# are built from, so that the measured dispatcher can tell a timing taken with other kernels. It
+# hashes the sources, not the binary: every build of the same sources against the same torch
+# (a user's, the project's) has the same identity. CMakeLists.txt computes the same value.
+FINGERPRINT_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
+def source_fingerprint(root=ROOT):
+    """16 hex digits: sha256 of one line "<path> <sha256 of the file>\n" per source under csrc/
+    (.cpp, .h, .cu, .cuh; csrc/tests/ excluded), paths relative to root with '/', sorted."""
+    csrc = os.path.join(root, "csrc")
+    paths = sorted(os.path.relpath(p, root).replace(os.sep, "/")
+                   for p in glob.glob(os.path.join(csrc, "**", "*"), recursive=True)
+                   if p.endswith(FINGERPRINT_SUFFIXES) and os.path.isfile(p))
+    lines = []
+    for path in paths:
+        if path.startswith("csrc/tests/"):
+            continue
+        with open(os.path.join(root, path), "rb") as fh:
+            lines.append(f"{path} {hashlib.sha256(fh.read()).hexdigest()}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+
 def _want_cuda(torch, cpp_extension):
     flag = os.environ.get("MARN_FAST_CUDA", "").strip()
     if flag == "0":
@@ -95,16 +119,17 @@ def extensions():
         sys.exit("marn_fast builds against an installed torch: `pip install torch` first, then "
                  "`pip install --no-build-isolation .`")
     cpu_sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    identity = [("MARN_FAST_SOURCE_FINGERPRINT", source_fingerprint())]
     exts = [cpp_extension.CppExtension(
         "marn_fast._C", cpu_sources,
-        define_macros=[("MARN_FAST_PYTHON_MODULE", None)],
+        define_macros=[("MARN_FAST_PYTHON_MODULE", None)] + identity,
         extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=OPENMP + LINK_FLAGS)]
     if _want_cuda(torch, cpp_extension):
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
         exts.append(cpp_extension.CUDAExtension(
             "marn_fast._C_cuda", _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu"),
-            include_dirs=_cuda_include_dirs(),
+            include_dirs=_cuda_include_dirs(), define_macros=identity,
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=OPENMP + LINK_FLAGS))
     return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 

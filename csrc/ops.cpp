@@ -2,6 +2,10 @@
 // Kernels live in cpu/*.cpp and cuda/*.cu, registered with TORCH_LIBRARY_IMPL.
 #include <torch/library.h>
 
+#include <string>
+
+#include "build_identity.h"
+
 #ifdef MARN_FAST_PYTHON_MODULE
 #include <Python.h>
 extern "C" {
@@ -14,6 +18,11 @@ PyObject* PyInit__C(void) {
 #endif
 
 TORCH_LIBRARY(marn_fast, m) {
+  // What this library was built from: the fingerprint of the csrc/ sources (setup.py and
+  // CMakeLists.txt compute it at build time) and the torch version it was compiled against, e.g.
+  // "src-3f9a0c1d2e4b5a69+torch-2.13.0". The measured dispatcher records it with every timing.
+  m.def("build_identity() -> str", []() { return std::string(MARN_FAST_BUILD_IDENTITY); });
+
   // Focal loss (see marn_fast/ops/focal_loss.py): loss (reduce → 0-d scale·Σ, fp32/fp64; else per
   // element in the logits' dtype) and scale·dloss/dlogits (or [0] without compute_grad), one pass.
   m.def("focal_loss_forward(Tensor logits, Tensor targets, float alpha, float gamma, bool balanced, bool reduce, "

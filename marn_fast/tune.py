@@ -1,12 +1,18 @@
-"""`marn-fast tune`: resolve the measured dispatch ahead of time at given shapes.
+"""`marn-fast tune`: resolve the measured dispatch ahead of time, at given shapes or for a data set.
 
-For each shape B×n×L_icd[×L_ccs] it builds `marn_fast.MARN(backend="auto")` (random weights, a
-small vocabulary: the vocabulary size does not enter any op's key) and runs one training step
-(forward, loss, backward) and one inference call on a random batch whose first document is n
-tokens long and the others shorter, in the precision the model will run in (bf16: under
-autocast, so that the bf16 keys are the ones resolved). Every op resolves its dispatch key on the way (measured
-unless a cache or shipped table already holds it; `fresh=True` measures anyway), and the
-resolved table is returned: per op and key, the candidates' milliseconds and the one chosen.
+`tune(shapes)`: for each shape B×n×L_icd[×L_ccs] it builds `marn_fast.MARN(backend="auto")`
+(random weights, a small vocabulary: the vocabulary size does not enter any op's key) and runs one
+training step (forward, loss, backward) and one inference call on a random batch whose first
+document is n tokens long and the others shorter, in the precision the model will run in (bf16:
+under autocast, so that the bf16 keys are the ones resolved).
+`tune_data(settings, ...)`: what training on that data does before its first epoch
+(`Trainer.tune_dispatch`, training/pretune.py): one training step per dispatch key its training
+batches will hit and one evaluation forward per key of its dev batches, found from the data's
+length histogram, with that run's model (MARN, or LAAT), batch sizes and precision (random
+weights: word2vec is not trained, the embedding's values enter no key).
+Every op resolves its dispatch key on the way (measured unless a cache or shipped table already
+holds it; `fresh=True` measures anyway), and the resolved table is returned: per op and key, the
+candidates' milliseconds and the one chosen.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
 
@@ -22,6 +28,9 @@ from .config import MARNConfig
 from .model import MARN
 from .ops import dispatch
 from .training.precision import autocast, resolve_precision
+
+if TYPE_CHECKING:
+    from .training import DataSettings, TrainConfig
 
 SHAPE_PATTERN = re.compile(r"^(\d+)x(\d+)x(\d+)(?:x(\d+))?$")
 MODES = ("train", "infer")
@@ -92,24 +101,59 @@ def tune(shapes: Sequence[TuneShape], hidden_size: Optional[int] = None, precisi
     return [row for row in dispatch.choices() if row["key"] not in seen]
 
 
+def tune_data(settings: DataSettings, model_options: dict, train_config: TrainConfig,
+              device: str | torch.device = "cpu", fresh: bool = False, rounds: int = dispatch.ROUNDS,
+              log: Callable[[str], None] = print) -> List[dict]:
+    """Resolve every key a training run with these settings will hit (see the module docstring) →
+    the dispatch.choices() rows of the keys met here. ValueError when the dispatcher cannot
+    measure here (MARN_FAST_DISPATCH is not tune, or Triton is interpreted)."""
+    from .training import Experiment, Trainer
+    from .training.checkpoint import model_from_config
+    from .training.run import model_config
+
+    if dispatch.mode() != "tune":
+        raise ValueError(f"{dispatch.ENV_MODE}={dispatch.mode()}: tuning needs {dispatch.ENV_MODE}=tune (the default)")
+    blocked = dispatch.measurement_blocked()
+    if blocked:
+        raise ValueError(blocked)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no GPU is visible")
+    exp = Experiment(settings)
+    log(f"data: {exp.summary()}")
+    model = model_from_config(model_config(exp, model_options), backend="auto")  # MARN, or LAAT with --model laat
+    # The trainer serves its tuning step only: nothing is written to its folder.
+    trainer = Trainer(model, train_config, ".", exp.metadata(), device=device, log=log)
+    seen = {row["key"] for row in dispatch.choices()}
+    context = (dispatch.fresh_measurements(rounds, budget_s=rounds * dispatch.TIME_BUDGET_S / dispatch.ROUNDS)
+               if fresh else contextlib.nullcontext())
+    with context:
+        trainer.tune_dispatch(exp.loader("train"), exp.loader("dev"))
+    return [row for row in dispatch.choices() if row["key"] not in seen]
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """One line per key: op, mode, dtype, bucketed sizes, the chosen impl and where it came from,
-    then every candidate's milliseconds (measured keys) and the rejected ones."""
+    then every candidate's milliseconds (measured keys), the margin to the runner-up, and the
+    skipped (memory) and rejected ones with why."""
     lines = [f"{'op':<20} {'mode':<5} {'dtype':<8} {'sizes':<32} {'chosen':<14} {'source':<9} candidates (ms)"]
     for row in rows:
         sizes = ",".join(f"{k}={v}" for k, v in row["sizes"].items())
         ms = "  ".join(f"{impl} {value:.2f}" for impl, value in sorted(row["ms"].items(), key=lambda kv: kv[1]))
-        rejected = "  ".join(f"{impl}: {why}" for impl, why in row["rejected"].items())
+        notes = ([dispatch.describe_margin(row["margin"], row["runner_up"])] if row["margin"] is not None else [])
+        notes += [f"skipped {impl}: {why}" for impl, why in row["skipped"].items()]
+        notes += [f"rejected {impl}: {why}" for impl, why in row["rejected"].items()]
         lines.append(f"{row['op']:<20} {row['mode']:<5} {row['dtype']:<8} {sizes:<32} {row['impl']:<14} "
-                     f"{row['source']:<9} {ms}{'  rejected: ' + rejected if rejected else ''}")
+                     f"{row['source']:<9} {ms}" + "".join(f"  ({note})" for note in notes))
     return "\n".join(lines)
 
 
-def write_rows(path: Path, rows: Sequence[dict]) -> None:
+def write_rows(path: Path, rows: Sequence[dict]) -> int:
     """Merge the measured rows into a dispatch table file (e.g. one shipped in
-    marn_fast/ops/dispatch_tables/); rows resolved otherwise (cache, table, default) are left out."""
+    marn_fast/ops/dispatch_tables/), in the cache's format (each entry with what it was measured
+    with); rows resolved otherwise (cache, table, default) are left out. Returns how many were written."""
     measured = [row for row in rows if row["source"] == "measured"]
     if measured:
         dispatch.write_table(Path(path), measured[0]["device"],
-                             {row["key"]: dispatch.Choice(row["impl"], row["source"], row["ms"],
-                                                          row["rejected"]).entry() for row in measured})
+                             {row["key"]: {name: row[name] for name in dispatch.ENTRY_FIELDS} for row in measured})
+    return len(measured)

@@ -277,12 +277,14 @@ print(device_slug('cuda'))").json"; }
 
 stage_tune_e2e() {  # the dispatch table at the end-to-end shape, bf16 training (call 1)
   if [ $DRY = 1 ]; then
-    run tune_e2e 300 $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 --dtype bf16 \
+    # Under TRITON_INTERPRET=1 the dispatcher measures only when told to, and into a cache of the run's own.
+    run tune_e2e 300 env MARN_FAST_DISPATCH_INTERPRETED=1 MARN_FAST_DISPATCH_CACHE="$LOGS/dispatch_cache_dry.json" \
+      $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 --precision bf16 \
       --modes train --write-table "$LOGS/dispatch_table_dry.json"
     return
   fi
   local table; table=$(gpu_table)
-  run tune_e2e 120 $PY -m marn_fast tune --device cuda --fresh --dtype bf16 --modes train \
+  run tune_e2e 120 $PY -m marn_fast tune --device cuda --fresh --precision bf16 --modes train \
     --shapes 16x4000x8921x295 --write-table "$table"
   check_hang tune_e2e $?
   cp "$table" "$OUT/" 2> /dev/null
@@ -290,16 +292,17 @@ stage_tune_e2e() {  # the dispatch table at the end-to-end shape, bf16 training 
 
 stage_tune() {  # the rest of the GPU plan's keys (call 2)
   if [ $DRY = 1 ]; then
-    run tune 300 $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 \
+    run tune 300 env MARN_FAST_DISPATCH_INTERPRETED=1 MARN_FAST_DISPATCH_CACHE="$LOGS/dispatch_cache_dry.json" \
+      $PY -m marn_fast tune --device cpu --fresh --hidden-size 8 --shapes 2x16x6x4 \
       --write-table "$LOGS/dispatch_table_dry.json"
     return
   fi
   local table; table=$(gpu_table)
-  run tune_bf16 120 $PY -m marn_fast tune --device cuda --fresh --dtype bf16 --modes infer \
+  run tune_bf16 120 $PY -m marn_fast tune --device cuda --fresh --precision bf16 --modes infer \
     --shapes 16x4000x8921x295 --write-table "$table"
-  run tune_bf16_50 60 $PY -m marn_fast tune --device cuda --fresh --dtype bf16 --shapes 16x4000x50x38 \
+  run tune_bf16_50 60 $PY -m marn_fast tune --device cuda --fresh --precision bf16 --shapes 16x4000x50x38 \
     --write-table "$table"
-  run tune_fp32 120 $PY -m marn_fast tune --device cuda --fresh --dtype fp32 \
+  run tune_fp32 120 $PY -m marn_fast tune --device cuda --fresh --precision fp32 \
     --shapes 16x4000x8921x295 16x4000x50x38 --write-table "$table"
   cp "$table" "$OUT/" 2> /dev/null
 }

@@ -145,6 +145,7 @@ def test_persistent_under_autocast_is_the_computation_bf16_tensors_get():
 @pytest.fixture
 def tuning(tmp_path, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_MODE, "tune")
+    monkeypatch.setenv(dispatch.ENV_INTERPRETED, "1")  # measure under TRITON_INTERPRET=1 too
     monkeypatch.setenv(dispatch.ENV_CACHE, str(tmp_path / "cache.json"))
     monkeypatch.delenv(dispatch.ENV_FORCE, raising=False)
     monkeypatch.setattr(dispatch, "TABLES_DIR", tmp_path / "no-tables")

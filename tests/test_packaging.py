@@ -19,6 +19,7 @@ import torch
 from packaging.version import Version
 
 from marn_fast import __version__, build_tag, info
+from marn_fast.ops import dispatch
 from marn_fast.training import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +90,11 @@ def test_sdist_carries_every_file_a_build_needs(sdist):
     # The files the issue found missing, named so that a change to the lists above cannot hide them.
     for name in ("csrc/cpu/fast_math.h", "csrc/tensor_checks.h", "csrc/cuda/module.cpp", "csrc/tests/expect.h",
                  "CMakeLists.txt", "LICENSE", "configs/demo.yaml", "requirements/data.txt", "docs/install.md",
-                 "marn_fast/py.typed", "marn_fast/build_tag.py"):
+                 "marn_fast/py.typed", "marn_fast/build_tag.py", "csrc/build_identity.h"):
         assert name in sdist["members"], name
-    assert any(name.startswith("marn_fast/ops/dispatch_tables/") for name in sdist["members"])
+    # the shipped dispatch tables (none at present: the one shipped before had no validity records)
+    tables = {f"marn_fast/ops/dispatch_tables/{path.name}" for path in dispatch.TABLES_DIR.glob("*.json")}
+    assert tables <= sdist["members"]
 
 
 def test_sdist_carries_nothing_else(sdist):

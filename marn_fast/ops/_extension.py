@@ -2,12 +2,13 @@
 
 Importing them registers the `torch.ops.marn_fast.*` operators. When the package was installed
 without a build (or the build is stale), one clear warning is issued and the ops fall back to
-their plain-PyTorch paths.
+their plain-PyTorch paths. `build_identity()` says what the loaded extensions were built from.
 """
 from __future__ import annotations
 
 import importlib
 import warnings
+from typing import Optional
 
 import torch
 
@@ -50,3 +51,18 @@ def extension_available_for(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return cuda_extension_available()
     return t.device.type == "cpu" and cpu_extension_available()
+
+
+def build_identity() -> Optional[str]:
+    """What the loaded extensions were built from, "src-<fingerprint>+torch-<version>": the
+    fingerprint of their csrc/ sources (setup.py's `source_fingerprint`, computed at build time)
+    and the torch version they were compiled against; None without marn_fast._C. When a loaded
+    marn_fast._C_cuda was built from other sources, both are named ("cpu …; cuda …")."""
+    if not cpu_extension_available():
+        return None
+    identity = torch.ops.marn_fast.build_identity()
+    if _STATE["cuda_module"]:
+        cuda = getattr(_load("_C_cuda"), "BUILD_IDENTITY", None)
+        if cuda != identity:
+            return f"cpu {identity}; cuda {cuda}"
+    return identity

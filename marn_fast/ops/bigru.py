@@ -219,6 +219,29 @@ def dispatch_candidates(x: torch.Tensor, lengths: Optional[torch.Tensor], weight
     return tuple(impl for impl in available_impls(x, lengths, weights) if impl not in excluded)
 
 
+# Values per (document, step) each implementation holds at its peak beyond x, as (a, b, c):
+# a·d_e + b·h (+ c·h more when training), estimated from the code. reference/packed: the packed
+# input copy, the input gates of both directions (6h), the packed and padded outputs (4h);
+# training keeps every step's gates and states (~12h). split: the reversed input copy, the input
+# gates (6h), both directions' outputs, their reversal and concatenation (6h). persistent: gx
+# (6h) and the states (2h); training adds gh and the gate gradients (12h) and dG (6h).
+# cudnn_persistent: "split" with d_e and h padded to multiples of PERSIST_MULTIPLE.
+PEAK_VALUES = {"reference": (1, 10, 12), "packed": (1, 10, 12), "split": (1, 12, 12),
+               "cudnn_persistent": (1, 12, 12), "persistent": (0, 8, 18)}
+
+
+def peak_bytes(impl: str, x: torch.Tensor, weights: Sequence[torch.Tensor], train: bool, dtype: torch.dtype) -> int:
+    """Estimated extra peak bytes of one call of `impl` (forward, and backward when `train`) on x
+    [B, n, d_e] with hidden size h computing in `dtype`: B·n·(a·d_e + b·h [+ c·h]) values, (a, b, c)
+    = PEAK_VALUES[impl] (the measured dispatcher's memory estimate)."""
+    batch, n, embed = x.shape
+    hidden = weights[1].shape[1]
+    if impl == "cudnn_persistent":
+        embed, hidden = (-(-v // PERSIST_MULTIPLE) * PERSIST_MULTIPLE for v in (embed, hidden))
+    a, b, c = PEAK_VALUES[impl]
+    return batch * n * (a * embed + (b + (c if train else 0)) * hidden) * torch.finfo(dtype).bits // 8
+
+
 def _measured_impl(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor]) -> str:
     train = dispatch.grad_flows(x, *weights)
     batch, n, embed = x.shape
@@ -227,7 +250,8 @@ def _measured_impl(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Se
         sizes={"B": batch, "n": n, "d_e": embed, "h": weights[1].shape[1]},
         candidates=lambda: dispatch_candidates(x, lengths, weights, train), default=default_impl(x, lengths),
         trial=lambda: dispatch.autograd_trial(lambda impl, t, lens, *w: bigru(t, lens, w, impl), [x, lengths, *weights],
-                                              train))
+                                              train),
+        memory=lambda impl, dtype: peak_bytes(impl, x, weights, train, dtype))
 
 
 def bigru(x: torch.Tensor, lengths: Optional[torch.Tensor], weights: Sequence[torch.Tensor],

@@ -264,6 +264,17 @@ def default_impl(logits: torch.Tensor) -> str:
     return resolve_impl("auto", logits, "focal_loss")
 
 
+def peak_bytes(impl: str, logits: Sequence[torch.Tensor], train: bool) -> int:
+    """Estimated extra peak bytes of one call of `impl` on these logits (forward, and backward when
+    `train`): N = their elements in all, 4 bytes each (8 for fp64). "reference" holds ~6·N values
+    (the BCE, p_t, the modulating factor and their products; 12·N training, with autograd's saved
+    tensors and gradients); "torch" and "triton" at most N (the gradient they compute with the
+    loss, or the per-element loss of reduction "none"). The measured dispatcher's memory estimate."""
+    count = sum(x.numel() for x in logits)
+    size = 8 if logits[0].dtype == torch.float64 else 4
+    return (12 if train else 6) * count * size if impl == "reference" else count * size
+
+
 def _measured_impl(op: str, logits: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], run) -> str:
     """impl="auto": the measured dispatcher's choice for this key; run(impl, *logits, *targets)
     is the op on copies of the inputs."""
@@ -273,7 +284,8 @@ def _measured_impl(op: str, logits: Sequence[torch.Tensor], targets: Sequence[to
     return dispatch.choose(
         op, device=first.device, dtype=first.dtype, train=train, sizes=sizes,
         candidates=lambda: available_impls(first, targets[0]), default=default_impl(first),
-        trial=lambda: dispatch.autograd_trial(run, [*logits, *targets], train))
+        trial=lambda: dispatch.autograd_trial(run, [*logits, *targets], train),
+        memory=lambda impl, dtype: peak_bytes(impl, logits, train))
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = ALPHA, gamma: float = GAMMA,

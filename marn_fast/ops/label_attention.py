@@ -66,6 +66,7 @@ from . import label_attention_gemm as gemm
 from . import label_attention_triton as triton_impl
 from ._backend import interpreting, resolve_impl, triton_available
 from ._extension import cpu_extension_available
+from .memory import budget, itemsize
 from .precision import accumulation_dtype, autocast_off, compute_dtype
 
 
@@ -221,6 +222,63 @@ def available_impls(features: Tensor, queries: Tensor, weights: Tensor, bias: Te
     return tuple(names + ["gemm", "gemm_saved"])
 
 
+def peak_bytes(impl: str, features: Tensor, queries: Tensor, train: bool, dtype: torch.dtype,
+               keys: Optional[Tensor] = None) -> int:
+    """Estimated extra peak bytes of one call of `impl` (forward, and backward when `train`) at
+    these shapes with compute dtype `dtype`, beyond the inputs: the measured dispatcher's memory
+    estimate. B, n, C = features' shape, L = queries' rows, e = bytes of a value of `dtype` (of
+    fp32 for fp16 on the CPU, computed in fp32), a = 4 (8 for fp64: accumulators). Without keys
+    (d_k = C):
+      reference   infer a·(2·B·L·n + 2·B·L·C): S and its masked copy (then A), V = A·O and W ⊙ V;
+                  train a·(3·B·L·n + 3·B·L·C): A kept, the gradients dA and dS, V, dV, W ⊙ V
+                  (a for half dtypes too: autocast runs the softmax in fp32).
+      torch       infer: on the CPU with the extension (fp32/fp64/bf16) the C++ kernel's S and P
+                  tiles, threads·2·256·256·e; else 2·K·a + 3·B·L·a with K = the score chunk
+                  DOC_CHUNK·2·min(L, LABEL_CHUNK)·min(n, TOKEN_CHUNK); train adds the backward's
+                  a·(3·K + B·n·C + 2·L·C) (the chunk, its products, dO, dQ, dW accumulators).
+      gemm        the label chunk SP e·2·Lc·B·n (Lc from CHUNK_MAX_BYTES and CHUNK_FREE_FRACTION of
+                  free memory, the documents as one group) plus O [B·n, C] in e (a copy where
+                  cut at the longest document or cast); train adds the backward's chunk and
+                  a·(B·n·C + 2·L·C).
+      gemm_saved  "gemm", plus the kept [A; A∘(P − z)] e·2·L·B·n when training and it fits the
+                  saved-scores budget (SAVED_MAX_BYTES, SAVED_FREE_FRACTION).
+      triton      infer 4·2·B·L (z, lse); train adds 4·B·n·C (dO) and 4·2·splits·L·C (dQ, dW partials).
+    With keys K [B, n, d_k]: dQ (and its Triton partials) is L·d_k instead of L·C, training adds dK
+    (a·B·n·d_k; 4·B·n·d_k for triton), "gemm" its K columns e·B·n·d_k, and the PyTorch chunks
+    one more score chunk a·K (S and P are two GEMMs, then joined).
+    """
+    batch, n, c = features.shape
+    labels = queries.shape[0]
+    device = features.device
+    wide = 8 if dtype == torch.float64 else 4
+    item = 4 if dtype == torch.float16 and not features.is_cuda else itemsize(dtype)
+    d_k = c if keys is None else keys.shape[2]
+    grads = wide * (batch * n * c + labels * (c + d_k) + (0 if keys is None else batch * n * d_k))
+    if impl == "reference":
+        return wide * (3 if train else 2) * batch * labels * (n + c)
+    if impl == "torch":
+        block = chunked.DOC_CHUNK * 2 * min(labels, chunked.LABEL_CHUNK) * min(n, chunked.TOKEN_CHUNK)
+        if device.type == "cpu" and dtype in chunked.CPU_KERNEL_DTYPES and cpu_extension_available():
+            forward = torch.get_num_threads() * 2 * 256 * 256 * item
+        else:
+            forward = wide * ((2 if keys is None else 3) * block + 3 * batch * labels)
+        return forward + (wide * 3 * block + grads if train else 0)
+    if impl in ("gemm", "gemm_saved"):
+        columns = batch * n
+        lc = gemm._label_chunk(budget(device, gemm.CHUNK_MAX_BYTES, gemm.CHUNK_FREE_FRACTION), columns, labels, item)
+        chunk = item * 2 * lc * columns
+        total = chunk + item * columns * (c if keys is None else c + d_k) + (chunk + grads if train else 0)
+        saved = item * 2 * labels * columns
+        if impl == "gemm_saved" and train and saved <= budget(device, gemm.SAVED_MAX_BYTES, gemm.SAVED_FREE_FRACTION):
+            total += saved
+        return total
+    if impl == "triton":
+        splits = triton_impl.label_splits(device, batch, labels)
+        keyed = 0 if keys is None else batch * n * d_k  # dK
+        return 4 * 2 * batch * labels + (4 * (batch * n * c + keyed + splits * labels * (c + d_k)) if train else 0)
+    raise ValueError(f"impl: expected one of {IMPLS[1:]}, got {impl!r}")
+
+
 def default_impl(features: Tensor) -> str:
     """The static choice (what MARN(backend="fused") runs, and "auto" where nothing is measured):
     "triton" on CUDA for fp16/bf16/fp32 compute when triton is installed, else "torch"."""
@@ -244,7 +302,8 @@ def _measured_impl(features: Tensor, queries: Tensor, weights: Tensor, bias: Ten
         "label_attention", device=features.device, dtype=compute_dtype(features), train=train,
         sizes=sizes, candidates=lambda: available_impls(*inputs[:5]), default=default_impl(features),
         trial=lambda: dispatch.autograd_trial(lambda impl, *t: label_attention(*t[:5], keys=t[5], impl=impl),
-                                              inputs, train))
+                                              inputs, train),
+        memory=lambda impl, dtype: peak_bytes(impl, features, queries, train, dtype, keys))
 
 
 def _resolve(impl: str, features: Tensor) -> str:

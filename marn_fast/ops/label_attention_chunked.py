@@ -156,7 +156,7 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
     dtype = gemm_dtype(features)
     acc = accumulation_dtype(dtype)
     grad_features = torch.zeros_like(features, dtype=acc)
-    grad_keys = None if keys is None else torch.zeros_like(keys, dtype=acc)
+    grad_keys = grad_features if keys is None else torch.zeros_like(keys, dtype=acc)  # unused without keys
     grad_q = torch.zeros_like(queries, dtype=acc)
     grad_w = torch.zeros_like(weights, dtype=acc)
     grad_z, z, lse = grad_z.to(acc), z.to(acc), lse.to(acc)

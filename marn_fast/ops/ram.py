@@ -332,6 +332,23 @@ def available_impls(ram: RAM, h: torch.Tensor) -> tuple[str, ...]:
     return tuple(impl for impl in IMPLS if _unavailable(impl, h, dtype) is None)
 
 
+# Values per h element (B·C·n) that each implementation holds at its peak beyond h (estimated
+# from the code; the blocks' widths C/2, C/4, C/4, C/2, C sum to 2.5·C): infer, then train
+# (forward and backward). The reference and vendor_conv keep about five activations per block for
+# autograd (conv, BN, tanh, conv, BN: 12.5) plus the backward's gradients (~3.5); the extension
+# keeps z1, y1, z2 per block (7.5) plus its gradients (~2.5). Inference holds D1, a block's
+# intermediates and the output products: ~4.
+PEAK_VALUES = {"reference": (4, 16), "vendor_conv": (4, 16), "extension": (4, 10)}
+
+
+def peak_bytes(impl: str, h: torch.Tensor, train: bool, dtype: torch.dtype) -> int:
+    """Estimated extra peak bytes of one call of `impl` (forward, and backward when `train`) on h
+    [B, C, n] computing in `dtype`, beyond h: PEAK_VALUES[impl] · B·C·n values of `dtype` (the
+    measured dispatcher's memory estimate)."""
+    infer, training = PEAK_VALUES[impl]
+    return (training if train else infer) * h.numel() * torch.finfo(dtype).bits // 8
+
+
 def default_impl(ram: RAM, h: torch.Tensor) -> str:
     """The static choice: "extension" where it can run on h, else "reference"."""
     return "extension" if _unavailable("extension", h, _run_dtype(ram, h)) is None else "reference"
@@ -352,7 +369,8 @@ def _measured_impl(ram: RAM, h: torch.Tensor) -> str:
     return dispatch.choose(
         "ram", device=h.device, dtype=_run_dtype(ram, h), train=train,
         sizes={"B": batch, "C": channels, "n": n, "batch_stats": int(_batch_stats(_parts(ram.down1)[1]))},
-        candidates=lambda: available_impls(ram, h), default=default_impl(ram, h), trial=trial)
+        candidates=lambda: available_impls(ram, h), default=default_impl(ram, h), trial=trial,
+        memory=lambda impl, dtype: peak_bytes(impl, h, train, dtype))
 
 
 def ram_forward(ram: RAM, h: torch.Tensor, impl: str = "auto") -> torch.Tensor:

@@ -76,7 +76,7 @@ def train_and_report(settings: DataSettings, model_options: dict, train_config: 
     if resume and not (out_dir / LAST_CHECKPOINT).is_file():
         log(f"resume: no {out_dir / LAST_CHECKPOINT} yet (killed before the first epoch ended?); starting from epoch 1")
         resume = False
-    trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end)
+    trainer = Trainer(model, train_config, out_dir, exp.metadata(), on_epoch_end=on_epoch_end, log=log)
     state = trainer.fit(exp.loader("train"), exp.loader("dev"), resume=resume)
     trainer.load_best()
     dev = predict_loader(trainer.wrapped, exp.loader("dev"), trainer.device, train_config.precision)

@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 
 from .. import metrics as metric_fns
 from ..files import remove_stale_temporaries
+from ..ops import dispatch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, one_line, save_checkpoint
 from .distributed import gather_objects, is_main_process, world
 from .precision import PRECISIONS, autocast
+from .pretune import plan_for, tune_buckets
 
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
@@ -207,8 +209,10 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, out_dir: str | Path, metadata: dict[str, Any],
                  device: Optional[torch.device] = None,
-                 on_epoch_end: Optional[Callable[[dict], None]] = None) -> None:
+                 on_epoch_end: Optional[Callable[[dict], None]] = None,
+                 log: Optional[Callable[[str], None]] = None) -> None:
         self.config = config
+        self.log = log or (lambda line: print(line, flush=True))
         self.out_dir = Path(out_dir)
         self.metadata = metadata
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,6 +258,60 @@ class Trainer:
             self.state = TrainState(**train["state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(path, f"its training state does not fit this run ({one_line(exc)})") from exc
+
+    # -------------------------------------------------------------- measured dispatch
+    def tune_dispatch(self, train_loader: Iterable[Any], dev_loader: Optional[Iterable[Any]] = None,
+                      epoch: int = 0) -> Optional[dict]:
+        """Resolve, before training, every dispatch key the loaders will hit (training/pretune.py):
+        one training step's forward and backward (no optimiser step) per key of the training
+        loader's batches from `epoch` on, one evaluation forward per key of the dev loader's, under
+        the autocast the training uses. The model's weights, buffers (BatchNorm statistics),
+        gradients and the random state are left as they were. Runs only for a model with
+        backend "auto" while the dispatcher measures (MARN_FAST_DISPATCH=tune); returns
+        tune_buckets' summary, or None when it did not run."""
+        core = self.model
+        if getattr(core, "backend", None) != "auto" or dispatch.mode() != "tune" or dispatch.measurement_blocked():
+            return None
+        plan = plan_for([(train_loader, True), (dev_loader, False)], epoch)
+        if not plan:
+            return None
+        buffers = [(b, b.detach().clone()) for b in core.buffers()]
+        rng, was_training = _rng_state(), core.training
+        main = is_main_process()
+        try:
+            summary = tune_buckets(plan, self._tuning_step, self.log if main else (lambda line: None),
+                                   progress=show_progress_bars(self.config.progress))
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+            for p in core.parameters():
+                p.grad = None
+            _set_rng_state(rng)
+            core.train(was_training)
+        if main:
+            self.log(f"dispatch: {summary['batches']} batch shapes resolved before epoch {epoch + 1} "
+                     f"({summary['measured']} keys measured) in {summary['seconds']:.1f} s")
+        return summary
+
+    def _tuning_step(self, batch: Any, train: bool) -> None:
+        """A training step's forward, loss and backward (train), or an evaluation forward, on the
+        unwrapped model (no DistributedDataParallel collectives), as train_epoch and
+        predict_loader run them."""
+        core = self.model
+        tokens, lengths = batch.tokens.to(self.device), batch.lengths.to(self.device)
+        icd_t = batch.icd_targets.to(self.device)
+        has_ccs = batch.ccs_targets is not None and core.ccs_head is not None
+        ccs_t = batch.ccs_targets.to(self.device) if has_ccs else None
+        core.train(train)
+        with torch.set_grad_enabled(train):
+            with autocast(self.device, self.config.precision):
+                out = core(tokens, lengths)
+                loss = core.compute_loss(out, icd_t, ccs_t) if train else None
+            if loss is not None:
+                loss.backward()
+            else:
+                core.compute_loss(out, icd_t, ccs_t)
 
     # -------------------------------------------------------------- loops
     def train_epoch(self, loader: Iterable[Any], epoch: int) -> float:
@@ -322,6 +380,8 @@ class Trainer:
             self.resume()
         else:
             seed_everything(cfg.seed)
+        if self.state.epoch + 1 < cfg.max_epochs and self.state.bad_epochs < cfg.patience:
+            self.tune_dispatch(train_loader, dev_loader, epoch=self.state.epoch + 1)
         start = time.perf_counter()
         for epoch in range(self.state.epoch + 1, cfg.max_epochs):
             if self.state.bad_epochs >= cfg.patience:  # a resumed run that had stopped early
