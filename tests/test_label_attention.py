@@ -1059,11 +1059,12 @@ def test_keyed_torch_compile_fullgraph_smoke(impl):
 
 def test_measured_dispatch_keys_a_keyed_call_by_d_k(monkeypatch):
     """impl="auto" asks the dispatcher with the sizes B, n, C, L (MARN's key, unchanged) and adds
-    d_k only for keyed calls, whose trial runs the keyed op."""
+    d_k only for keyed calls, whose trial runs the keyed op and whose memory estimate counts the
+    keys."""
     asked = []
 
-    def choose(op, *, sizes, trial, default, **kwargs):
-        asked.append((dict(sizes), trial()))
+    def choose(op, *, sizes, trial, default, memory, **kwargs):
+        asked.append((dict(sizes), trial(), memory))
         return default
 
     monkeypatch.setattr(la_module.dispatch, "choose", choose)
@@ -1073,6 +1074,10 @@ def test_measured_dispatch_keys_a_keyed_call_by_d_k(monkeypatch):
     out = label_attention(features, queries, weights, bias, lengths, keys=keys)
     assert [a[0] for a in asked] == [{"B": 2, "n": 9, "C": 5, "L": 3}, {"B": 2, "n": 9, "C": 5, "L": 3, "d_k": 4}]
     torch.testing.assert_close(asked[1][1]("reference")[0], out)  # the trial runs the keyed call
+    for (_, _, memory), passed in zip(asked, (None, keys)):
+        want = la_module.peak_bytes("gemm", features, plain[1] if passed is None else queries, False, torch.float32,
+                                    passed)
+        assert memory("gemm", torch.float32) == want
 
 
 @MASKS
