@@ -20,7 +20,8 @@ lengths, as the official LAAT and PLM-ICD code do (they do not mask padding).
 
 Every style runs the fused op `marn_fast.ops.label_attention` (memory linear in n + L, an online
 softmax that cannot overflow): "marn" and "caml" in MARN's form (keys=None), "laat" with
-keys=K (computed here, [B, n, d_a]; under autocast in the autocast dtype), both with mask.
+keys=K (computed here, [B, n, d_a]; under autocast in the autocast dtype), each with the
+layer's mask.
 `reference_logits` is the plain formula for every style (the oracle, which materialises the
 [B, L, n] scores); `original_head_state_dict` renames an original checkpoint's head weights to
 this module's (docs/model.md has the table).
