@@ -149,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> label_attention_forward_cpu(const at::Tensor&
     TORCH_CHECK(keys->device().is_cpu(), op, ": keys must be a CPU tensor, got ", keys->device());
     d_k = keys->size(2);
   }
-  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d_k, op, ": queries must be [L, d_k=", d_k, "], got ",
-              queries.sizes());
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d_k, op, ": queries must be [L, ", keys ? "d_k=" : "C=", d_k,
+              "], got ", queries.sizes());
   const int64_t num_labels = queries.size(0);
   TORCH_CHECK(weights.dim() == 2 && weights.size(0) == num_labels && weights.size(1) == c, op,
               ": weights must be [L=", num_labels, ", C=", c, "], got ", weights.sizes());
