@@ -7,7 +7,7 @@ A = softmax over tokens of K·Uᵀ (masked by lengths), logits = Σ_c W ⊙ (A·
   LAAT:    B=16, n=4,000, C=1,024, d_a=512, L=8,921 (BiLSTM u=512, MIMIC-III full)
 Rows: "eager" (the plain head: `marn_fast.reference.label_attention` with keys, which materialises
 S and A [B, L, n]), "compiled" (torch.compile of the same function), "layer" (the module's forward:
-the same plain formula until the fused op takes keys, issue #28 phase 2; then the fused op).
+the fused op `marn_fast.ops.label_attention` with keys=K, impl="auto", memory linear in n + L).
 Modes: fwd (no_grad) and fwd+bwd (gradient of a random weighted sum of the logits w.r.t. H and
 every weight). Lengths lie between n/2 and n (document 0 full). Timings run in this process,
 interleaved (one run of each row per round); each row holds the best and the median over rounds
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     rows = bench(args, {k: SHAPES[k] for k in args.shapes.split(",")}, smoke=False)
     meta = {"shapes": {k: dict(zip(("B", "n", "C", "d_a", "L"), SHAPES[k])) for k in args.shapes.split(",")},
             "rows": {"eager": "reference.label_attention with keys (plain head)", "compiled": "torch.compile of it",
-                     "layer": "marn_fast.nn.LabelWiseAttention(style='laat').forward"},
+                     "layer": "marn_fast.nn.LabelWiseAttention(style='laat').forward (the fused op with keys)"},
             "timing": "best and median of interleaved rounds; ratio on the best"}
     folder = write_results(NAME, rows, meta, device=args.device)
     print(f"\nwrote {folder}/{NAME}.{{json,csv}} on {device_name(args.device)}")

@@ -29,9 +29,11 @@ TORCH_LIBRARY(marn_fast, m) {
         "float scale, bool compute_grad) -> (Tensor, Tensor)");
 
   // Label-wise attention forward on CPU tensors (see marn_fast/ops/label_attention_chunked.py),
-  // fp32/fp64/bf16: features [B, n, C], queries and weights [L, C] in the features' dtype, lengths
-  // [B] int64 in [1, n] → (z [B, L], lse [B, L]) fp32 (fp64 for fp64 features).
-  m.def("label_attention_forward(Tensor features, Tensor queries, Tensor weights, Tensor lengths) -> (Tensor, Tensor)");
+  // fp32/fp64/bf16: features [B, n, C], queries [L, d_k] and weights [L, C], lengths [B] int64 in
+  // [1, n], keys [B, n, d_k] or None (the features, d_k = C), all in the features' dtype →
+  // (z [B, L], lse [B, L]) fp32 (fp64 for fp64 features).
+  m.def("label_attention_forward(Tensor features, Tensor queries, Tensor weights, Tensor lengths, "
+        "Tensor? keys=None) -> (Tensor, Tensor)");
   // The GEMM-first path's passes over a score block (see csrc/cpu/label_attention_blocks_cpu.cpp),
   // fp32/fp64/bf16: s, p [Lc, D·T], lengths [D] → (z, lse) [D, Lc] fp32 (fp64 for fp64), with keep
   // s ← A and p ← A∘(P − z) in place; grads: s ← dP = g·A, p ← dS = dP∘(P − z) in place.

@@ -125,6 +125,30 @@ def test_measurement_rejects_no_candidate(op):
     torch.testing.assert_close(out.float(), slow().float(), atol=ATOL, rtol=RTOL)
 
 
+def test_keyed_label_attention_is_measured_under_its_own_key():
+    """A keyed call (LAAT's form: keys [B, n, d_k] ≠ the features, unmasked) measures every
+    candidate on its own key (d_k among the sizes, beside the unkeyed call's key), rejects none,
+    and matches the reference with all five gradients; its memory estimates include the keys."""
+    name, _, fast, _, _ = attention_case()
+    fast()
+    features, q, w, bias = leaf(3, 11, 10, seed=1), leaf(7, 4, seed=2, scale=0.5), leaf(7, 10, seed=3), leaf(7, seed=4)
+    keys, lengths = leaf(3, 11, 4, seed=5), torch.tensor([11, 5, 1])
+    out = attention_mod.label_attention(features, q, w, bias, lengths, keys=keys, mask=False)
+    rows = {tuple(r["sizes"]): r for r in dispatch.choices() if r["op"] == name}
+    assert set(rows) == {("B", "n", "C", "L"), ("B", "n", "C", "L", "d_k")}
+    row = rows[("B", "n", "C", "L", "d_k")]
+    assert row["source"] == "measured" and row["mode"] == "train" and row["rejected"] == {}
+    assert set(row["ms"]) == set(attention_mod.available_impls(features, q, w, bias, lengths))
+    expected = reference.label_attention(features, q, w, bias, lengths, keys=keys, mask=False)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    tensors = [features, q, w, bias, keys]
+    for got, want in zip(grads_of(out, tensors), grads_of(expected, tensors)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    for impl in attention_mod.IMPLS[1:]:
+        plain = attention_mod.peak_bytes(impl, features, q, True, torch.float32)
+        assert attention_mod.peak_bytes(impl, features, q, True, torch.float32, keys) > plain or impl == "reference"
+
+
 def test_ram_measurement_leaves_running_statistics_to_the_real_call():
     torch.manual_seed(15)
     ram = reference.RAM(8).train()

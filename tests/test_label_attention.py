@@ -6,7 +6,9 @@ PyTorch chunks; the backward in PyTorch chunks), "triton" (Triton kernels; on th
 TRITON_INTERPRET=1, set by conftest.py), "gemm" and "gemm_saved" (vendor GEMMs; their reduction
 and elementwise pass as Triton kernels where those run, and also forced onto their PyTorch twin:
 the variants "gemm/torch-ops" and "gemm_saved/torch-ops"). The C++ forward and the
-PyTorch-chunk forward are also tested on their own.
+PyTorch-chunk forward are also tested on their own. Every impl also runs with keys K [B, n, d_k]
+separate from the values (LAAT's and PLM-ICD's form, d_k ≠ C: five gradients) and with mask=False
+(the "keyed" tests).
 Tolerances are stated per dtype in TOL and are relative to the largest reference value:
 |actual − expected| ≤ tol · max(1, max|expected|); `tolerance()` states the exceptions.
 """
@@ -120,24 +122,54 @@ def make_inputs(batch, n, c, num_labels, dtype, seed, score_scale=None):
     return tuple(t.to(DEVICE, dtype) for t in (features, queries, weights, bias)) + (lengths.to(DEVICE),)
 
 
-def reference_with_grads(features, queries, weights, bias, lengths, grad):
-    """Reference logits and (dO, dQ, dW, db) in float64 from the (already rounded) inputs."""
-    leaves = [t.detach().double().requires_grad_() for t in (features, queries, weights, bias)]
-    out = reference_label_attention(*leaves, lengths)
+def make_keyed_inputs(batch, n, c, d_k, num_labels, dtype, seed, mask=True, score_scale=None):
+    """Fresh random (features, queries [L, d_k], weights, bias, lengths, keys [B, n, d_k]) on DEVICE
+    in `dtype`, the keys independent of the features. With mask, padded positions of the features
+    and the keys hold PAD_VALUE (they must change nothing); without, every token is attended and
+    holds random values. score_scale rescales Q so that max |q·k| over attended tokens = score_scale."""
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, n, c, generator=g, dtype=torch.float64)
+    keys = torch.randn(batch, n, d_k, generator=g, dtype=torch.float64)
+    queries = torch.randn(num_labels, d_k, generator=g, dtype=torch.float64) / d_k ** 0.5
+    weights = torch.randn(num_labels, c, generator=g, dtype=torch.float64)
+    bias = torch.randn(num_labels, generator=g, dtype=torch.float64)
+    lengths = _lengths(batch, n, g)
+    pad = torch.arange(n)[None, :] >= lengths[:, None]
+    if score_scale is not None:
+        scores = torch.einsum("ld,btd->blt", queries, keys)
+        if mask:
+            scores = scores.masked_fill(pad[:, None, :], 0.0)
+        queries *= score_scale / scores.abs().max()
+    if mask:
+        features[pad], keys[pad] = PAD_VALUE, PAD_VALUE
+    inputs = tuple(t.to(DEVICE, dtype) for t in (features, queries, weights, bias))
+    return inputs + (lengths.to(DEVICE), keys.to(DEVICE, dtype))
+
+
+GRAD_NAMES = ("dO", "dQ", "dW", "db", "dK")
+
+
+def reference_with_grads(features, queries, weights, bias, lengths, grad, keys=None, mask=True):
+    """Reference logits and (dO, dQ, dW, db[, dK]) in float64 from the (already rounded) inputs."""
+    tensors = (features, queries, weights, bias) + (() if keys is None else (keys,))
+    leaves = [t.detach().double().requires_grad_() for t in tensors]
+    out = reference_label_attention(*leaves[:4], lengths, keys=None if keys is None else leaves[4], mask=mask)
     out.backward(grad.double())
     return out.detach(), [t.grad for t in leaves]
 
 
-def run_and_compare(variant, features, queries, weights, bias, lengths, grad, tol, grad_fn=None):
-    """Logits and (dO, dQ, dW, db) of one impl variant against the float64 reference."""
-    leaves = [t.detach().clone().requires_grad_() for t in (features, queries, weights, bias)]
+def run_and_compare(variant, features, queries, weights, bias, lengths, grad, tol, grad_fn=None, keys=None,
+                    mask=True):
+    """Logits and (dO, dQ, dW, db[, dK]) of one impl variant against the float64 reference."""
+    tensors = (features, queries, weights, bias) + (() if keys is None else (keys,))
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
     with forced(variant, features, queries, weights, bias, lengths) as impl:
-        out = label_attention(*leaves, lengths, impl=impl)
+        out = label_attention(*leaves[:4], lengths, keys=None if keys is None else leaves[4], mask=mask, impl=impl)
         assert out.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
         (out.backward(grad) if grad_fn is None else grad_fn(out).backward())
-    expected, expected_grads = reference_with_grads(features, queries, weights, bias, lengths, grad)
+    expected, expected_grads = reference_with_grads(features, queries, weights, bias, lengths, grad, keys, mask)
     _assert_close(out, expected, tol, f"{variant} logits")
-    for name, leaf, ref_grad in zip(("dO", "dQ", "dW", "db"), leaves, expected_grads):
+    for name, leaf, ref_grad in zip(GRAD_NAMES, leaves, expected_grads):
         assert leaf.grad.dtype == leaf.dtype, f"{name} dtype {leaf.grad.dtype} != {leaf.dtype}"
         _assert_close(leaf.grad, ref_grad, tol, f"{variant} {name}")
     return leaves
@@ -311,11 +343,13 @@ needs_cpu_kernel = pytest.mark.skipif(DEVICE != "cpu" or not cpu_extension_avail
                                       reason="the C++ CPU kernel (marn_fast._C)")
 
 
-def _reference_z_lse(features, queries, weights, lengths):
-    """(z, lse) in float64 from the plain-PyTorch reference: z = logits − bias."""
+def _reference_z_lse(features, queries, weights, lengths, keys=None):
+    """(z, lse) in float64 from the plain-PyTorch reference: z = logits − bias (keys None: K = O)."""
     f, q, w = (t.double() for t in (features, queries, weights))
-    z = reference_label_attention(f, q, w, torch.zeros(q.shape[0], dtype=torch.float64), lengths)
-    scores = torch.einsum("lc,btc->blt", q, f)
+    k = f if keys is None else keys.double()
+    z = reference_label_attention(f, q, w, torch.zeros(q.shape[0], dtype=torch.float64), lengths,
+                                  keys=None if keys is None else k)
+    scores = torch.einsum("ld,btd->blt", q, k)
     valid = torch.arange(f.shape[1])[None, None, :] < lengths[:, None, None]
     return z, scores.masked_fill(~valid, float("-inf")).logsumexp(2)
 
@@ -490,6 +524,8 @@ def test_cpu_kernel_bad_input(name, change):
 def test_cpu_kernel_opcheck():
     features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=15)
     torch.library.opcheck(torch.ops.marn_fast.label_attention_forward, (features, queries, weights, lengths))
+    features, queries, weights, _, lengths, keys = make_keyed_inputs(2, 9, 5, 4, 3, torch.float32, seed=15)
+    torch.library.opcheck(torch.ops.marn_fast.label_attention_forward, (features, queries, weights, lengths, keys))
 
 
 # --- the GEMM-first paths ("gemm", "gemm_saved"): groups, label chunks, splits, kept scores ---
@@ -711,17 +747,26 @@ def test_available_impls():
 
 # --- registration ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["keys-none", "keys"])
 @pytest.mark.parametrize("prefix", ["label_attention", "label_attention_chunked", "label_attention_gemm",
                                     "label_attention_gemm_saved"])
-def test_opcheck(prefix):
-    features, queries, weights, _, lengths = make_inputs(2, 9, 5, 3, torch.float32, seed=10)
+def test_opcheck(prefix, keyed):
+    """Each registered forward and backward, with keys=None (MARN's form; dK comes back empty) and
+    with keys [B, n, d_k = 4] ≠ the features [B, n, C = 5]."""
+    if keyed:
+        features, queries, weights, _, lengths, keys = make_keyed_inputs(2, 9, 5, 4, 3, torch.float32, seed=10)
+    else:
+        (features, queries, weights, _, lengths), keys = make_inputs(2, 9, 5, 3, torch.float32, seed=10), None
     fwd = getattr(torch.ops.marn_fast, f"{prefix}_fwd")
     bwd = getattr(torch.ops.marn_fast, f"{prefix}_bwd")
     args = tuple(t.requires_grad_() for t in (features, queries, weights)) + (lengths,)
+    args += (None if keys is None else keys.requires_grad_(),)
     torch.library.opcheck(fwd, args)
-    outputs = fwd(*(t.detach() for t in args[:3]), lengths)  # (z, lse) or (z, lse, kept)
-    torch.library.opcheck(bwd, (torch.randn(2, 3, device=DEVICE),) + tuple(t.detach() for t in args[:3])
-                          + (lengths,) + tuple(outputs))
+    plain = tuple(t.detach() for t in args[:3]) + (lengths, None if keys is None else keys.detach())
+    outputs = fwd(*plain)  # (z, lse) or (z, lse, kept)
+    torch.library.opcheck(bwd, (torch.randn(2, 3, device=DEVICE),) + plain + tuple(outputs))
+    grads = bwd(torch.randn(2, 3, device=DEVICE), *plain, *outputs)
+    assert grads[1].shape == ((0,) if keys is None else keys.shape)
 
 
 @pytest.mark.parametrize("impl", ["triton", "gemm", "gemm_saved"])
@@ -791,6 +836,289 @@ def test_topk_bad_input(name, labels, k):
         label_attention_topk(torch.randn(1, 5, 4), torch.randn(3, 4), labels, k)
 
 
+# --- keys separate from the values (LAAT, JointLAAT, PLM-ICD) and mask=False ----------------
+# K [B, n, d_k] with d_k ≠ C, independent of O: S = Q·Kᵀ, P = W·Oᵀ, five gradients (dO, dQ, dW,
+# db, dK) against the reference's keyed formula in float64. Tolerances as above (TOL, tolerance(),
+# BF16_SCORE).
+
+# (B, n, C, d_k, L): d_k < C, one token, d_k > C (more key columns than a Triton C block), d_k = 1.
+KEYED_SHAPES = [(3, 37, 20, 11, 45), (2, 1, 7, 3, 3), (1, 70, 40, 64, 66), (3, 50, 33, 1, 2)]
+MASKS = pytest.mark.parametrize("mask", [True, False], ids=["masked", "unmasked"])
+
+
+def _assert_padding_gets_no_gradient(leaves, lengths, n):
+    pad = torch.arange(n, device=DEVICE)[None, :] >= lengths[:, None]
+    assert torch.all(leaves[0].grad[pad] == 0) and torch.all(leaves[4].grad[pad] == 0)
+
+
+@MASKS
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", KEYED_SHAPES, ids=lambda s: "B{}-n{}-C{}-dk{}-L{}".format(*s))
+def test_keyed_matches_reference(impl, shape, mask):
+    """fp32; with mask, padded tokens (PAD_VALUE in features and keys) get exactly zero gradient;
+    without, every token is attended whatever the lengths passed."""
+    batch, n, c, d_k, num_labels = shape
+    *inputs, keys = make_keyed_inputs(batch, n, c, d_k, num_labels, torch.float32, seed=sum(shape), mask=mask)
+    grad = torch.randn(batch, num_labels, device=DEVICE)
+    leaves = run_and_compare(impl, *inputs, grad, TOL[torch.float32], keys=keys, mask=mask)
+    if mask:
+        _assert_padding_gets_no_gradient(leaves, inputs[4], n)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keyed_large_scores(impl):
+    """Scores up to ±80 from the keys: exp would overflow without the running max."""
+    *inputs, keys = make_keyed_inputs(3, 45, 24, 13, 40, torch.float32, seed=7, score_scale=80.0)
+    run_and_compare(impl, *inputs, torch.randn(3, 40, device=DEVICE), TOL[torch.float32], keys=keys)
+
+
+@MASKS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", IMPLS)
+def test_keyed_half_inputs(variant, dtype, mask):
+    """fp16/bf16 features, keys, queries and weights given directly: gradients in the inputs'
+    dtypes, logits fp32; max|s| = BF16_SCORE. fp16: `tolerance()`; bf16: 2·max|s|·ε as
+    test_bf16_inputs_given_directly."""
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, dtype, seed=43, mask=mask, score_scale=BF16_SCORE)
+    tol = tolerance(variant, dtype) if dtype == torch.float16 else 2 * BF16_SCORE * torch.finfo(dtype).eps
+    run_and_compare(variant, *inputs, torch.randn(3, 45, device=DEVICE), tol, keys=keys, mask=mask)
+
+
+@MASKS
+@pytest.mark.parametrize("keys_dtype", [torch.float32, torch.bfloat16], ids=["fp32-keys", "bf16-keys"])
+@pytest.mark.parametrize("variant", IMPLS)
+def test_keyed_cpu_autocast_bf16(variant, keys_dtype, mask):
+    """Under torch.autocast("cpu", bfloat16) on fp32 features, queries and weights, with fp32 keys or
+    bf16 keys (what LabelWiseAttention passes under autocast: its key projection ran in bf16):
+    logits fp32, each gradient in its leaf's dtype, within 2·max|s|·ε(bf16) of the fp32
+    reference of the bf16-rounded inputs (test_cpu_autocast_bf16_matches_fp32_reference's rule)."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU autocast")
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, torch.bfloat16, seed=44, mask=mask, score_scale=BF16_SCORE)
+    inputs = [t.float() for t in inputs[:4]] + [inputs[4]]
+    keys = keys.to(keys_dtype)
+    grad = torch.randn(3, 45)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs[:4] + [keys]]
+    with forced(variant, *inputs) as impl:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = label_attention(*leaves[:4], inputs[4], keys=leaves[4], mask=mask, impl=impl)
+        assert out.dtype == torch.float32
+        out.backward(grad)
+    expected, expected_grads = reference_with_grads(*inputs, grad, keys=keys, mask=mask)
+    tol = 2 * BF16_SCORE * torch.finfo(torch.bfloat16).eps
+    _assert_close(out, expected, tol, f"{variant} logits")
+    for name, leaf, ref_grad in zip(GRAD_NAMES, leaves, expected_grads):
+        assert leaf.grad.dtype == leaf.dtype, f"{name} dtype {leaf.grad.dtype} != {leaf.dtype}"
+        _assert_close(leaf.grad, ref_grad, tol, f"{variant} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keyed_grad_of_sum_and_non_contiguous_keys(impl):
+    """The expanded gradient of .sum(), and keys in two non-contiguous layouts (token-major
+    transposed, and a column slice of a wider tensor) with a transposed gradient."""
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, torch.float32, seed=45)
+    run_and_compare(impl, *inputs, torch.ones(3, 45, device=DEVICE), TOL[torch.float32],
+                    grad_fn=lambda out: out.sum(), keys=keys)
+    transposed = keys.transpose(1, 2).contiguous().transpose(1, 2)
+    sliced = torch.cat([keys, keys[:, :, :5]], dim=2)[:, :, :11]
+    assert not transposed.is_contiguous() and not sliced.is_contiguous()
+    grad_t = torch.randn(45, 3, device=DEVICE)
+    for layout in (transposed, sliced):
+        run_and_compare(impl, *inputs, grad_t.t(), TOL[torch.float32], keys=layout)
+
+
+@MASKS
+@pytest.mark.parametrize("variant", IMPLS)
+def test_keyed_lse_is_logsumexp_of_the_key_scores(variant, mask):
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, torch.float32, seed=46, mask=mask, score_scale=60.0)
+    features, queries, weights, bias, lengths = inputs
+    with forced(variant, *inputs) as impl:
+        _, lse = label_attention_with_lse(features, queries, weights, bias, lengths, keys=keys, mask=mask, impl=impl)
+    scores = torch.einsum("ld,btd->blt", queries.double(), keys.double())
+    if mask:
+        scores = scores.masked_fill(torch.arange(37, device=DEVICE)[None, None, :] >= lengths[:, None, None],
+                                    float("-inf"))
+    _assert_close(lse, torch.logsumexp(scores, dim=2), TOL[torch.float32], f"{variant} lse")
+
+
+@pytest.mark.parametrize("variant", IMPLS)
+def test_unmasked_ignores_lengths_and_keys_that_are_the_features_are_marns_form(variant):
+    """mask=False with lengths is bit-identical to lengths=None; keys=features is bit-identical to
+    no keys (the registered ops then get keys=None: MARN's form, spied on)."""
+    features, queries, weights, bias, lengths = make_inputs(3, 19, 9, 21, torch.float32, seed=47)
+    features = torch.randn_like(features)  # no PAD_VALUE: every token is attended below
+    with forced(variant, features, queries, weights, bias, lengths) as impl:
+        unmasked = label_attention(features, queries, weights, bias, lengths, mask=False, impl=impl)
+        assert torch.equal(unmasked, label_attention(features, queries, weights, bias, impl=impl))
+        assert not torch.allclose(unmasked, label_attention(features, queries, weights, bias, lengths, impl=impl))
+        seen = []
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("_triton_fwd", "_chunked_fwd", "_gemm_fwd", "_gemm_saved_fwd"):
+                op = getattr(la_module, name)
+                patch.setattr(la_module, name, lambda *args, op=op: seen.append(args[4]) or op(*args))
+            same = label_attention(features, queries, weights, bias, lengths, keys=features, impl=impl)
+        assert torch.equal(same, label_attention(features, queries, weights, bias, lengths, impl=impl))
+        assert all(k is None for k in seen) and len(seen) == (impl != "reference")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 513, 24, 13, 257), (2, 256, 9, 40, 511), (1, 1, 3, 2, 1)],
+                         ids=lambda s: "B{}-n{}-C{}-dk{}-L{}".format(*s))
+def test_cpu_kernel_keyed(dtype, shape):
+    """The C++ tile forward and the PyTorch chunks with keys (S tiles from K, P tiles from O),
+    across the 256-label and 256-token tile edges, scores up to ±80 (bf16: ±BF16_SCORE, tolerance
+    max|s|·ε as test_cpu_kernel_bf16)."""
+    scale = BF16_SCORE if dtype == torch.bfloat16 else 80.0
+    features, queries, weights, _, lengths, keys = make_keyed_inputs(*shape, dtype, seed=sum(shape),
+                                                                     score_scale=scale)
+    expected_z, expected_lse = _reference_z_lse(features, queries, weights, lengths, keys)
+    tol = BF16_SCORE * torch.finfo(dtype).eps if dtype == torch.bfloat16 else TOL[dtype]
+    z, lse = torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths, keys)
+    assert z.dtype == lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_close(z, expected_z, tol, "C++ z")
+    _assert_close(lse, expected_lse, tol, "C++ lse")
+    z_chunks, lse_chunks = chunked_module.forward_torch(features, queries, weights, lengths, keys)
+    _assert_close(z_chunks, expected_z, tol, "PyTorch chunks z")
+    _assert_close(lse_chunks, expected_lse, tol, "PyTorch chunks lse")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("name,change", [
+    ("keys", lambda f, q, w, n, k: (f, q, w, n, k[:, :-1])),
+    ("keys", lambda f, q, w, n, k: (f, q, w, n, k.double())),
+    ("queries", lambda f, q, w, n, k: (f, q[:, :-1], w, n, k)),
+    ("weights", lambda f, q, w, n, k: (f, q, w[:, :-1], n, k)),
+])
+def test_cpu_kernel_keyed_bad_input(name, change):
+    features, queries, weights, _, lengths, keys = make_keyed_inputs(2, 9, 5, 4, 3, torch.float32, seed=48)
+    with pytest.raises(RuntimeError, match=name):
+        torch.ops.marn_fast.label_attention_forward(*change(features, queries, weights, lengths, keys))
+
+
+def test_keyed_chunked_path_with_small_chunks(monkeypatch):
+    """The PyTorch chunks with keys: 2 documents × 4 labels × 8 tokens per chunk, float64."""
+    _pytorch_chunks_only(monkeypatch)
+    monkeypatch.setattr(chunked_module, "DOC_CHUNK", 2)
+    monkeypatch.setattr(chunked_module, "LABEL_CHUNK", 4)
+    monkeypatch.setattr(chunked_module, "TOKEN_CHUNK", 8)
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, torch.float64, seed=49, score_scale=40.0)
+    run_and_compare("torch", *inputs, torch.randn(3, 45, device=DEVICE, dtype=torch.float64), TOL[torch.float64],
+                    keys=keys)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant", GEMM_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_keyed_gemm_groups_and_label_chunks(monkeypatch, layout, variant, dtype):
+    """The GEMM-first paths with keys: S from the keys' column space, P, dO and dW from the
+    features', dK and dQ from dS; 6 documents of uneven lengths (per-document groups, or CUDA's
+    one group cut at the longest with padded tokens inside), chunks of 5 labels (33 = 6 × 5 + 3).
+    fp16 (forced as on CUDA) and bf16 keep S and P in the half dtype, dO and dK from separate
+    GEMMs added in fp32: tolerance max|s|·ε, max|s| = 4 (test_gemm_half_scores)."""
+    if variant.endswith("/cpp") and dtype == torch.float16:
+        pytest.skip("the C++ passes take fp32/fp64/bf16 blocks (fp16 blocks exist on CUDA only)")
+    monkeypatch.setattr(gemm_module, "gemm_dtype", lambda features: features.dtype)
+    _layout(monkeypatch, layout)
+    half = dtype in (torch.float16, torch.bfloat16)
+    *inputs, keys = make_keyed_inputs(6, 29, 13, 7, 33, dtype, seed=50, score_scale=4.0 if half else 30.0)
+    groups = gemm_module._groups(inputs[4].tolist(), inputs[0].device)
+    columns = sum((d1 - d0) * t for d0, d1, t in groups)
+    monkeypatch.setattr(gemm_module, "CHUNK_MAX_BYTES", 2 * 5 * columns * gemm_module.itemsize(dtype))
+    assert gemm_module._chunk_size(inputs[0], columns, 33, dtype)[0] == 5
+    grad = torch.randn(6, 33, device=DEVICE, dtype=torch.float32 if half else dtype)
+    tol = 4.0 * torch.finfo(dtype).eps if half else TOL[dtype]
+    leaves = run_and_compare(variant, *inputs, grad, tol, keys=keys)
+    _assert_padding_gets_no_gradient(leaves, inputs[4], 29)
+
+
+def test_keyed_triton_backward_with_document_splits(monkeypatch):
+    monkeypatch.setattr(triton_module, "label_splits", lambda device, batch, num_labels: 2)
+    *inputs, keys = make_keyed_inputs(3, 37, 20, 11, 45, torch.float32, seed=51)
+    run_and_compare("triton", *inputs, torch.randn(3, 45, device=DEVICE), TOL[torch.float32], keys=keys)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "gemm", "gemm_saved"])
+def test_keyed_torch_compile_fullgraph_smoke(impl):
+    """fullgraph=True with keys, unmasked (LAAT's form): logits and all five gradients."""
+    features, queries, weights, bias, lengths, keys = make_keyed_inputs(2, 11, 6, 5, 7, torch.float32, seed=52,
+                                                                        mask=False)
+    if impl not in available_impls(features, queries, weights, bias):
+        pytest.skip(f"impl {impl!r} not available here")
+    compiled = torch.compile(lambda f, q, w, b, k: label_attention(f, q, w, b, lengths, keys=k, mask=False,
+                                                                   impl=impl).sum(), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (features, queries, weights, bias, keys)]
+    out = compiled(*leaves)
+    out.backward()
+    expected, expected_grads = reference_with_grads(features, queries, weights, bias, lengths,
+                                                    torch.ones(2, 7, device=DEVICE), keys=keys, mask=False)
+    _assert_close(out, expected.sum(), TOL[torch.float32], "compiled logits sum")
+    for name, leaf, ref_grad in zip(GRAD_NAMES, leaves, expected_grads):
+        _assert_close(leaf.grad, ref_grad, TOL[torch.float32], f"compiled {name}")
+
+
+def test_measured_dispatch_keys_a_keyed_call_by_d_k(monkeypatch):
+    """impl="auto" asks the dispatcher with the sizes B, n, C, L (MARN's key, unchanged) and adds
+    d_k only for keyed calls, whose trial runs the keyed op and whose memory estimate counts the
+    keys."""
+    asked = []
+
+    def choose(op, *, sizes, trial, default, memory, **kwargs):
+        asked.append((dict(sizes), trial(), memory))
+        return default
+
+    monkeypatch.setattr(la_module.dispatch, "choose", choose)
+    features, queries, weights, bias, lengths, keys = make_keyed_inputs(2, 9, 5, 4, 3, torch.float32, seed=53)
+    plain = make_inputs(2, 9, 5, 3, torch.float32, seed=53)
+    label_attention(*plain)
+    out = label_attention(features, queries, weights, bias, lengths, keys=keys)
+    assert [a[0] for a in asked] == [{"B": 2, "n": 9, "C": 5, "L": 3}, {"B": 2, "n": 9, "C": 5, "L": 3, "d_k": 4}]
+    torch.testing.assert_close(asked[1][1]("reference")[0], out)  # the trial runs the keyed call
+    for (_, _, memory), passed in zip(asked, (None, keys)):
+        want = la_module.peak_bytes("gemm", features, plain[1] if passed is None else queries, False, torch.float32,
+                                    passed)
+        assert memory("gemm", torch.float32) == want
+
+
+@MASKS
+@pytest.mark.parametrize("shared_labels", [False, True])
+def test_keyed_topk_matches_reference(shared_labels, mask):
+    """Top-k evidence from the keys' attention (fp32 keys with fp64 features: A in fp32); mask=False
+    ranks padded tokens too (no −1 entries)."""
+    features, queries, _, _, lengths, keys = make_keyed_inputs(3, 30, 12, 7, 25, torch.float32, seed=54, mask=mask)
+    labels = torch.tensor([3, 0, 24], device=DEVICE) if shared_labels else torch.randint(0, 25, (3, 4), device=DEVICE)
+    indices, weights = label_attention_topk(features.double(), queries, labels, 5, lengths, keys=keys, mask=mask)
+    assert weights.dtype == torch.float32
+    ref_indices, ref_weights = topk_evidence(keys.double(), queries.double(), labels, 5, lengths if mask else None)
+    assert torch.equal(indices, ref_indices)
+    _assert_close(weights, ref_weights, TOL[torch.float32], "top-k weights")
+    assert bool((indices[1, :, 1:] == -1).all()) == mask
+
+
+def _keyed_bad_inputs():
+    f, q, w, b = torch.randn(2, 5, 4), torch.randn(3, 6), torch.randn(3, 4), torch.randn(3)
+    k, ok = torch.randn(2, 5, 6), torch.tensor([5, 2])
+    return [
+        ("keys", (f, q, w, b, ok), {"keys": torch.randn(2, 4, 6)}),
+        ("keys", (f, q, w, b, ok), {"keys": torch.randn(3, 5, 6)}),
+        ("keys", (f, q, w, b, ok), {"keys": torch.randn(2, 5, 0)}),
+        ("keys", (f, q, w, b, ok), {"keys": torch.randn(10, 6)}),
+        ("keys", (f, q, w, b, ok), {"keys": k.long()}),
+        ("queries", (f, torch.randn(3, 4), w, b, ok), {"keys": k}),
+        ("device", (f, q, w, b, ok), {"keys": k.to("meta")}),
+        ("mask", (f, q, w, b, ok), {"keys": k, "mask": 0}),
+        ("lengths", (f, q, w, b, torch.tensor([5, 6])), {"keys": k, "mask": False}),
+    ]
+
+
+@pytest.mark.parametrize("name,args,kwargs", _keyed_bad_inputs(), ids=lambda v: v if isinstance(v, str) else None)
+def test_keyed_bad_input_raises_value_error(name, args, kwargs):
+    with pytest.raises(ValueError, match=name):
+        label_attention(*args, **kwargs)
+    with pytest.raises(ValueError, match=name):
+        label_attention_topk(args[0], args[1], torch.tensor([0, 1]), 2, args[4], **kwargs)
+
+
 # --- GPU only -------------------------------------------------------------------------------
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -803,6 +1131,18 @@ def test_gpu_bf16(impl, shape):
     inputs = make_inputs(*shape, torch.bfloat16, seed=13)
     grad = torch.randn(shape[0], shape[3], device=DEVICE)
     run_and_compare(impl, *inputs, grad, tolerance(impl, torch.bfloat16))
+
+
+@requires_cuda
+@MASKS
+@pytest.mark.parametrize("impl", ["triton", "gemm", "gemm_saved"])
+@pytest.mark.parametrize("shape", [(3, 37, 20, 11, 45), (4, 300, 96, 64, 200), (8, 300, 96, 160, 200)], ids=str)
+def test_gpu_bf16_keyed(impl, shape, mask):
+    """bf16 with keys on the GPU (the Triton kernels compiled with KEYED, d_k below, at and above
+    a C block), masked and unmasked."""
+    *inputs, keys = make_keyed_inputs(*shape, torch.bfloat16, seed=55, mask=mask, score_scale=BF16_SCORE)
+    grad = torch.randn(shape[0], shape[4], device=DEVICE)
+    run_and_compare(impl, *inputs, grad, 2 * BF16_SCORE * torch.finfo(torch.bfloat16).eps, keys=keys, mask=mask)
 
 
 @requires_cuda

@@ -1,10 +1,11 @@
 // CPU forward of the fused label-wise attention (fp32, fp64, bf16): see
 // marn_fast/ops/label_attention_chunked.py.
 //
-// features O [B, n, C], queries Q [L, C], weights W [L, C], lengths [B] → z [B, L], lse [B, L]:
-//   s_lt = q_l·o_t,  p_lt = w_l·o_t,  z_l = Σ_t softmax_t(s_l)_t · p_lt,  lse_l = log Σ_t exp(s_lt)
+// features O [B, n, C], queries Q [L, d_k], weights W [L, C], lengths [B], keys K [B, n, d_k] or none
+// (K = O, d_k = C) → z [B, L], lse [B, L]:
+//   s_lt = q_l·k_t,  p_lt = w_l·o_t,  z_l = Σ_t softmax_t(s_l)_t · p_lt,  lse_l = log Σ_t exp(s_lt)
 // over t < lengths[b]. One unit of parallel work is (chunk of kLabels labels, document); it walks the
-// document's valid tokens in tiles of kTokens. Per tile two GEMMs O_tile·Q_cᵀ and O_tile·W_cᵀ give
+// document's valid tokens in tiles of kTokens. Per tile two GEMMs K_tile·Q_cᵀ and O_tile·W_cᵀ give
 // the [tokens, labels] tiles of S and P (they stay in L2), and one pass over them updates the
 // online softmax of each label: column max, rescale of the running sums, then Σ e and Σ e·p with
 // e = exp(s − m), vectorised across labels (rows of the tile are contiguous in the label index).
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -97,17 +99,20 @@ inline void update(const double* s, const double* p, int64_t rows, int64_t lc, d
 // Work units [u0, u1): unit u is the labels of chunk u / B for document u % B. Label-chunk-major, so
 // that a thread's contiguous range of units covers every document (the threads' shares stay equal
 // whatever the documents' lengths) and consecutive units reuse the chunk's Q and W rows from cache.
+// k is o when the call has no keys.
 template <typename S, typename T>
-void forward_units(const at::Tensor& o, const at::Tensor& q, const at::Tensor& w, const int64_t* lengths, T* z,
-                   T* lse, int64_t u0, int64_t u1) {
+void forward_units(const at::Tensor& o, const at::Tensor& k, const at::Tensor& q, const at::Tensor& w,
+                   const int64_t* lengths, T* z, T* lse, int64_t u0, int64_t u1) {
   const int64_t num_labels = q.size(0), batch = o.size(0);
   const int64_t max_rows = std::min(kTokens, o.size(1)), max_lc = std::min(kLabels, num_labels);
+  const bool keyed = !k.is_same(o);
   at::Tensor buf = at::empty({2 * max_rows * max_lc}, o.options());  // the S tile, then the P tile
   std::vector<T> state(4 * kLabels);  // fp32 (fp64 for fp64) whatever the tiles' dtype
   T *m = state.data(), *sum = m + kLabels, *acc = sum + kLabels, *mt = acc + kLabels;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u % batch, l0 = (u / batch) * kLabels, lc = std::min(kLabels, num_labels - l0);
-    const at::Tensor q_t = q.narrow(0, l0, lc).t(), w_t = w.narrow(0, l0, lc).t(), ob = o[b];  // [C, lc]
+    const at::Tensor q_t = q.narrow(0, l0, lc).t(), w_t = w.narrow(0, l0, lc).t();  // [d_k, lc], [C, lc]
+    const at::Tensor ob = o[b], kb = keyed ? k[b] : ob;
     std::fill(m, m + lc, -std::numeric_limits<T>::infinity());
     std::fill(sum, sum + lc, T(0));
     std::fill(acc, acc + lc, T(0));
@@ -115,7 +120,7 @@ void forward_units(const at::Tensor& o, const at::Tensor& q, const at::Tensor& w
       const int64_t rows = std::min(max_rows, lengths[b] - t0);
       at::Tensor s = buf.narrow(0, 0, rows * lc).view({rows, lc}), p = buf.narrow(0, rows * lc, rows * lc).view({rows, lc});
       const at::Tensor o_tile = ob.narrow(0, t0, rows);
-      at::mm_out(s, o_tile, q_t);
+      at::mm_out(s, keyed ? kb.narrow(0, t0, rows) : o_tile, q_t);
       at::mm_out(p, o_tile, w_t);
       update(s.const_data_ptr<S>(), p.const_data_ptr<S>(), rows, lc, m, sum, acc, mt);
     }
@@ -127,18 +132,28 @@ void forward_units(const at::Tensor& o, const at::Tensor& q, const at::Tensor& w
 }
 
 std::tuple<at::Tensor, at::Tensor> label_attention_forward_cpu(const at::Tensor& features, const at::Tensor& queries,
-                                                               const at::Tensor& weights, const at::Tensor& lengths) {
+                                                               const at::Tensor& weights, const at::Tensor& lengths,
+                                                               const std::optional<at::Tensor>& keys) {
   const char* op = "label_attention_forward";
   TORCH_CHECK(features.dim() == 3, op, ": features must be [B, n, C], got ", features.dim(), " dimensions");
   const int64_t batch = features.size(0), n = features.size(1), c = features.size(2);
   const auto dtype = features.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
               ": features must be float32, float64 or bfloat16, got ", dtype);
-  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == c, op, ": queries must be [L, C=", c, "], got ",
-              queries.sizes());
+  int64_t d_k = c;
+  if (keys) {
+    TORCH_CHECK(keys->dim() == 3 && keys->size(0) == batch && keys->size(1) == n && keys->size(2) >= 1, op,
+                ": keys must be [B=", batch, ", n=", n, ", d_k], got ", keys->sizes());
+    TORCH_CHECK(keys->scalar_type() == dtype, op, ": keys must have the features' dtype ", dtype, ", got ",
+                keys->scalar_type());
+    TORCH_CHECK(keys->device().is_cpu(), op, ": keys must be a CPU tensor, got ", keys->device());
+    d_k = keys->size(2);
+  }
+  TORCH_CHECK(queries.dim() == 2 && queries.size(1) == d_k, op, ": queries must be [L, ", keys ? "d_k=" : "C=", d_k,
+              "], got ", queries.sizes());
   const int64_t num_labels = queries.size(0);
-  TORCH_CHECK(weights.sizes() == queries.sizes(), op, ": weights must be [L=", num_labels, ", C=", c, "], got ",
-              weights.sizes());
+  TORCH_CHECK(weights.dim() == 2 && weights.size(0) == num_labels && weights.size(1) == c, op,
+              ": weights must be [L=", num_labels, ", C=", c, "], got ", weights.sizes());
   TORCH_CHECK(queries.scalar_type() == features.scalar_type() && weights.scalar_type() == features.scalar_type(),
               op, ": queries and weights must have the features' dtype ", features.scalar_type(), ", got ",
               queries.scalar_type(), " and ", weights.scalar_type());
@@ -156,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> label_attention_forward_cpu(const at::Tensor&
   }
   // Detached: the tile GEMMs write into buffers (out= products refuse inputs that require grad).
   const at::Tensor o = features.detach().contiguous(), q = queries.detach().contiguous(),
-                   w = weights.detach().contiguous();
+                   w = weights.detach().contiguous(), k = keys ? keys->detach().contiguous() : o;
   const int64_t units = batch * ((num_labels + kLabels - 1) / kLabels);
   at::Tensor z = at::empty({batch, num_labels}, o.options().dtype(dtype == at::kDouble ? at::kDouble : at::kFloat));
   at::Tensor lse = at::empty_like(z);
@@ -165,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> label_attention_forward_cpu(const at::Tensor&
     acc_t* z_ptr = z.mutable_data_ptr<acc_t>();
     acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-      forward_units<scalar_t, acc_t>(o, q, w, len_ptr, z_ptr, lse_ptr, u0, u1);
+      forward_units<scalar_t, acc_t>(o, k, q, w, len_ptr, z_ptr, lse_ptr, u0, u1);
     });
   });
   return {z, lse};

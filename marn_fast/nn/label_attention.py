@@ -18,11 +18,13 @@ style "laat": keys K = tanh(H·W_aᵀ) [B, n, d_a]; W_a = first_linears.weight [
 mask=True ignores tokens t ≥ lengths[b]; mask=False attends over all n tokens whatever the
 lengths, as the official LAAT and PLM-ICD code do (they do not mask padding).
 
-"marn" and "caml" run the fused op `marn_fast.ops.label_attention` (memory linear in n + L).
-"laat" runs `_keyed_logits`, today the plain formula `marn_fast.reference.label_attention` with
-keys (it materialises the [B, L, n] scores); it becomes the fused op once the op takes keys.
-`reference_logits` is the plain formula for every style (the oracle); `original_head_state_dict`
-renames an original checkpoint's head weights to this module's (docs/model.md has the table).
+Every style runs the fused op `marn_fast.ops.label_attention` (memory linear in n + L, an online
+softmax that cannot overflow): "marn" and "caml" in MARN's form (keys=None), "laat" with
+keys=K (computed here, [B, n, d_a]; under autocast in the autocast dtype), each with the
+layer's mask.
+`reference_logits` is the plain formula for every style (the oracle, which materialises the
+[B, L, n] scores); `original_head_state_dict` renames an original checkpoint's head weights to
+this module's (docs/model.md has the table).
 """
 from __future__ import annotations
 
@@ -65,19 +67,6 @@ ORIGINAL_HEADS: dict[str, tuple[str, str, dict[str, str]]] = {
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _keyed_logits(features: Tensor, queries: Tensor, weights: Tensor, bias: Tensor, lengths: Optional[Tensor],
-                  *, keys: Tensor, mask: bool) -> Tensor:
-    """Logits [B, L] of the keyed form (LAAT, PLM-ICD): the plain formula
-    `marn_fast.reference.label_attention(features, queries, weights, bias, lengths, keys=keys,
-    mask=mask)` with queries, weights and bias in the features' dtype, logits fp32 (fp64 for fp64).
-    The one place that switches to the fused op `marn_fast.ops.label_attention(..., keys=keys,
-    mask=mask)` once every implementation of the op takes keys."""
-    dtype = features.dtype
-    logits = reference_label_attention(features, queries.to(dtype), weights.to(dtype), bias.to(dtype), lengths,
-                                       keys=keys, mask=mask)
-    return logits.to(_accumulation_dtype(dtype))
 
 
 def _positive_int(name: str, value) -> int:
@@ -179,13 +168,8 @@ class LabelWiseAttention(nn.Module):
     def forward(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """Logits [B, L] (fp32; fp64 for fp64 features); see the module docstring."""
         self._check(features, lengths)
-        attend = lengths if self.mask else None
-        if self.style == "laat":
-            keys = self.keys(features)
-            assert keys is not None
-            return _keyed_logits(features, self.queries, self.label_weights, self.bias, attend, keys=keys,
-                                 mask=self.mask)
-        return label_attention(features, self.queries, self.label_weights, self.bias, attend)
+        return label_attention(features, self.queries, self.label_weights, self.bias, lengths,
+                               keys=self.keys(features), mask=self.mask)
 
     def reference_logits(self, features: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """The same logits from the plain formula `marn_fast.reference.label_attention` (which
@@ -200,9 +184,8 @@ class LabelWiseAttention(nn.Module):
         """The k tokens of largest attention weight for chosen labels (labels [B, K] or [K] int64)
         → (indices [B, K, k], weights [B, K, k]); `marn_fast.ops.label_attention_topk` on the keys."""
         self._check(features, lengths)
-        keys = self.keys(features)
-        return label_attention_topk(features if keys is None else keys, self.queries.to(features.dtype), labels, k,
-                                    lengths if self.mask else None)
+        return label_attention_topk(features, self.queries, labels, k, lengths, keys=self.keys(features),
+                                    mask=self.mask)
 
 
 def original_head_state_dict(state_dict: Mapping[str, Tensor], source: str,

@@ -7,11 +7,12 @@ labels) it walks 256-token tiles, one GEMM per tile and one vectorised online-so
 the tile is in cache (1.12–1.43× the eager forward in fp32 where the PyTorch chunks reach
 0.95–1.17×: B=4, n=2,000, C=600, L=2,000 and 9,000, 1 and 2 threads). Elsewhere plain-PyTorch
 chunks: per chunk of DOC_CHUNK documents × LABEL_CHUNK labels × TOKEN_CHUNK tokens one batched
-GEMM [Q; W]·Oᵀ gives S and P, so the largest intermediate is [DOC_CHUNK, 2·LABEL_CHUNK,
-TOKEN_CHUNK] whatever n and L, and an online softmax carries the running max, Σe and Σe·p.
+GEMM [Q; W]·Oᵀ gives S and P (with keys K: S = Q·Kᵀ and P = W·Oᵀ, two GEMMs), so the largest
+intermediate is [DOC_CHUNK, 2·LABEL_CHUNK, TOKEN_CHUNK] whatever n and L, and an online softmax
+carries the running max, Σe and Σe·p.
 Backward: the same chunks, recomputing a = exp(s − lse): dp = g·a, ds = g·a·(p − z),
-dO += [dp; ds]ᵀ·[W; Q], [dW; dQ] += [dp; ds]·O. Tokens past the longest document of a chunk are
-never read.
+dO += [dp; ds]ᵀ·[W; Q], [dW; dQ] += [dp; ds]·O (with keys: dO += dpᵀ·W, dK += dsᵀ·Q,
+dW += dp·O, dQ += ds·K). Tokens past the longest document of a chunk are never read.
 Precision: the GEMMs run in the inputs' dtype (bf16 GEMMs for bf16: their scores are rounded to
 bf16, as the eager reference's), everything else in the accumulation dtype (fp32; fp64 for fp64),
 and fp16 on the CPU in fp32 (said once). The math and the registration are in
@@ -19,7 +20,7 @@ and fp16 on the CPU in fp32 (said once). The math and the registration are in
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,23 +62,30 @@ def _chunk_grid(lengths: Tensor, num_labels: int):
                 yield d0, d1, l0, l1, t0, t1
 
 
-def _score_chunk(features, queries, weights, lengths, chunk, dtype, acc) -> Tuple[Tensor, Tensor]:
-    """o = features[d0:d1, t0:t1] in `dtype` and sp = [Q; W]·oᵀ [docs, 2·labels, tokens] (S then
-    P, a GEMM in `dtype`, then in `acc`) with S = −∞ on padded tokens. Callers keep sp local to
+def _score_chunk(features, queries, weights, lengths, keys, chunk, dtype, acc) -> Tuple[Tensor, Tensor, Tensor]:
+    """o = features[d0:d1, t0:t1] and k = keys[d0:d1, t0:t1] (k is o without keys) in `dtype`,
+    and sp = [Q·kᵀ; W·oᵀ] [docs, 2·labels, tokens] (S then P: one GEMM [Q; W]·oᵀ without keys,
+    two with; in `dtype`, then in `acc`) with S = −∞ on padded tokens. Callers keep sp local to
     one chunk's function so that only one chunk is alive at a time."""
     d0, d1, l0, l1, t0, t1 = chunk
     o = features[d0:d1, t0:t1].to(dtype)
-    qw = torch.cat([queries[l0:l1], weights[l0:l1]]).to(dtype)
-    sp = torch.bmm(qw.expand(d1 - d0, -1, -1), o.transpose(1, 2)).to(acc)
+    if keys is None:
+        k = o
+        qw = torch.cat([queries[l0:l1], weights[l0:l1]]).to(dtype)
+        sp = torch.bmm(qw.expand(d1 - d0, -1, -1), o.transpose(1, 2)).to(acc)
+    else:
+        k = keys[d0:d1, t0:t1].to(dtype)
+        s = torch.matmul(queries[l0:l1].to(dtype), k.transpose(1, 2))
+        sp = torch.cat([s, torch.matmul(weights[l0:l1].to(dtype), o.transpose(1, 2))], dim=1).to(acc)
     padded = torch.arange(t0, t1, device=features.device) >= lengths[d0:d1, None, None]
     sp[:, :l1 - l0].masked_fill_(padded, float("-inf"))
-    return o, sp
+    return o, k, sp
 
 
-def _forward_chunk(features, queries, weights, lengths, chunk, dtype, m, total, acc) -> None:
+def _forward_chunk(features, queries, weights, lengths, keys, chunk, dtype, m, total, acc) -> None:
     """Online-softmax update of the running max m, Σe and Σe·p [B, L] for one chunk."""
     d0, d1, l0, l1, t0, _ = chunk
-    _, sp = _score_chunk(features, queries, weights, lengths, chunk, dtype, m.dtype)
+    _, _, sp = _score_chunk(features, queries, weights, lengths, keys, chunk, dtype, m.dtype)
     s, p = sp[:, :l1 - l0], sp[:, l1 - l0:]
     m_chunk = s.amax(2)
     rows = (slice(d0, d1), slice(l0, l1))
@@ -93,13 +101,14 @@ def _forward_chunk(features, queries, weights, lengths, chunk, dtype, m, total, 
     m[rows] = m_new
 
 
-def forward_torch(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-    """(z, lse) through plain-PyTorch chunks (any device and float dtype)."""
+def forward_torch(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+                  keys: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(z, lse) through plain-PyTorch chunks (any device and float dtype); keys None: K = O."""
     shape = (features.shape[0], queries.shape[0])
     dtype = gemm_dtype(features)
     m, total, acc = (features.new_empty(shape, dtype=accumulation_dtype(dtype)) for _ in range(3))
     for chunk in _chunk_grid(lengths, queries.shape[0]):
-        _forward_chunk(features, queries, weights, lengths, chunk, dtype, m, total, acc)
+        _forward_chunk(features, queries, weights, lengths, keys, chunk, dtype, m, total, acc)
     return acc / total, m + total.log()
 
 
@@ -108,40 +117,51 @@ def cpu_kernel_applies(features: Tensor) -> bool:
     return features.device.type == "cpu" and features.dtype in CPU_KERNEL_DTYPES and cpu_extension_available()
 
 
-def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
-    """(z, lse) [B, L]: the C++ kernel where it applies, else the PyTorch chunks."""
+def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+            keys: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(z, lse) [B, L]: the C++ kernel where it applies, else the PyTorch chunks; keys None: K = O."""
     if cpu_kernel_applies(features):
-        return torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths)
-    return forward_torch(features, queries, weights, lengths)
+        return torch.ops.marn_fast.label_attention_forward(features, queries, weights, lengths, keys)
+    return forward_torch(features, queries, weights, lengths, keys)
 
 
-def _backward_chunk(features, queries, weights, lengths, chunk, dtype, grad_z, z, lse,
-                    grad_features, grad_q, grad_w) -> None:
-    """Adds one chunk's share of dO, dQ, dW (a recomputed from lse)."""
+def _backward_chunk(features, queries, weights, lengths, keys, chunk, dtype, grad_z, z, lse,
+                    grad_features, grad_keys, grad_q, grad_w) -> None:
+    """Adds one chunk's share of dO, dK (with keys), dQ, dW (a recomputed from lse)."""
     d0, d1, l0, l1, t0, t1 = chunk
-    o, sp = _score_chunk(features, queries, weights, lengths, chunk, dtype, grad_features.dtype)
+    o, k, sp = _score_chunk(features, queries, weights, lengths, keys, chunk, dtype, grad_features.dtype)
     lc = l1 - l0
     s, p = sp[:, :lc], sp[:, lc:]  # overwritten in place by dp, then ds
     dp = s.sub_(lse[d0:d1, l0:l1, None]).exp_().mul_(grad_z[d0:d1, l0:l1, None])  # g·a
     p.sub_(z[d0:d1, l0:l1, None]).mul_(dp)  # ds = g·a·(p − z)
     sp = sp.to(dtype)
-    wq = torch.cat([weights[l0:l1], queries[l0:l1]]).to(dtype)  # pairs with [dp; ds]
-    grad_features[d0:d1, t0:t1] += torch.matmul(sp.transpose(1, 2), wq)
-    grad_wq = torch.bmm(sp, o).sum(0)  # [dW; dQ] rows of the label chunk
-    grad_w[l0:l1] += grad_wq[:lc]
-    grad_q[l0:l1] += grad_wq[lc:]
+    if keys is None:
+        wq = torch.cat([weights[l0:l1], queries[l0:l1]]).to(dtype)  # pairs with [dp; ds]
+        grad_features[d0:d1, t0:t1] += torch.matmul(sp.transpose(1, 2), wq)
+        grad_wq = torch.bmm(sp, o).sum(0)  # [dW; dQ] rows of the label chunk
+        grad_w[l0:l1] += grad_wq[:lc]
+        grad_q[l0:l1] += grad_wq[lc:]
+        return
+    dp, ds = sp[:, :lc], sp[:, lc:]
+    grad_features[d0:d1, t0:t1] += torch.matmul(dp.transpose(1, 2), weights[l0:l1].to(dtype))
+    grad_keys[d0:d1, t0:t1] += torch.matmul(ds.transpose(1, 2), queries[l0:l1].to(dtype))
+    grad_w[l0:l1] += torch.bmm(dp, o).sum(0)
+    grad_q[l0:l1] += torch.bmm(ds, k).sum(0)
 
 
 def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
-             z: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dO, dQ, dW) in the inputs' dtypes, accumulated in the accumulation dtype."""
+             keys: Optional[Tensor], z: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dO, dK, dQ, dW) in the inputs' dtypes (dK empty without keys), accumulated in the
+    accumulation dtype."""
     dtype = gemm_dtype(features)
     acc = accumulation_dtype(dtype)
     grad_features = torch.zeros_like(features, dtype=acc)
+    grad_keys = grad_features if keys is None else torch.zeros_like(keys, dtype=acc)  # unused without keys
     grad_q = torch.zeros_like(queries, dtype=acc)
     grad_w = torch.zeros_like(weights, dtype=acc)
     grad_z, z, lse = grad_z.to(acc), z.to(acc), lse.to(acc)
     for chunk in _chunk_grid(lengths, queries.shape[0]):
-        _backward_chunk(features, queries, weights, lengths, chunk, dtype, grad_z, z, lse,
-                        grad_features, grad_q, grad_w)
-    return grad_features.to(features.dtype), grad_q.to(queries.dtype), grad_w.to(weights.dtype)
+        _backward_chunk(features, queries, weights, lengths, keys, chunk, dtype, grad_z, z, lse,
+                        grad_features, grad_keys, grad_q, grad_w)
+    grad_k = features.new_empty(0) if keys is None else grad_keys.to(keys.dtype)
+    return grad_features.to(features.dtype), grad_k, grad_q.to(queries.dtype), grad_w.to(weights.dtype)

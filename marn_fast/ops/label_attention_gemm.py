@@ -4,14 +4,15 @@ vendor GEMMs (cuBLAS, oneDNN), one reduction and one elementwise pass between th
 Documents form one group cut at the longest document, or one group each when B ≤
 PER_DOCUMENT_MAX_BATCH and lengths differ. Per group (D documents of T tokens) and chunk of Lc
 labels (its [2·Lc, D·T] buffer within CHUNK_MAX_BYTES and CHUNK_FREE_FRACTION of free memory)
-vendor GEMMs write S_c = Q_c·Oᵀ and P_c = W_c·Oᵀ label-major, [Lc, D·T] each with the batch folded
-into the GEMM (the transpose of O·[Q_c; W_c]ᵀ: same FLOPs, and the token reductions read
-contiguous memory), in the compute dtype (the inputs' dtype: bf16 GEMMs for bf16, whose scores are
-rounded to bf16 as the eager reference's; fp32 for fp16 on the CPU, said once); then one
-reduction over the valid tokens (online softmax, fp32; fp64 for fp64) gives z and lse.
+vendor GEMMs write S_c = Q_c·Kᵀ and P_c = W_c·Oᵀ label-major, [Lc, D·T] each with the batch folded
+into the GEMM (the transpose of O·[Q_c; W_c]ᵀ when K = O: same FLOPs, and the token reductions
+read contiguous memory; keys K [B, n, d_k] get a column space of their own), in the compute
+dtype (the inputs' dtype: bf16 GEMMs for bf16, whose scores are rounded to bf16 as the eager
+reference's; fp32 for fp16 on the CPU, said once); then one reduction over the valid tokens
+(online softmax, fp32; fp64 for fp64) gives z and lse.
 Backward recomputes S_c, P_c, turns them in place into dP = g·a and dS = g·a·(p − z) (zero on
-padded tokens), then dO += dPᵀ·W_c + dSᵀ·Q_c, dW_c += dP·O, dQ_c += dS·O (vendor GEMMs into
-fp32/fp64 accumulators).
+padded tokens), then dO += dPᵀ·W_c (+ dSᵀ·Q_c when K = O, else dK += dSᵀ·Q_c), dW_c += dP·O,
+dQ_c += dS·K (vendor GEMMs into fp32/fp64 accumulators).
 "gemm_saved": when autograd will run and 2·L·B·n values of the compute dtype fit SAVED_MAX_BYTES
 and SAVED_FREE_FRACTION of free memory, the forward also turns each block into [A; A∘(P − z)]
 and keeps it; the backward scales it by g into a scratch chunk and runs only the gradient GEMMs,
@@ -102,8 +103,8 @@ def _groups(ends: list, device: torch.device) -> list:
 
 
 def _columns(features: Tensor, groups: list, dtype: torch.dtype) -> Tensor:
-    """O as the GEMMs see it: [Σ_g D_g·T_g, C] in `dtype`, the groups' tokens side by side, group
-    after group (a view of the features when one group covers them all)."""
+    """O (or K) as the GEMMs see it: [Σ_g D_g·T_g, C] in `dtype`, the groups' tokens side by side,
+    group after group (a view of the features when one group covers them all)."""
     c = features.shape[2]
     parts = [features[d0:d1, :t].reshape(-1, c) for d0, d1, t in groups]
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype).contiguous()
@@ -268,10 +269,10 @@ def _joined(s: Tensor) -> Tensor:
     return s.as_strided((2 * s.shape[0], s.shape[1]), s.stride())
 
 
-def _scores(q: Tensor, w: Tensor, o: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
-    """s = Q[l0:l1]·Oᵀ and p = W[l0:l1]·Oᵀ (two GEMMs: stacking [Q_c; W_c] would cost a copy of
-    Q and W per call, the same time as the GEMMs lose by being two on the CPU)."""
-    torch.mm(q[l0:l1], o.t(), out=s)
+def _scores(q: Tensor, w: Tensor, o: Tensor, k: Tensor, l0: int, l1: int, s: Tensor, p: Tensor) -> None:
+    """s = Q[l0:l1]·Kᵀ and p = W[l0:l1]·Oᵀ (k is o without keys; two GEMMs: stacking [Q_c; W_c]
+    would cost a copy of Q and W per call, the same time as the GEMMs lose by being two on the CPU)."""
+    torch.mm(q[l0:l1], k.t(), out=s)
     torch.mm(w[l0:l1], o.t(), out=p)
 
 
@@ -282,10 +283,11 @@ def _interleaved(first: Tensor, second: Tensor, chunk: int) -> Tensor:
     return torch.cat([t for l0, l1 in ranges for t in (first[l0:l1], second[l0:l1])])
 
 
-def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
+def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor, keys: Optional[Tensor] = None,
             saved: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """(z, lse) [B, L] of the GEMM-first path, label chunk by label chunk: S_c = Q_c·Oᵀ and
-    P_c = W_c·Oᵀ over every group's tokens (two vendor GEMMs), then one reduction per group. With
+    """(z, lse) [B, L] of the GEMM-first path, label chunk by label chunk: S_c = Q_c·Kᵀ (K = O
+    without keys) and P_c = W_c·Oᵀ over every group's tokens (two vendor GEMMs), then one
+    reduction per group. With
     `saved` (2·L·B·n values of the compute dtype) [A; A∘(P − z)] [2L, Σcols] is left at its start
     (the rest is zeroed); without, the chunks go through one scratch buffer."""
     features = features.contiguous()
@@ -297,6 +299,7 @@ def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
     ends = lengths.tolist()  # one host sync per call
     groups = _groups(ends, features.device)
     o = _columns(features, groups, dtype)
+    k = o if keys is None else _columns(keys, groups, dtype)
     columns = o.shape[0]
     lc, scratch = _chunk_size(features, columns, num_labels, dtype, scratch=saved is None)
     stats = _STATS[reductions(features.device, dtype)]
@@ -306,7 +309,7 @@ def forward(features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
             s, p = _halves(scratch, l1 - l0, columns)
         else:
             s, p = kept[l0:l1], kept[num_labels + l0:num_labels + l1]
-        _scores(q, w, o, l0, l1, s, p)
+        _scores(q, w, o, k, l0, l1, s, p)
         for block in _blocks(s, p, groups, (l0, l1), lengths, ends):
             stats(block, z, lse, keep=kept is not None)
     if saved is not None:
@@ -323,10 +326,12 @@ def _scale_kept(kept: Tensor, block: _Block, num_labels: int, start: int, grad_z
 
 
 def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor, lengths: Tensor,
-             z: Tensor, lse: Tensor, saved: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dO, dQ, dW) of the GEMM-first path: per label chunk dP = g·a, dS = g·a·(p − z) [Lc, Σcols]
-    (recomputed from S, P, or g times the kept rows), then over all groups' tokens at once
-    dO += dPᵀ·W_c + dSᵀ·Q_c, dW_c = dP·O, dQ_c = dS·O (vendor GEMMs into fp32/fp64 accumulators)."""
+             keys: Optional[Tensor], z: Tensor, lse: Tensor,
+             saved: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dO, dK, dQ, dW) of the GEMM-first path (dK empty without keys): per label chunk dP = g·a,
+    dS = g·a·(p − z) [Lc, Σcols] (recomputed from S, P, or g times the kept rows), then over all
+    groups' tokens at once dO += dPᵀ·W_c + dSᵀ·Q_c (without keys; with keys dO += dPᵀ·W_c and
+    dK += dSᵀ·Q_c), dW_c = dP·O, dQ_c = dS·K (vendor GEMMs into fp32/fp64 accumulators)."""
     features = features.contiguous()
     batch, n, c = features.shape
     num_labels = queries.shape[0]
@@ -336,20 +341,22 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
     ends = lengths.tolist()  # one host sync per call
     groups = _groups(ends, features.device)
     o = _columns(features, groups, dtype)
+    k = o if keys is None else _columns(keys, groups, dtype)
     columns = o.shape[0]
     grad_o = o.new_empty((columns, c), dtype=acc_dtype)
+    grad_k = grad_o if keys is None else k.new_empty(k.shape, dtype=acc_dtype)
     grad_q = queries.new_empty(queries.shape, dtype=acc_dtype)
-    grad_w = torch.empty_like(grad_q)
+    grad_w = weights.new_empty(weights.shape, dtype=acc_dtype)
     lc, scratch = _chunk_size(features, columns, num_labels, dtype)
     to_grads = _SCORES_TO_GRADS[reductions(features.device, dtype)]
     kept = None if saved is None else saved[:2 * num_labels * columns].view(2 * num_labels, columns)
-    # dO accumulates in place (addmm_) when the compute dtype is the accumulator's; otherwise
-    # (fp16/bf16) one GEMM per chunk with [W_c; Q_c] (stacked once) and one fp32 add.
-    wq = None if dtype == acc_dtype else _interleaved(w, q, lc)
+    # Without keys dO accumulates in place (addmm_) when the compute dtype is the accumulator's;
+    # otherwise (fp16/bf16) one GEMM per chunk with [W_c; Q_c] (stacked once) and one fp32 add.
+    wq = None if dtype == acc_dtype or keys is not None else _interleaved(w, q, lc)
     for l0, l1 in chunks(num_labels, lc):
         s, p = _halves(scratch, l1 - l0, columns)
         if kept is None:
-            _scores(q, w, o, l0, l1, s, p)
+            _scores(q, w, o, k, l0, l1, s, p)
         start = 0
         for block in _blocks(s, p, groups, (l0, l1), lengths, ends):
             if kept is None:
@@ -359,16 +366,19 @@ def backward(grad_z: Tensor, features: Tensor, queries: Tensor, weights: Tensor,
             start += block.docs * block.tokens
         if wq is None:  # s holds dP and p holds dS
             _add_matmul(grad_o, s.t(), w[l0:l1], first=l0 == 0)
-            _add_matmul(grad_o, p.t(), q[l0:l1], first=False)
+            _add_matmul(grad_k, p.t(), q[l0:l1], first=keys is not None and l0 == 0)
         else:
             _add_matmul(grad_o, _joined(s).t(), wq[2 * l0:2 * l1], first=l0 == 0)
         _add_matmul(grad_w[l0:l1], s, o, first=True)
-        _add_matmul(grad_q[l0:l1], p, o, first=True)
-    return _scatter_columns(grad_o, groups, features), grad_q.to(queries.dtype), grad_w.to(weights.dtype)
+        _add_matmul(grad_q[l0:l1], p, k, first=True)
+    grad_keys = features.new_empty(0) if keys is None else _scatter_columns(grad_k, groups, keys)
+    return (_scatter_columns(grad_o, groups, features), grad_keys, grad_q.to(queries.dtype),
+            grad_w.to(weights.dtype))
 
 
 def _scatter_columns(grad_o: Tensor, groups: list, features: Tensor) -> Tensor:
-    """dO [Σcols, C] → [B, n, C] in the features' dtype, zero on tokens no group covers."""
+    """dO [Σcols, C] → [B, n, C] in the features' dtype, zero on tokens no group covers (also dK
+    with the keys as `features`)."""
     batch, n, c = features.shape
     start = 0
     if len(groups) == 1 and groups[0][2] == n:
@@ -386,10 +396,11 @@ def saved_numel(features: Tensor, queries: Tensor) -> int:
     return 2 * queries.shape[0] * features.shape[0] * features.shape[1]
 
 
-def keeps_scores(features: Tensor, queries: Tensor, weights: Tensor) -> bool:
+def keeps_scores(features: Tensor, queries: Tensor, weights: Tensor, keys: Optional[Tensor] = None) -> bool:
     """Whether impl="gemm_saved" keeps the forward's scores for these inputs: autograd will need
     them and 2·L·B·n values of the compute dtype fit the saved-scores budget."""
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (features, queries, weights))):
+    if not (torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (features, queries, weights, keys))):
         return False
     limit = SAVED_MAX_BYTES if torch.compiler.is_compiling() else budget(
         features.device, SAVED_MAX_BYTES, SAVED_FREE_FRACTION)
