@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from marn_fast.ops import dispatch
+from marn_fast.ops.precision import compute_dtype
 
 SLEEP_S = 0.03
 
@@ -34,7 +35,7 @@ def toy(x: torch.Tensor, impl: str = "auto", candidates=tuple(TOY_IMPLS), defaul
     if impl == "auto":
         train = torch.is_grad_enabled() and x.requires_grad
         impl = dispatch.choose(
-            "toy", device=x.device, dtype=x.dtype, train=train, sizes={"n": x.shape[0], "c": x.shape[1]},
+            "toy", device=x.device, dtype=compute_dtype(x), train=train, sizes={"n": x.shape[0], "c": x.shape[1]},
             candidates=lambda: candidates, default=default,
             trial=lambda: dispatch.autograd_trial(lambda i, t: toy(t, impl=i), [x], train), memory=memory)
     return TOY_IMPLS[impl](x)
@@ -443,3 +444,34 @@ def test_shipped_tables_name_known_ops_impls_and_keys(path):
         assert entry["ms"][entry["impl"]] == min(entry["ms"].values()), key  # the fastest was chosen
         assert set(entry["measured_with"]) == set(dispatch.measured_with()), key
         assert not entry["measured_with"]["triton_interpret"], key
+
+
+def _noisy_half(x):
+    """A deep op's eager bf16 result: 2x plus a deterministic error of 8 % of max|2x| on one entry."""
+    y = torch.matmul(x, torch.eye(x.shape[1], dtype=x.dtype))  # autocast casts the matmul to bf16
+    if y.dtype == torch.bfloat16:
+        y = y.float()
+        y.view(-1)[0] += 0.08 * y.abs().max()
+    return 2 * y
+
+
+def test_half_autocast_checks_candidates_against_the_fp32_reference(monkeypatch):
+    """Under bf16 autocast the oracle is the reference run in fp32: a candidate close to it is
+    accepted although the eager bf16 reference differs from both by more than the plain 6e-2 check;
+    a wrong candidate is still rejected (within 3 × the reference's own error + 0.01 of fp32)."""
+    impls = {"reference": _noisy_half, "fast": lambda x: x + x, "wrong": lambda x: x * 4}
+    monkeypatch.setitem(TOY_IMPLS, "reference", _noisy_half)
+    monkeypatch.setitem(TOY_IMPLS, "wrong", lambda x: x * 4)
+    x = torch.randn(7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(RuntimeWarning, match="rejected"):
+            toy(x, candidates=tuple(impls))
+    (row,) = [c for c in dispatch.choices() if c["op"] == "toy"]
+    assert "fast" in row["ms"] and "fast" not in row["rejected"]
+    assert "the reference in fp32" in row["rejected"]["wrong"]
+    # without autocast (bf16 inputs given directly) the check is the plain one against the eager reference
+    dispatch.reset()
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        toy(x.bfloat16(), candidates=tuple(impls))
+    (row,) = [c for c in dispatch.choices() if c["op"] == "toy"]
+    assert "fast" in row["rejected"]

@@ -45,7 +45,9 @@ forward plus, when training, the backward of a fixed random upstream gradient:
     When every candidate is over the budget, the one needing least is taken unmeasured;
   - one warm-up call each (it includes any compilation), in the order reference, static
     default, the others; the first that runs is the oracle the others' outputs (and gradients)
-    must match within CHECK_TOLERANCE, else the candidate is rejected with a warning;
+    must match within CHECK_TOLERANCE, else the candidate is rejected with a warning (under
+    bf16/fp16 autocast the oracle is the reference run once more in fp32, and each candidate may
+    differ from it by 3× the eager half-precision reference's own error + 0.01);
   - then interleaved timed rounds (each round runs every contender once) among the candidates
     whose warm-up took at most SLOW_FACTOR times the fastest: up to ROUNDS rounds while the
     rounds have used at most TIME_BUDGET_S; candidates within CLOSE_MARGIN (25 %) of the fastest
@@ -110,6 +112,11 @@ CLOSE_ROUNDS = 3
 # the reference on the first input (a sanity guard: the parity tests hold the real tolerances;
 # fp32 allows TF32 GEMMs on GPUs).
 CHECK_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 6e-2, torch.float16: 3e-2}
+# Under half-precision autocast the candidates are checked against the reference run in fp32,
+# each within max(CHECK_TOLERANCE, HALF_REFERENCE_FACTOR × the eager half reference's own error
+# + HALF_FLOOR) (see _full_precision_oracle).
+HALF_REFERENCE_FACTOR = 3.0
+HALF_FLOOR = 1e-2
 # What an entry of a cache or table file holds (`Choice.entry`); choices() rows hold these too.
 ENTRY_FIELDS = ("impl", "ms", "rejected", "skipped", "margin", "runner_up", "rounds", "seconds", "measured_with")
 
@@ -602,6 +609,7 @@ def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device
     """Time the candidates on one trial (see the module docstring) → the Choice (rejected
     candidates are recorded in it; the caller warns)."""
     tolerance = CHECK_TOLERANCE.get(dtype, 1e-2)
+    full = _full_precision_oracle(run, candidates, device, dtype)
     order = [REFERENCE] if REFERENCE in candidates else []
     order += [default] if default != REFERENCE and default in candidates else []
     order += [c for c in candidates if c not in order]
@@ -617,7 +625,10 @@ def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if oracle is None:  # the reference when it runs, else the static default, checks the rest
+        if full is not None and impl == REFERENCE:  # half precision: judge all against the fp32 oracle
+            oracle, oracle_name = full, "the reference in fp32"
+            tolerance = max(tolerance, HALF_REFERENCE_FACTOR * relative_difference(out, full) + HALF_FLOOR)
+        elif oracle is None:  # the reference when it runs, else the static default, checks the rest
             oracle, oracle_name = [t.detach() if t is not None else None for t in out], impl
         else:
             diff = relative_difference(out, oracle)
@@ -636,6 +647,27 @@ def measure(op: str, candidates: Sequence[str], default: str, run: Trial, device
     margin = ms[runner_up] / max(ms[best], 1e-9) - 1 if runner_up is not None else None
     return Choice(best, "measured", ms, rejected, margin=margin, runner_up=runner_up,
                   rounds={i: len(times.get(i, ())) for i in warm}, measured_with=measured_with())
+
+
+def _full_precision_oracle(run: Trial, candidates: Sequence[str], device: torch.device,
+                           dtype: torch.dtype) -> Optional[Sequence[torch.Tensor]]:
+    """Under half-precision autocast, the reference run with autocast off (fp32 on the same fp32
+    inputs and parameters): the oracle every candidate, the eager reference among them, is checked
+    against, each allowed HALF_REFERENCE_FACTOR times the eager reference's own half-precision
+    error (+ HALF_FLOOR). Two bf16 computations of a deep op (the RAM's BatchNorms, the GRU's
+    recurrence) differ from each other by more than either differs from fp32, so checking one
+    against the other rejected correct candidates. None where autocast is off or the reference
+    is not a candidate (then the first candidate to run is the oracle, as for fp32)."""
+    if dtype not in (torch.bfloat16, torch.float16) or REFERENCE not in candidates:
+        return None
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return None
+    try:
+        with torch.autocast(device.type, enabled=False):
+            out = run(REFERENCE)
+    except Exception:  # e.g. out of memory in fp32: fall back to the half-precision reference
+        return None
+    return [t.detach() if t is not None else None for t in out]
 
 
 def _timed_rounds(run: Trial, warm: Mapping[str, float], device: torch.device) -> Dict[str, List[float]]:
